@@ -1,0 +1,220 @@
+# Copyright 2026 The trl-select authors. Licensed under the Apache License, Version 2.0.
+"""
+DPO with in-loop LossDiff-IRM selection: TRL's `trl/scripts/dpo.py`, with `SelectiveDPOTrainer`.
+
+# The embedded demo (no arguments): a tiny Llama built locally, warm-started on the shipped reverse-digits task, then
+# trained with DPO on 2,000 pairs of which 30% have their labels flipped. It prints what selection did.
+```bash
+accelerate launch recipes/dpo_lossdiff_irm.py
+```
+
+# A real model on a real dataset, exactly like TRL's script (every DPOConfig flag works, plus the selection flags)
+```bash
+accelerate launch recipes/dpo_lossdiff_irm.py \
+    --model_name_or_path Qwen/Qwen2-0.5B-Instruct \
+    --dataset_name trl-lib/ultrafeedback_binarized \
+    --dataset_validation_split test \
+    --learning_rate 5.0e-7 \
+    --num_train_epochs 3 \
+    --per_device_train_batch_size 2 \
+    --gradient_accumulation_steps 8 \
+    --selection_rule lossdiff_irm \
+    --output_dir Qwen2-0.5B-DPO-LossDiff-IRM
+```
+Add `--use_peft --lora_r 32 --lora_alpha 16` for LoRA (the aux model is then a second adapter on the same base).
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer, read_history
+
+
+logger = logging.getLogger(__name__)
+
+DEMO_DATA = Path(__file__).resolve().parent / "data" / "reverse_digits"
+
+# The embedded demo's settings (the benchmark protocol of benchmarks/quality.py); any flag still overrides them.
+DEMO_DEFAULTS = {
+    "output_dir": "outputs/dpo-lossdiff-irm-demo",
+    "num_train_epochs": 3,
+    "per_device_train_batch_size": 32,
+    "per_device_eval_batch_size": 64,
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "constant",
+    "beta": 0.5,
+    "max_length": 64,
+    "gradient_checkpointing": False,
+    "logging_steps": 10,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "report_to": ["wandb"],
+    "run_name": "dpo-lossdiff-irm-demo",
+}
+
+
+@dataclass
+class RecipeArguments(ScriptArguments):
+    """`ScriptArguments` of TRL's scripts, plus the validation split the auxiliary model is aligned on."""
+
+    dataset_validation_split: str = field(
+        default="validation",
+        metadata={"help": "Split that aligns the auxiliary model (LossDiff) and is evaluated on."},
+    )
+    demo_sft_epochs: int = field(
+        default=20,
+        metadata={"help": "Embedded demo only: SFT epochs that warm-start the tiny model before DPO."},
+    )
+
+
+def build_demo_model(output_dir: str, sft_epochs: int, seed: int) -> str:
+    """Build the tiny Llama and its tokenizer locally, warm-start it with SFT, save it; return its path."""
+    from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl, sft_warm_start
+
+    path = Path(output_dir) / "sft-model"
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(tokenizer, seed=seed)
+    sft_warm_start(model, tokenizer, read_jsonl(DEMO_DATA / "sft.jsonl"), epochs=sft_epochs, seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def load_demo_dataset() -> DatasetDict:
+    return load_dataset(
+        "json",
+        data_files={split: str(DEMO_DATA / f"{split}.jsonl") for split in ("train", "validation", "test")},
+    )
+
+
+def report_demo(trainer: SelectiveDPOTrainer, train: Dataset, test: Dataset, sft_path: str) -> None:
+    """Print what selection did to the known-flipped pairs, and greedy exact-match before and after."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_select.toy import greedy_exact_match
+
+    flipped = dict(zip(train["id"], train["flipped"], strict=True))
+    print("\nSelection on the demo pool (30% of pairs have flipped labels):")
+    print(f"{'epoch':>5} {'event':>9} {'kept':>11} {'flipped in kept':>16} {'flipped in dropped':>19}")
+    for record in read_history(trainer.args.output_dir):
+        kept = set(record["selected_ids"])
+        dropped = set(flipped) - kept
+        kept_share = sum(flipped[i] for i in kept) / max(len(kept), 1)
+        dropped_share = sum(flipped[i] for i in dropped) / len(dropped) if dropped else float("nan")
+        print(
+            f"{record['epoch']:>5} {record['event']:>9} {len(kept):>5}/{record['pool_size']:<5} "
+            f"{kept_share:>16.3f} {dropped_share:>19.3f}"
+        )
+    tokenizer = trainer.processing_class
+    prompts = test["prompt"]
+    sft = AutoModelForCausalLM.from_pretrained(sft_path)
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    print(
+        f"Greedy exact-match on {len(prompts)} unseen test prompts: SFT {greedy_exact_match(sft, tokenizer, prompts):.3f}"
+        f" -> after DPO with selection {greedy_exact_match(policy, tokenizer, prompts):.3f}\n"
+    )
+
+
+def main(
+    script_args: RecipeArguments,
+    training_args: SelectiveDPOConfig,
+    model_args: ModelConfig,
+    trainer_class: type[SelectiveDPOTrainer] = SelectiveDPOTrainer,
+) -> SelectiveDPOTrainer:
+    demo = model_args.model_name_or_path is None
+    if demo:
+        if "wandb" in training_args.report_to:
+            _wandb_offline_unless_logged_in(training_args.output_dir)
+        # Only the main process builds and saves the model; the others wait and load it.
+        from accelerate import PartialState
+
+        state = PartialState()
+        with state.main_process_first():
+            path = Path(training_args.output_dir) / "sft-model"
+            if state.is_main_process:
+                build_demo_model(training_args.output_dir, script_args.demo_sft_epochs, training_args.seed)
+            model_args.model_name_or_path = str(path)
+
+    if script_args.dataset_name is None:
+        if not demo:
+            raise ValueError(
+                "`--dataset_name` is required with `--model_name_or_path` (the demo data fits the demo model)."
+            )
+        dataset = load_demo_dataset()
+    else:
+        dataset = load_dataset(script_args.dataset_name, name=script_args.dataset_config)
+
+    model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    model_init_kwargs.update(training_args.model_init_kwargs or {})
+    training_args.model_init_kwargs = model_init_kwargs
+
+    validation = dataset.get(script_args.dataset_validation_split, None)
+    trainer = trainer_class(
+        model=model_args.model_name_or_path,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=validation if training_args.eval_strategy != "no" else None,
+        validation_dataset=validation,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if demo and trainer.accelerator.is_main_process:
+        report_demo(trainer, dataset["train"], dataset["test"], model_args.model_name_or_path)
+    trainer.accelerator.print(f"Model and selection_history.jsonl saved to {training_args.output_dir}.")
+    trainer.end()
+    return trainer
+
+
+def _wandb_offline_unless_logged_in(output_dir: str) -> None:
+    """Log to wandb offline (into `output_dir/wandb`) unless credentials are configured; sync later with `wandb sync`.
+
+    Checks the environment and `~/.netrc` only: importing wandb's API here would freeze its settings before
+    `WANDB_MODE` is set.
+    """
+    if "WANDB_MODE" in os.environ or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        logged_in = netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        logged_in = False
+    if not logged_in:
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ.setdefault("WANDB_DIR", output_dir)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+
+
+def make_parser(
+    config_class: type[SelectiveDPOConfig] = SelectiveDPOConfig, argv: list[str] | None = None
+) -> TrlParser:
+    parser = TrlParser((RecipeArguments, config_class, ModelConfig))
+    argv = sys.argv[1:] if argv is None else argv
+    if not torch.cuda.is_available():
+        parser.set_defaults(bf16=False)  # DPOConfig defaults to bf16, which a CPU-only run cannot use
+    if not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv):
+        parser.set_defaults(**DEMO_DEFAULTS)
+    return parser
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    script_args, training_args, model_args = make_parser().parse_args_and_config()
+    main(script_args, training_args, model_args)

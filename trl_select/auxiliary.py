@@ -1,0 +1,212 @@
+"""The validation-aligned auxiliary model θ_aux (DESIGN.md §5-6).
+
+At each refresh θ_aux is rebuilt from the current policy θ_t, trained for a fixed number of steps on the validation
+pairs with the trainer's own preference loss (same β, same reference), used for one no-grad pass over the pool, and
+then discarded: LossDiff only needs its pool log-probabilities, which are cached until the next refresh.
+
+- With PEFT, θ_aux is a second adapter (`"aux"`) on the same base weights, initialised from the policy adapter, so no
+  third model is held in memory; the policy adapter is frozen while it trains.
+- Without PEFT, θ_aux is a copy of the policy.
+
+Either way it has its own AdamW optimizer (constant LR), and the policy's weights, gradients, optimizer state and LR
+scheduler are not touched. Gradients are averaged over ranks after every backward, so θ_aux stays identical on every
+rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_peft_model
+from datasets import Dataset
+from trl.trainer.utils import use_adapter
+
+from .scores import PairLogProbs, preference_loss, reference_normalised_margin
+from .scoring import ROW_KEY, build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
+
+
+logger = logging.getLogger(__name__)
+
+AUX_ADAPTER = "aux"
+
+
+@dataclass(frozen=True)
+class AlignmentSettings:
+    """What one aux alignment stage does; all of it comes from `SelectiveDPOConfig`."""
+
+    beta: float
+    loss_type: str
+    learning_rate: float
+    weight_decay: float
+    batch_size: int
+    num_epochs: float
+    max_steps: int
+    max_grad_norm: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class AlignmentResult:
+    """The outcome of one refresh: θ_aux's pool log-probs and its validation loss before and after alignment."""
+
+    pool_log_probs: PairLogProbs
+    validation_loss_before: float
+    validation_loss_after: float
+    num_steps: int
+
+
+def _average_gradients_across_ranks(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    if accelerator.num_processes == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
+        parameter.grad.div_(accelerator.num_processes)
+
+
+class AuxiliaryModel:
+    """Builds, aligns, uses and discards θ_aux.
+
+    Args:
+        policy: The trainer's (unwrapped) policy model: a `PreTrainedModel` or a `PeftModel`.
+        accelerator: The trainer's accelerator.
+        collator: The trainer's preference collator.
+        validation: The tokenized validation pairs.
+        validation_reference: π_ref's log-probs of `validation`, in row order.
+        settings: The alignment stage.
+        gradient_checkpointing_kwargs: The trainer's, to restore checkpointing after no-grad passes.
+    """
+
+    def __init__(
+        self,
+        policy: torch.nn.Module,
+        accelerator: Accelerator,
+        collator,
+        validation: Dataset,
+        validation_reference: PairLogProbs,
+        settings: AlignmentSettings,
+        gradient_checkpointing_kwargs: dict | None = None,
+    ) -> None:
+        self.policy = policy
+        self.accelerator = accelerator
+        self.collator = collator
+        self.validation = validation
+        self.validation_reference = validation_reference
+        self.settings = settings
+        self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
+        self.num_refreshes = 0
+
+    def steps_per_stage(self) -> int:
+        """Optimizer steps in one alignment stage; the same on every rank."""
+        if self.settings.max_steps > 0:
+            return self.settings.max_steps
+        per_pass = math.ceil(len(self.validation) / (self.settings.batch_size * self.accelerator.num_processes))
+        return max(1, math.ceil(self.settings.num_epochs * per_pass))
+
+    def refresh(self, pool_loader, pool_size: int) -> AlignmentResult:
+        """Rebuild θ_aux from the policy, align it, and return its log-probs over the pool. Call on every rank."""
+        with self._build() as (aux_forward_module, parameters, activate):
+            validation_loader = build_pass_loader(
+                self.validation, self.collator, self.accelerator, self.settings.batch_size
+            )
+            with activate():
+                loss_before = self._validation_loss(aux_forward_module, validation_loader)
+                num_steps = self._align(aux_forward_module, parameters)
+                loss_after = self._validation_loss(aux_forward_module, validation_loader)
+                with inference_mode(aux_forward_module, self.gradient_checkpointing_kwargs):
+                    pool = run_log_prob_pass(
+                        pool_loader,
+                        lambda batch: self._forward(aux_forward_module, batch),
+                        self.accelerator,
+                        pool_size,
+                        desc="Scoring pool with aux model",
+                    )
+        self.num_refreshes += 1
+        return AlignmentResult(pool, loss_before, loss_after, num_steps)
+
+    @contextlib.contextmanager
+    def _build(self) -> Iterator[tuple[torch.nn.Module, list[torch.nn.Parameter], contextlib.AbstractContextManager]]:
+        if is_peft_model(self.policy):
+            policy = self.policy
+            if AUX_ADAPTER in policy.peft_config:
+                policy.delete_adapter(AUX_ADAPTER)
+            policy.add_adapter(AUX_ADAPTER, policy.peft_config[policy.active_adapter])
+            source = f".{policy.active_adapter}."
+            with torch.no_grad():
+                for name, parameter in policy.named_parameters():
+                    if source in name:
+                        policy.get_parameter(name.replace(source, f".{AUX_ADAPTER}.")).copy_(parameter)
+            parameters = [p for n, p in policy.named_parameters() if f".{AUX_ADAPTER}." in n]
+            try:
+                # `use_adapter` makes the aux adapter the only trainable one, and restores the policy adapter after
+                yield policy, parameters, lambda: use_adapter(policy, AUX_ADAPTER)
+            finally:
+                policy.delete_adapter(AUX_ADAPTER)
+        else:
+            aux = copy.deepcopy(self.policy)
+            parameters = [p for p in aux.parameters() if p.requires_grad]
+            try:
+                yield aux, parameters, contextlib.nullcontext
+            finally:
+                del aux
+
+    def _forward(self, module: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.accelerator.autocast():
+            return sequence_log_probs(module, batch)
+
+    def _batch_loss(self, module: torch.nn.Module, batch) -> torch.Tensor:
+        chosen, rejected = self._forward(module, batch)
+        rows = batch[ROW_KEY].cpu()
+        reference = PairLogProbs(
+            chosen=self.validation_reference.chosen[rows].to(chosen.device),
+            rejected=self.validation_reference.rejected[rows].to(chosen.device),
+        )
+        margin = reference_normalised_margin(PairLogProbs(chosen.float(), rejected.float()), reference)
+        return preference_loss(margin, self.settings.beta, self.settings.loss_type)
+
+    def _align(self, module: torch.nn.Module, parameters: list[torch.nn.Parameter]) -> int:
+        num_steps = self.steps_per_stage()
+        per_pass = math.ceil(len(self.validation) / (self.settings.batch_size * self.accelerator.num_processes))
+        generator = torch.Generator().manual_seed(self.settings.seed + self.num_refreshes)
+        order = torch.cat(
+            [torch.randperm(len(self.validation), generator=generator) for _ in range(math.ceil(num_steps / per_pass))]
+        ).tolist()
+        loader = build_pass_loader(
+            self.validation, self.collator, self.accelerator, self.settings.batch_size, order=order
+        )
+        optimizer = torch.optim.AdamW(
+            parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
+        )
+        was_training = module.training
+        module.train()
+        batches = iter(loader)
+        for _ in range(num_steps):
+            loss = self._batch_loss(module, next(batches)).mean()
+            loss.backward()
+            _average_gradients_across_ranks(parameters, self.accelerator)
+            if self.settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        module.train(was_training)
+        return num_steps
+
+    def _validation_loss(self, module: torch.nn.Module, loader) -> float:
+        with inference_mode(module, self.gradient_checkpointing_kwargs):
+            log_probs = run_log_prob_pass(
+                loader,
+                lambda batch: self._forward(module, batch),
+                self.accelerator,
+                len(self.validation),
+                desc="Aux validation loss",
+            )
+        margin = reference_normalised_margin(log_probs, self.validation_reference)
+        return float(preference_loss(margin, self.settings.beta, self.settings.loss_type).mean())

@@ -1,0 +1,299 @@
+"""One selection event end to end: score the pool, apply the rule, hand the next epoch its pairs, record it all."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .auxiliary import AlignmentSettings, AuxiliaryModel
+from .history import SelectionHistory
+from .rules import Band, intersection, jaccard, percentile_band, score_quantiles
+from .schedule import RetimedLR, update_steps_per_epoch
+from .scores import PairLogProbs, implicit_reward_margin, loss_difference
+from .scoring import build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
+
+
+if TYPE_CHECKING:
+    from .trainer import SelectiveDPOTrainer
+
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _timed(metrics: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    metrics[key] = time.perf_counter() - start
+
+
+def select_by_bands(
+    scores: dict[str, np.ndarray], bands: dict[str, tuple[float, float]]
+) -> tuple[np.ndarray, dict[str, Band]]:
+    """Keep the pairs inside the percentile band of every score in `bands` (their intersection)."""
+    masks, limits = [], {}
+    for name, (lo, hi) in bands.items():
+        mask, limits[name] = percentile_band(scores[name], lo, hi)
+        masks.append(mask)
+    return intersection(*masks), limits
+
+
+class SelectionCallback(TrainerCallback):
+    """Runs a selection event at the start of every epoch from `selection_warmup_epochs` on.
+
+    The event, on every rank: score the whole pool with θ_t (and π_ref once, cached; θ_aux at each refresh, cached),
+    compute the rule's scores and keep-mask, replace the sampler's selection (the epoch's iterator is created after
+    this hook, so the new selection applies to this very epoch), and retime the LR schedule to the new epoch length.
+    The main process appends the event to `selection_history.jsonl`. Metrics go into the trainer's metric buffer under
+    `selection/`, so the next log carries them to every `report_to` backend.
+
+    Warm-up epochs are recorded too, as events that keep the full pool.
+    """
+
+    def __init__(self, trainer: SelectiveDPOTrainer, validation_dataset) -> None:
+        self.trainer = trainer
+        self.validation_dataset = validation_dataset
+        self.history = SelectionHistory(trainer.args.output_dir)
+        self.pair_ids: list[Any] = trainer.pair_ids
+        self._pool_loader = None
+        self._reference: PairLogProbs | None = None
+        self._auxiliary_log_probs: PairLogProbs | None = None
+        self._auxiliary: AuxiliaryModel | None = None
+        self._previous_selection: list[int] | None = None
+        self._last_epoch_handled: int | None = None
+
+    # ----- hooks -----
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if state.global_step == 0 and self.trainer.accelerator.is_main_process:
+            self.history.reset()
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, train_dataloader=None, **kwargs
+    ) -> None:
+        epoch = math.floor(state.epoch + 1e-6)
+        if epoch == self._last_epoch_handled:
+            return
+        self._last_epoch_handled = epoch
+        if epoch < args.selection_warmup_epochs:
+            self._record_warmup(epoch, state)
+        else:
+            self._select(epoch, state, train_dataloader)
+
+    # ----- the event -----
+
+    @property
+    def sampler(self):
+        return self.trainer.selection_sampler
+
+    def _record_warmup(self, epoch: int, state: TrainerState) -> None:
+        pool_size = self.sampler.pool_size
+        self.sampler.set_selection(range(pool_size))
+        self._previous_selection = list(range(pool_size))
+        self._write_record(
+            {
+                "epoch": epoch,
+                "event": "warmup",
+                "global_step": state.global_step,
+                "pool_size": pool_size,
+                "num_selected": pool_size,
+                "rule": self.trainer.args.selection_rule,
+                "thresholds": {},
+                "selected_ids": self.pair_ids,
+            }
+        )
+
+    def _select(self, epoch: int, state: TrainerState, train_dataloader) -> None:
+        args = self.trainer.args
+        start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        scores = self._compute_scores(epoch, metrics)
+        keep, bands = select_by_bands(scores, args.percentile_bands())
+        selected = np.flatnonzero(keep).tolist()
+        pool_size = self.sampler.pool_size
+        if not selected:
+            raise RuntimeError(
+                f"Epoch {epoch}: selection_rule={args.selection_rule!r} kept no pair out of {pool_size} "
+                f"(bands {args.percentile_bands()}; non-finite scores: "
+                f"{ {name: int((~np.isfinite(s)).sum()) for name, s in scores.items()} }). Widen the bands."
+            )
+        self.sampler.set_selection(selected)
+        self._retime_schedule(epoch, state, train_dataloader)
+
+        similarity = jaccard(selected, self._previous_selection) if self._previous_selection is not None else 1.0
+        self._previous_selection = selected
+        elapsed = time.perf_counter() - start
+        metrics.update(
+            {
+                "selection/epoch": float(epoch),
+                "selection/pool_size": float(pool_size),
+                "selection/num_selected": float(len(selected)),
+                "selection/kept_fraction": len(selected) / pool_size,
+                "selection/jaccard_prev": similarity,
+                "selection/churn": 1.0 - similarity,
+                "selection/seconds": elapsed,
+            }
+        )
+        for name, band in bands.items():
+            metrics[f"selection/{name}/band_lo"] = band.lo
+            metrics[f"selection/{name}/band_hi"] = band.hi
+        for name, values in scores.items():
+            for key, value in score_quantiles(values).items():
+                metrics[f"selection/{name}/{key}"] = value
+        self._publish(metrics)
+        logger.info(
+            "Selection at epoch %d: kept %d/%d (%.1f%%), %s, Jaccard with previous %.3f, %.1fs",
+            epoch,
+            len(selected),
+            pool_size,
+            100 * len(selected) / pool_size,
+            ", ".join(f"{name} in [{band.lo:.4g}, {band.hi:.4g}]" for name, band in bands.items()),
+            similarity,
+            elapsed,
+        )
+        self._write_record(
+            {
+                "epoch": epoch,
+                "event": "selection",
+                "global_step": state.global_step,
+                "pool_size": pool_size,
+                "num_selected": len(selected),
+                "rule": args.selection_rule,
+                "thresholds": {name: {"lo": band.lo, "hi": band.hi} for name, band in bands.items()},
+                "percentiles": {
+                    name: {"lo": band.lo_percentile, "hi": band.hi_percentile} for name, band in bands.items()
+                },
+                "aux_refreshed": "selection/aux/refreshed" in metrics,
+                "selected_ids": [self.pair_ids[row] for row in selected],
+            }
+        )
+
+    def _compute_scores(self, epoch: int, metrics: dict[str, float]) -> dict[str, np.ndarray]:
+        args = self.trainer.args
+        beta, loss_type = args.beta, args.loss_type[0]
+        with _timed(metrics, "selection/seconds_reference"):
+            reference = self.reference_log_probs()
+        with _timed(metrics, "selection/seconds_policy"):
+            policy = self.policy_log_probs()
+        scores: dict[str, np.ndarray] = {}
+        if "irm" in args.required_scores:
+            scores["irm"] = implicit_reward_margin(policy, reference, beta).double().numpy()
+        if "lossdiff" in args.required_scores:
+            if (
+                self._auxiliary_log_probs is None
+                or (epoch - args.selection_warmup_epochs) % args.aux_refresh_epochs == 0
+            ):
+                with _timed(metrics, "selection/seconds_aux"):
+                    result = self.auxiliary().refresh(self.pool_loader(), self.sampler.pool_size)
+                self._auxiliary_log_probs = result.pool_log_probs
+                metrics["selection/aux/refreshed"] = 1.0
+                metrics["selection/aux/val_loss_before"] = result.validation_loss_before
+                metrics["selection/aux/val_loss_after"] = result.validation_loss_after
+                metrics["selection/aux/steps"] = float(result.num_steps)
+                logger.info(
+                    "Aux model refreshed at epoch %d: validation loss %.4f -> %.4f in %d steps",
+                    epoch,
+                    result.validation_loss_before,
+                    result.validation_loss_after,
+                    result.num_steps,
+                )
+            scores["lossdiff"] = (
+                loss_difference(policy, self._auxiliary_log_probs, reference, beta, loss_type).double().numpy()
+            )
+        return scores
+
+    # ----- log-prob passes (every rank) -----
+
+    def pool_loader(self):
+        if self._pool_loader is None:
+            trainer = self.trainer
+            self._pool_loader = build_pass_loader(
+                trainer.train_dataset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
+            )
+        return self._pool_loader
+
+    def policy_log_probs(self) -> PairLogProbs:
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+
+        def forward(batch):
+            with trainer.accelerator.autocast():
+                return sequence_log_probs(model, batch)
+
+        with inference_mode(model, trainer.args.gradient_checkpointing_kwargs):
+            return run_log_prob_pass(
+                self.pool_loader(),
+                forward,
+                trainer.accelerator,
+                self.sampler.pool_size,
+                desc="Scoring pool with policy",
+            )
+
+    def reference_log_probs(self) -> PairLogProbs:
+        """π_ref's pool log-probs: computed once (or read from TRL's precomputed columns) and cached."""
+        if self._reference is None:
+            self._reference = self.trainer.reference_log_probs(self.trainer.train_dataset, self.pool_loader())
+        return self._reference
+
+    def auxiliary(self) -> AuxiliaryModel:
+        if self._auxiliary is None:
+            trainer, args = self.trainer, self.trainer.args
+            validation_reference = trainer.reference_log_probs(
+                self.validation_dataset,
+                build_pass_loader(
+                    self.validation_dataset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
+                ),
+            )
+            self._auxiliary = AuxiliaryModel(
+                policy=trainer.accelerator.unwrap_model(trainer.model),
+                accelerator=trainer.accelerator,
+                collator=trainer.data_collator,
+                validation=self.validation_dataset,
+                validation_reference=validation_reference,
+                settings=AlignmentSettings(
+                    beta=args.beta,
+                    loss_type=args.loss_type[0],
+                    learning_rate=args.aux_learning_rate or args.learning_rate,
+                    weight_decay=args.weight_decay,
+                    batch_size=args.aux_batch_size or args.per_device_train_batch_size,
+                    num_epochs=args.aux_num_train_epochs,
+                    max_steps=args.aux_max_steps,
+                    max_grad_norm=args.max_grad_norm,
+                    seed=args.seed,
+                ),
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            )
+        return self._auxiliary
+
+    # ----- side effects -----
+
+    def _retime_schedule(self, epoch: int, state: TrainerState, train_dataloader) -> None:
+        scheduler = self.trainer.lr_scheduler
+        if not isinstance(scheduler, RetimedLR):
+            logger.warning(
+                "The LR scheduler (%s) is not a trl_select RetimedLR, so its horizon stays that of the full pool and "
+                "it will not reach its end.",
+                type(scheduler).__name__,
+            )
+            return
+        steps_per_epoch = update_steps_per_epoch(len(train_dataloader), self.trainer.args.gradient_accumulation_steps)
+        remaining = (state.num_train_epochs - epoch) * steps_per_epoch
+        scheduler.retarget(state.global_step, remaining)
+
+    def _publish(self, metrics: dict[str, float]) -> None:
+        # Not `trainer.log`: DPOTrainer.log picks train/eval from `model.training` and clears its buffer. The buffer
+        # is averaged and merged into the next train log, which every `report_to` backend receives.
+        buffer = self.trainer._metrics["train"]
+        for key, value in metrics.items():
+            buffer[key] = [float(value)]
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        if self.trainer.accelerator.is_main_process:
+            self.history.append(record)

@@ -1,0 +1,250 @@
+"""Configuration of the selective trainers: `DPOConfig` plus the fields that drive in-loop selection."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+from .rules import check_percentile_band
+
+
+logger = logging.getLogger(__name__)
+
+# Rule name -> the scores it needs. Every built-in rule keeps the intersection of the percentile bands of its scores.
+RULE_SCORES: dict[str, tuple[str, ...]] = {
+    "lossdiff_irm": ("lossdiff", "irm"),
+    "irm_band": ("irm",),
+    "lossdiff_band": ("lossdiff",),
+    "none": (),
+}
+
+
+@dataclass
+class SelectiveDPOConfig(DPOConfig):
+    r"""
+    Configuration class for [`SelectiveDPOTrainer`]: every field of [`~trl.DPOConfig`], plus the fields below.
+
+    From epoch `selection_warmup_epochs` on, at each epoch boundary the trainer rescores the whole training pool with
+    the current policy θ_t, the reference π_ref and a validation-aligned auxiliary model θ_aux, applies
+    `selection_rule`, and trains the next epoch on the selected pairs only.
+
+    Parameters:
+        > Parameters that control the selection
+
+        selection_rule (`str`, *optional*, defaults to `"lossdiff_irm"`):
+            `"lossdiff_irm"`: keep a pair iff it lies in the LossDiff band and in the IRM band. `"irm_band"`: IRM band
+            only. `"lossdiff_band"`: LossDiff band only. `"none"`: no selection; the trainer is exactly `DPOTrainer`.
+        lossdiff_lo_percentile / lossdiff_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
+            Percentile band of LossDiff `L(z; θ_t) - L(z; θ_aux)` over the whole pool, closed on both ends.
+        irm_lo_percentile / irm_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
+            Percentile band of the implicit reward margin `β·h_θt(z)` over the whole pool, closed on both ends.
+        selection_warmup_epochs (`int`, *optional*, defaults to `1`):
+            Epochs trained on the full pool before the first selection.
+        aux_refresh_epochs (`int`, *optional*, defaults to `1`):
+            Rebuild θ_aux from θ_t and realign it every this many selection epochs; in between, its cached
+            log-probabilities are reused.
+        aux_num_train_epochs (`float`, *optional*, defaults to `1.0`):
+            Length of the aux alignment stage, in passes over the validation data.
+        aux_max_steps (`int`, *optional*, defaults to `-1`):
+            If positive, the aux alignment stage runs exactly this many optimizer steps, overriding
+            `aux_num_train_epochs`.
+        aux_learning_rate (`float`, *optional*):
+            Learning rate of the aux alignment stage (AdamW, constant). Defaults to `learning_rate`.
+        aux_batch_size (`int`, *optional*):
+            Per-device batch size of the aux alignment stage. Defaults to `per_device_train_batch_size`.
+        scoring_batch_size (`int`, *optional*):
+            Per-device batch size of the no-grad scoring passes over the pool. Defaults to
+            `per_device_eval_batch_size`.
+    """
+
+    selection_rule: str = field(
+        default="lossdiff_irm",
+        metadata={
+            "help": "Which pairs each epoch after warm-up trains on. `lossdiff_irm`: the pairs in both the LossDiff "
+            "and the IRM percentile bands. `irm_band`: the IRM band only. `lossdiff_band`: the LossDiff band only. "
+            "`none`: every pair, exactly as `DPOTrainer`.",
+            "choices": list(RULE_SCORES),
+        },
+    )
+    lossdiff_lo_percentile: float = field(
+        default=10.0,
+        metadata={"help": "Lower percentile (0-100) of the LossDiff band; pairs below it are dropped."},
+    )
+    lossdiff_hi_percentile: float = field(
+        default=90.0,
+        metadata={"help": "Upper percentile (0-100) of the LossDiff band; pairs above it are dropped."},
+    )
+    irm_lo_percentile: float = field(
+        default=10.0,
+        metadata={"help": "Lower percentile (0-100) of the implicit-reward-margin band; pairs below it are dropped."},
+    )
+    irm_hi_percentile: float = field(
+        default=90.0,
+        metadata={"help": "Upper percentile (0-100) of the implicit-reward-margin band; pairs above it are dropped."},
+    )
+    selection_warmup_epochs: int = field(
+        default=1,
+        metadata={"help": "Number of epochs trained on the full pool before the first selection (at least 1)."},
+    )
+    aux_refresh_epochs: int = field(
+        default=1,
+        metadata={
+            "help": "Rebuild the auxiliary model from the policy and realign it on the validation data every this "
+            "many selection epochs; in between, its cached log-probabilities are reused."
+        },
+    )
+    aux_num_train_epochs: float = field(
+        default=1.0,
+        metadata={"help": "Length of each aux alignment stage, in passes over the validation data."},
+    )
+    aux_max_steps: int = field(
+        default=-1,
+        metadata={
+            "help": "If positive, each aux alignment stage runs exactly this many optimizer steps, overriding "
+            "`aux_num_train_epochs`."
+        },
+    )
+    aux_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the aux alignment stage (AdamW, constant). Defaults to `learning_rate`."},
+    )
+    aux_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Per-device batch size of the aux alignment stage. Defaults to `per_device_train_batch_size`."
+        },
+    )
+    scoring_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Per-device batch size of the no-grad scoring passes over the pool. Defaults to "
+            "`per_device_eval_batch_size`."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._validate_selection_fields()
+
+    @property
+    def selection_enabled(self) -> bool:
+        return self.selection_rule != "none"
+
+    @property
+    def required_scores(self) -> tuple[str, ...]:
+        """The scores `selection_rule` needs, e.g. `("lossdiff", "irm")`."""
+        return RULE_SCORES[self.selection_rule]
+
+    @property
+    def needs_auxiliary(self) -> bool:
+        return "lossdiff" in self.required_scores
+
+    def percentile_bands(self) -> dict[str, tuple[float, float]]:
+        """The `(lo, hi)` percentile band of each score the rule needs."""
+        bands = {
+            "lossdiff": (self.lossdiff_lo_percentile, self.lossdiff_hi_percentile),
+            "irm": (self.irm_lo_percentile, self.irm_hi_percentile),
+        }
+        return {name: bands[name] for name in self.required_scores}
+
+    def _validate_selection_fields(self) -> None:
+        if self.selection_rule not in RULE_SCORES:
+            raise ValueError(f"`selection_rule` must be one of {list(RULE_SCORES)}, got {self.selection_rule!r}.")
+        check_percentile_band(
+            self.lossdiff_lo_percentile, self.lossdiff_hi_percentile, "lossdiff_lo_percentile`/`lossdiff_hi_percentile"
+        )
+        check_percentile_band(self.irm_lo_percentile, self.irm_hi_percentile, "irm_lo_percentile`/`irm_hi_percentile")
+        _check_int_at_least(
+            self,
+            "selection_warmup_epochs",
+            1,
+            "the first selection needs a policy that differs from the reference, or every implicit reward margin is 0",
+        )
+        _check_int_at_least(self, "aux_refresh_epochs", 1)
+        if not self.aux_num_train_epochs > 0:
+            raise ValueError(f"`aux_num_train_epochs` must be > 0, got {self.aux_num_train_epochs}.")
+        if not isinstance(self.aux_max_steps, int) or self.aux_max_steps == 0 or self.aux_max_steps < -1:
+            raise ValueError(
+                f"`aux_max_steps` must be -1 (use `aux_num_train_epochs`) or >= 1, got {self.aux_max_steps}."
+            )
+        if self.aux_learning_rate is not None and not self.aux_learning_rate > 0:
+            raise ValueError(f"`aux_learning_rate` must be > 0 or unset, got {self.aux_learning_rate}.")
+        for name in ("aux_batch_size", "scoring_batch_size"):
+            if getattr(self, name) is not None:
+                _check_int_at_least(self, name, 1)
+        if not self.selection_enabled:
+            return
+        # Selection scores with the trainer's own loss (DESIGN.md §2-3), so that loss must be one the scores implement.
+        if len(self.loss_type) != 1 or self.loss_type[0] not in ("sigmoid", "hinge"):
+            raise ValueError(
+                f"`loss_type` must be ['sigmoid'] (DPO) or ['hinge'] (SLiC) when `selection_rule` is "
+                f"{self.selection_rule!r}, got {self.loss_type}. Set `selection_rule='none'` to train other losses."
+            )
+        unsupported = {
+            "ld_alpha": (self.ld_alpha, None),
+            "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
+            "use_weighting": (self.use_weighting, False),
+            "sync_ref_model": (self.sync_ref_model, False),
+        }
+        for name, (value, default) in unsupported.items():
+            if value != default:
+                raise ValueError(
+                    f"`{name}={value!r}` changes the loss that selection scores with; it is not supported with "
+                    f"`selection_rule={self.selection_rule!r}`. Leave `{name}` at {default!r}, or set "
+                    "`selection_rule='none'`."
+                )
+        # Selection acts per epoch; a step budget would cut the schedule at a point that moves with every selection.
+        if self.max_steps > 0:
+            raise ValueError(
+                f"`max_steps={self.max_steps}` is not supported with `selection_rule={self.selection_rule!r}`: "
+                "selection changes the length of every epoch. Set `num_train_epochs` instead and leave `max_steps=-1`."
+            )
+        if float(self.num_train_epochs) != int(self.num_train_epochs) or self.num_train_epochs < 1:
+            raise ValueError(
+                f"`num_train_epochs` must be a whole number >= 1 with selection, got {self.num_train_epochs}."
+            )
+        if self.train_sampling_strategy != "random":
+            raise ValueError(
+                f"`train_sampling_strategy={self.train_sampling_strategy!r}` is not supported with selection: the "
+                "selection sampler decides the order. Leave it at 'random'."
+            )
+        if self.num_train_epochs <= self.selection_warmup_epochs:
+            logger.warning(
+                "num_train_epochs=%s <= selection_warmup_epochs=%s: no selection will happen in this run.",
+                self.num_train_epochs,
+                self.selection_warmup_epochs,
+            )
+
+
+@dataclass
+class SelectiveSLiCConfig(SelectiveDPOConfig):
+    r"""
+    Configuration class for [`SelectiveSLiCTrainer`]: [`SelectiveDPOConfig`] with the SLiC loss.
+
+    SLiC here is the reference-normalised hinge loss of RSO / TRL `loss_type="hinge"`: `max(0, 1 - β·h_θ(z))`. Every
+    score (LossDiff included) uses this loss.
+    """
+
+    loss_type: list[str] = field(
+        default_factory=lambda: ["hinge"],
+        metadata={
+            "help": "Loss of the trainer; SLiC is the reference-normalised hinge loss, so only `hinge` is valid."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss_type != ["hinge"]:
+            raise ValueError(
+                f"`loss_type` must be ['hinge'] for SelectiveSLiCConfig (SLiC is the hinge loss), got {self.loss_type}."
+                " Use SelectiveDPOConfig for the sigmoid (DPO) loss."
+            )
+
+
+def _check_int_at_least(config: object, name: str, minimum: int, why: str = "") -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        reason = f": {why}" if why else ""
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}{reason}.")

@@ -1,0 +1,178 @@
+"""Whole-pool log-probability passes: TRL's collator and fused forward, sharded over ranks, gathered in pool order.
+
+This module moves tensors; the math on the results lives in `scores.py` and `rules.py`.
+
+Every pass runs the same number of batches on every rank (accelerate pads the last shard by repeating rows), so a
+ZeRO-3 forward, which is a collective, never waits on a rank that has no batch left. Each batch carries the pool rows
+it holds, and results are scattered back by row, so padding duplicates are harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .scores import PairLogProbs
+
+
+logger = logging.getLogger(__name__)
+
+TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+ROW_KEY = "pool_row"
+# Keys of a collated batch that are not model inputs
+NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", ROW_KEY}
+
+BatchForward = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+
+
+class _RowTaggingCollator:
+    """Wraps TRL's preference collator so every batch also carries the pool rows it was built from."""
+
+    def __init__(self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], rows_key: str = ROW_KEY) -> None:
+        self.collator = collator
+        self.rows_key = rows_key
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [example.pop(self.rows_key) for example in examples]
+        batch = self.collator(examples)
+        batch[self.rows_key] = torch.tensor(rows, dtype=torch.long)
+        return batch
+
+
+class _TokenizedRows(torch.utils.data.Dataset):
+    """The token columns of a tokenized preference dataset, each row tagged with its index."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        missing = [c for c in TOKEN_COLUMNS if c not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The dataset has no {missing} column(s); pass it through DPOTrainer's preprocessing first."
+            )
+        self.columns = {name: dataset[name] for name in TOKEN_COLUMNS}
+        self.size = len(dataset)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        return {**{name: column[row] for name, column in self.columns.items()}, ROW_KEY: row}
+
+    def total_length(self, row: int) -> int:
+        return len(self.columns["prompt_ids"][row]) + max(
+            len(self.columns["chosen_ids"][row]), len(self.columns["rejected_ids"][row])
+        )
+
+
+def length_sorted_rows(rows: _TokenizedRows) -> list[int]:
+    """Rows ordered by padded pair length, longest first, so batches hold similar lengths and OOM shows up early."""
+    return sorted(range(len(rows)), key=lambda row: (-rows.total_length(row), row))
+
+
+def build_pass_loader(
+    dataset: Dataset,
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    accelerator: Accelerator,
+    batch_size: int,
+    *,
+    order: list[int] | None = None,
+) -> DataLoader:
+    """A loader over `dataset` (tokenized), in `order` (default: length-sorted), sharded with equal batch counts."""
+    rows = _TokenizedRows(dataset)
+    if order is None:
+        order = length_sorted_rows(rows)
+    loader = DataLoader(
+        rows, batch_size=batch_size, sampler=order, collate_fn=_RowTaggingCollator(collator), shuffle=False
+    )
+    # The module-level helper, not `accelerator.prepare`, so a loader built per pass is not registered forever.
+    return prepare_data_loader(
+        loader,
+        device=accelerator.device,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        put_on_device=True,
+        even_batches=True,
+    )
+
+
+def sequence_log_probs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs of the chosen and rejected halves of a collated batch, as `DPOTrainer` computes them.
+
+    Uses TRL's fused LM head (`model(..., fused_lm_head=True).log_probs`), which never materialises the logits.
+    """
+    model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    model_kwargs["use_cache"] = False
+    completion_mask = batch["completion_mask"]
+    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+    if getattr(outputs, "log_probs", None) is None:
+        raise RuntimeError(
+            f"{type(model).__name__} returned no `log_probs`: its forward was not patched with TRL's fused LM head "
+            "(`trl.trainer.utils.add_fused_lm_head`)."
+        )
+    seq_len = completion_mask.size(1) - 1
+    # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
+    per_token = outputs.log_probs[:, -seq_len:]
+    chosen, rejected = per_token.sum(dim=1).chunk(2, dim=0)
+    return chosen, rejected
+
+
+@contextlib.contextmanager
+def inference_mode(model: torch.nn.Module, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
+    """No grad, eval mode (no dropout) and gradient checkpointing off; the previous state is restored on exit."""
+    was_training = model.training
+    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+        model.train(was_training)
+
+
+def run_log_prob_pass(
+    loader: DataLoader,
+    forward: BatchForward,
+    accelerator: Accelerator,
+    num_rows: int,
+    *,
+    desc: str,
+) -> PairLogProbs:
+    """Run `forward` over every batch of `loader` and gather `(chosen, rejected)` log-probs into row order (fp32, CPU).
+
+    Must be called on every rank: each batch is followed by a gather.
+    """
+    chosen = torch.full((num_rows,), float("nan"), dtype=torch.float32)
+    rejected = torch.full((num_rows,), float("nan"), dtype=torch.float32)
+    seen = torch.zeros(num_rows, dtype=torch.bool)
+    progress = tqdm(
+        loader,
+        desc=desc,
+        disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
+        leave=False,
+    )
+    for batch in progress:
+        batch_chosen, batch_rejected = forward(batch)
+        rows, batch_chosen, batch_rejected = accelerator.gather(
+            (batch[ROW_KEY], batch_chosen.float(), batch_rejected.float())
+        )
+        rows = rows.cpu()
+        chosen[rows] = batch_chosen.cpu()
+        rejected[rows] = batch_rejected.cpu()
+        seen[rows] = True
+    if not bool(seen.all()):
+        raise RuntimeError(f"{desc}: {int((~seen).sum())} of {num_rows} rows were never scored.")
+    return PairLogProbs(chosen=chosen, rejected=rejected)

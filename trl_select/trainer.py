@@ -1,0 +1,255 @@
+"""`SelectiveDPOTrainer` and `SelectiveSLiCTrainer`: `DPOTrainer` whose epochs train only on the selected pairs.
+
+The trainer itself stays thin: it wires the selection callback and sampler in, makes the per-epoch step counts and the
+LR horizon follow the live selection, and knows how to get reference log-probs. The selection event is in
+`callback.py`, the math in `scores.py`/`rules.py`, the passes over the pool in `scoring.py`/`auxiliary.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import (
+    BitsAndBytesConfig,
+    DataCollator,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+    TrainerCallback,
+)
+from transformers.trainer_utils import EvalPrediction
+from trl import DPOTrainer
+
+from .callback import SelectionCallback
+from .config import SelectiveDPOConfig, SelectiveSLiCConfig
+from .sampler import SelectionSampler
+from .schedule import RetimedLR, update_steps_per_epoch
+from .scores import PairLogProbs
+from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
+
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
+
+
+logger = logging.getLogger(__name__)
+
+# The row index of each pair in the dataset as the user passed it, before TRL drops over-long prompts.
+ROW_INDEX_COLUMN = "trl_select_row"
+
+
+class SelectiveDPOTrainer(DPOTrainer):
+    """[`~trl.DPOTrainer`] with in-loop data selection (LossDiff-IRM by default); a drop-in replacement.
+
+    Takes every argument of `DPOTrainer`, with `args` a [`SelectiveDPOConfig`], plus:
+
+    Args:
+        validation_dataset ([`~datasets.Dataset`], *optional*):
+            Preference pairs the auxiliary model is aligned on (the LossDiff direction). Defaults to `eval_dataset`.
+            Required when `selection_rule` uses LossDiff.
+
+    Each pair's stable id is the training dataset's `id` column if it has one, else its row index in the dataset as
+    passed (before TRL drops pairs whose prompt fills `max_length`). Ids are what `selection_history.jsonl` records.
+
+    Example:
+
+    ```python
+    >>> from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
+
+    >>> args = SelectiveDPOConfig(output_dir="out", num_train_epochs=3)  # LossDiff-IRM, bands 10-90
+    >>> trainer = SelectiveDPOTrainer(model, args=args, train_dataset=train, eval_dataset=validation)
+    >>> trainer.train()
+    ```
+    """
+
+    _config_class: type[SelectiveDPOConfig] = SelectiveDPOConfig
+    _tag_names = ["trl", "dpo", "trl-select"]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | torch.nn.Module,
+        ref_model: PreTrainedModel | None = None,
+        args: SelectiveDPOConfig | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class: PreTrainedTokenizerBase | ProcessorMixin | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        quantization_config: BitsAndBytesConfig | None = None,
+        peft_config: PeftConfig | None = None,
+        validation_dataset: Dataset | None = None,
+    ) -> None:
+        args = self._check_args(model, args)
+        if args.selection_enabled:
+            train_dataset = self._check_train_dataset(train_dataset)
+            if validation_dataset is None:
+                validation_dataset = eval_dataset
+            validation_dataset = self._check_validation_dataset(validation_dataset, args)
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+
+        self.selection_sampler: SelectionSampler | None = None
+        self.selection_callback: SelectionCallback | None = None
+        if not args.selection_enabled:
+            return
+        self.pair_ids = self._stable_pair_ids(self.train_dataset)
+        if validation_dataset is not None:
+            if validation_dataset is eval_dataset and isinstance(self.eval_dataset, Dataset):
+                validation_dataset = self.eval_dataset  # already tokenized (and maybe with precomputed ref log-probs)
+            else:
+                validation_dataset = self._prepare_dataset(
+                    validation_dataset, self.processing_class, self.args, "validation"
+                )
+        self.selection_sampler = SelectionSampler(len(self.train_dataset), seed=args.seed)
+        self.selection_callback = SelectionCallback(self, validation_dataset)
+        self.add_callback(self.selection_callback)
+
+    # ----- construction checks -----
+
+    def _check_args(self, model, args: SelectiveDPOConfig | None) -> SelectiveDPOConfig:
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = self._config_class(f"{name.split('/')[-1]}-{self._name}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(
+                f"`args` must be a {self._config_class.__name__}, got {type(args).__name__}. Build one with the same "
+                f"fields: {self._config_class.__name__}(**your_config.to_dict()) keeps every DPOConfig setting."
+            )
+        return args
+
+    @staticmethod
+    def _check_train_dataset(train_dataset) -> Dataset:
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required.")
+        if isinstance(train_dataset, IterableDataset) or not isinstance(train_dataset, Dataset):
+            raise TypeError(
+                f"`train_dataset` must be a map-style `datasets.Dataset` for selection (the whole pool is rescored "
+                f"every epoch), got {type(train_dataset).__name__}. Set `selection_rule='none'` to stream."
+            )
+        if len(train_dataset) == 0:
+            raise ValueError("`train_dataset` is empty: selection needs at least one preference pair.")
+        if ROW_INDEX_COLUMN in train_dataset.column_names:
+            train_dataset = train_dataset.remove_columns(ROW_INDEX_COLUMN)
+        return train_dataset.add_column(ROW_INDEX_COLUMN, list(range(len(train_dataset))))
+
+    @staticmethod
+    def _check_validation_dataset(validation_dataset, args: SelectiveDPOConfig) -> Dataset | None:
+        if not args.needs_auxiliary:
+            return validation_dataset if isinstance(validation_dataset, Dataset) else None
+        if validation_dataset is None:
+            raise ValueError(
+                f"`selection_rule={args.selection_rule!r}` uses LossDiff, which needs validation pairs to align the "
+                "auxiliary model on: pass `validation_dataset=` (or `eval_dataset=`), or use `selection_rule='irm_band'`."
+            )
+        if not isinstance(validation_dataset, Dataset):
+            raise TypeError(
+                f"`validation_dataset` must be a single `datasets.Dataset`, got {type(validation_dataset).__name__}. "
+                "With several eval datasets, pass the one to align on as `validation_dataset=`."
+            )
+        if len(validation_dataset) == 0:
+            raise ValueError("`validation_dataset` is empty: the auxiliary model needs validation pairs to align on.")
+        return validation_dataset
+
+    @staticmethod
+    def _stable_pair_ids(dataset: Dataset) -> list[Any]:
+        ids = dataset["id"] if "id" in dataset.column_names else dataset[ROW_INDEX_COLUMN]
+        if len(set(ids)) != len(ids):
+            raise ValueError("The training dataset's `id` column has duplicate values; pair ids must be unique.")
+        return list(ids)
+
+    # ----- selection plumbing -----
+
+    @property
+    def scoring_batch_size(self) -> int:
+        return self.args.scoring_batch_size or self.args.per_device_eval_batch_size
+
+    def reference_log_probs(self, dataset: Dataset, loader) -> PairLogProbs:
+        """π_ref's summed completion log-probs over `dataset`, in row order.
+
+        Reuses TRL's precomputed `ref_chosen_logps`/`ref_rejected_logps` columns when present
+        (`precompute_ref_log_probs=True`); otherwise runs TRL's own reference forward (`compute_ref_log_probs`, which
+        disables the adapters for a PEFT policy) over `loader` on every rank.
+        """
+        if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
+            return PairLogProbs(
+                chosen=torch.tensor(dataset["ref_chosen_logps"], dtype=torch.float32),
+                rejected=torch.tensor(dataset["ref_rejected_logps"], dtype=torch.float32),
+            )
+        model = self.ref_model if self.ref_model is not None else self.model
+
+        def forward(batch):
+            return self.compute_ref_log_probs(model, {k: v for k, v in batch.items() if k != ROW_KEY})
+
+        with inference_mode(self.accelerator.unwrap_model(model), self.args.gradient_checkpointing_kwargs):
+            return run_log_prob_pass(loader, forward, self.accelerator, len(dataset), desc="Scoring with reference")
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.selection_sampler is None:
+            return super()._get_train_sampler(train_dataset)
+        return self.selection_sampler
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        created = self.lr_scheduler is None
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.selection_sampler is not None and created and type(scheduler) is LambdaLR:
+            # Every LambdaLR schedule of transformers.get_scheduler; the selection callback retimes it.
+            self.lr_scheduler = RetimedLR.wrap(
+                scheduler, self.optimizer if optimizer is None else optimizer, num_training_steps
+            )
+        return self.lr_scheduler
+
+    def _run_epoch(self, *args: Any, **kwargs: Any):
+        # The Trainer passes step counts frozen from the full pool; recount them from the live selection so the epoch
+        # ends, steps its last partial accumulation and sets `state.epoch` where the selection really ends.
+        if self.selection_sampler is not None:
+            num_batches = len(kwargs["train_dataloader"])
+            kwargs["steps_in_epoch"] = num_batches
+            kwargs["num_update_steps_per_epoch"] = update_steps_per_epoch(
+                num_batches, self.args.gradient_accumulation_steps
+            )
+        return super()._run_epoch(*args, **kwargs)
+
+
+class SelectiveSLiCTrainer(SelectiveDPOTrainer):
+    """SLiC with in-loop selection: the reference-normalised hinge loss `max(0, 1 - β·h_θ(z))` (TRL's `hinge`).
+
+    Same arguments as [`SelectiveDPOTrainer`], with `args` a [`SelectiveSLiCConfig`]; every score uses the hinge loss.
+    """
+
+    _config_class = SelectiveSLiCConfig
+    _tag_names = ["trl", "slic", "trl-select"]
+    _name = "SLiC"
+    _paper = {
+        "title": "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
+        "id": "2305.10425",
+        "citation": textwrap.dedent("""\
+            @article{zhao2023slic,
+                title   = {{SLiC-HF: Sequence Likelihood Calibration with Human Feedback}},
+                author  = {Yao Zhao and Rishabh Joshi and Tianqi Liu and Misha Khalman and Mohammad Saleh and Peter J. Liu},
+                year    = 2023,
+                journal = {arXiv preprint arXiv:2305.10425},
+            }"""),
+    }
+
+
+__all__ = ["ROW_INDEX_COLUMN", "SelectiveDPOTrainer", "SelectiveSLiCTrainer"]
