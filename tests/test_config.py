@@ -1,0 +1,80 @@
+"""Config defaults, validation errors that name the field, and CLI parsing through TRL's parser."""
+
+from __future__ import annotations
+
+import pytest
+from trl import ModelConfig, ScriptArguments, TrlParser
+
+from trl_select import SelectiveDPOConfig, SelectiveSLiCConfig
+
+
+def _config(config_class=SelectiveDPOConfig, **kwargs):
+    return config_class(output_dir="unused", report_to="none", bf16=False, **kwargs)
+
+
+def test_defaults_follow_the_paper():
+    config = _config()
+    assert config.selection_rule == "lossdiff_irm"
+    assert config.percentile_bands() == {"lossdiff": (10.0, 90.0), "irm": (10.0, 90.0)}
+    assert (config.selection_warmup_epochs, config.aux_refresh_epochs) == (1, 1)
+    assert config.loss_type == ["sigmoid"]
+    assert _config(SelectiveSLiCConfig).loss_type == ["hinge"]
+
+
+def test_every_selection_field_has_help():
+    import dataclasses
+
+    from trl import DPOConfig
+
+    base = {f.name for f in dataclasses.fields(DPOConfig)}
+    added = [f for f in dataclasses.fields(SelectiveDPOConfig) if f.name not in base]
+    assert len(added) == 12
+    assert all(f.metadata.get("help") for f in added)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field_name",
+    [
+        ({"selection_rule": "best"}, "selection_rule"),
+        ({"irm_lo_percentile": 95.0}, "irm_lo_percentile"),
+        ({"lossdiff_hi_percentile": 101.0}, "lossdiff_lo_percentile"),
+        ({"selection_warmup_epochs": 0}, "selection_warmup_epochs"),
+        ({"aux_refresh_epochs": 0}, "aux_refresh_epochs"),
+        ({"aux_num_train_epochs": 0.0}, "aux_num_train_epochs"),
+        ({"aux_max_steps": 0}, "aux_max_steps"),
+        ({"aux_learning_rate": -1.0}, "aux_learning_rate"),
+        ({"scoring_batch_size": 0}, "scoring_batch_size"),
+        ({"aux_batch_size": 0}, "aux_batch_size"),
+        ({"loss_type": ["ipo"]}, "loss_type"),
+        ({"ld_alpha": 0.5}, "ld_alpha"),
+        ({"max_steps": 10}, "max_steps"),
+        ({"num_train_epochs": 2.5}, "num_train_epochs"),
+        ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy"),
+    ],
+)
+def test_invalid_fields_raise_naming_the_field(kwargs, field_name):
+    with pytest.raises(ValueError, match=f"`{field_name}"):
+        _config(**kwargs)
+
+
+def test_rule_none_accepts_anything_dpo_accepts():
+    config = _config(selection_rule="none", loss_type=["ipo"], max_steps=10)
+    assert not config.selection_enabled
+
+
+def test_slic_config_refuses_other_losses():
+    with pytest.raises(ValueError, match="hinge"):
+        _config(SelectiveSLiCConfig, loss_type=["sigmoid"])
+
+
+def test_trl_parser_reads_the_selection_flags():
+    parser = TrlParser((ScriptArguments, SelectiveDPOConfig, ModelConfig))
+    _, config, _ = parser.parse_args_and_config(
+        args=[
+            "--output_dir", "x", "--bf16", "False", "--report_to", "none",
+            "--selection_rule", "irm_band", "--irm_lo_percentile", "20", "--aux_learning_rate", "3e-4",
+        ]
+    )  # fmt: skip
+    assert isinstance(config, SelectiveDPOConfig)
+    assert config.selection_rule == "irm_band" and config.irm_lo_percentile == 20.0
+    assert config.aux_learning_rate == 3e-4

@@ -1,0 +1,96 @@
+"""The recipes and TRL's own dpo.py, run for real in subprocesses (each launch bounded by a timeout)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trl_select import read_history
+from trl_select.toy import build_char_tokenizer, build_tiny_llama
+
+from .conftest import DEMO_DATA, REPO
+
+
+RECIPES = REPO / "recipes"
+# The README's command, turning TRL's installed dpo.py into a selective one by swapping two imports.
+SED_TO_SELECTIVE = [
+    "-e", r"s/^\( *\)from trl import DPOTrainer,/\1from trl_select import SelectiveDPOTrainer as DPOTrainer\n\1from trl import/",
+    "-e", r"s/^\( *\)from trl import DatasetMixtureConfig, DPOConfig,/\1from trl_select import SelectiveDPOConfig as DPOConfig\n\1from trl import DatasetMixtureConfig,/",
+]  # fmt: skip
+
+
+def _run(command: list[str], cwd: Path, timeout: int) -> str:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_MODE", None)  # the demo decides: offline unless logged in
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result.stdout + result.stderr
+
+
+def _accelerate(script: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(script), *flags]
+
+
+def test_demo_recipe_with_no_arguments(tmp_path):
+    """The Quickstart's main job exactly as documented: no arguments, embedded model and data, wandb offline."""
+    output = _run(_accelerate(RECIPES / "dpo_lossdiff_irm.py"), cwd=tmp_path, timeout=600)
+    output_dir = tmp_path / "outputs" / "dpo-lossdiff-irm-demo"
+    history = read_history(output_dir)
+    assert [r["epoch"] for r in history] == [0, 1, 2]
+    assert history[0]["num_selected"] == history[0]["pool_size"] == 2000
+    for record in history[1:]:
+        assert 0.5 <= record["num_selected"] / record["pool_size"] <= 0.8
+    # The demo reports what selection did to the known-flipped pairs
+    rows = re.findall(r"^\s+(\d) selection\s+(\d+)/2000\s+([\d.]+)\s+([\d.]+)$", output, flags=re.M)
+    assert len(rows) == 2
+    for _, _, flipped_kept, flipped_dropped in rows:
+        assert float(flipped_kept) < 0.3 < float(flipped_dropped)
+    assert "Greedy exact-match" in output
+    assert list((output_dir / "wandb").glob("offline-run-*")), "wandb did not log offline"
+    assert (output_dir / "model.safetensors").exists()
+
+
+def test_slic_recipe(tmp_path):
+    flags = ["--output_dir", str(tmp_path / "slic"), "--num_train_epochs", "2", "--demo_sft_epochs", "2",
+             "--report_to", "none"]  # fmt: skip
+    _run(_accelerate(RECIPES / "slic_lossdiff_irm.py", *flags), cwd=tmp_path, timeout=600)
+    history = read_history(tmp_path / "slic")
+    assert [r["event"] for r in history] == ["warmup", "selection"]
+
+
+def test_trl_dpo_script_with_selective_classes(tmp_path):
+    """Swap DPOTrainer/DPOConfig for the Selective classes in TRL's installed dpo.py; run it on local model + data."""
+    import trl.scripts.dpo
+
+    script = tmp_path / "dpo_select.py"
+    result = subprocess.run(["sed", *SED_TO_SELECTIVE, trl.scripts.dpo.__file__], capture_output=True, text=True)
+    script.write_text(result.stdout)
+    assert "SelectiveDPOTrainer as DPOTrainer" in result.stdout and "SelectiveDPOConfig as DPOConfig" in result.stdout
+
+    tokenizer = build_char_tokenizer()
+    model_dir = tmp_path / "tiny-llama"
+    build_tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    flags = [
+        "--model_name_or_path", str(model_dir), "--dataset_name", str(DEMO_DATA),
+        "--dataset_test_split", "validation", "--eval_strategy", "epoch",
+        "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "2", "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "64", "--max_length", "32", "--gradient_checkpointing", "False",
+        "--bf16", "False", "--report_to", "none", "--save_strategy", "no", "--aux_max_steps", "2",
+    ]  # fmt: skip
+    _run([sys.executable, str(script), *flags], cwd=tmp_path, timeout=600)
+    history = read_history(tmp_path / "out")
+    assert [r["event"] for r in history] == ["warmup", "selection"]
+    assert 0.5 <= history[1]["num_selected"] / 2000 <= 0.8
+
+
+@pytest.mark.parametrize("script", ["dpo_lossdiff_irm.py", "slic_lossdiff_irm.py"])
+def test_recipe_help_lists_selection_flags(script):
+    output = _run([sys.executable, str(RECIPES / script), "--help"], cwd=RECIPES, timeout=120)
+    for flag in ("--selection_rule", "--irm_lo_percentile", "--aux_refresh_epochs", "--dataset_validation_split"):
+        assert flag in output

@@ -1,0 +1,111 @@
+"""Band, intersection and set algebra (DESIGN.md §4), incl. ties, NaN, ±inf and all-equal scores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trl_select.rules import intersection, jaccard, overlap_coefficient, percentile_band, score_quantiles, union
+
+
+def _percentile_by_hand(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (NumPy's default), written out independently."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    below, above = math.floor(position), math.ceil(position)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def test_band_keeps_the_closed_middle():
+    scores = np.arange(11, dtype=float)  # 0..10
+    keep, band = percentile_band(scores, 10, 90)
+    assert (band.lo, band.hi) == (1.0, 9.0)
+    assert keep.tolist() == [False] + [True] * 9 + [False]
+
+
+def test_ties_at_a_limit_are_all_kept():
+    scores = np.array([0.0, 1, 1, 1, 1, 1, 1, 1, 1, 5])
+    keep, band = percentile_band(scores, 10, 90)
+    assert band.lo == 0.9 and band.hi == pytest.approx(1.4)
+    assert keep.sum() == 8  # all eight tied 1.0 values, none of the extremes
+
+
+def test_all_equal_scores_are_all_kept():
+    keep, band = percentile_band(np.full(7, 3.5), 10, 90)
+    assert keep.all() and band.lo == band.hi == 3.5
+
+
+def test_nan_is_never_medium_and_infinities_do_not_move_the_band():
+    finite = np.arange(10, dtype=float)
+    scores = np.concatenate([finite, [np.nan, np.inf, -np.inf, np.nan]])
+    keep, band = percentile_band(scores, 0, 100)
+    _, band_finite = percentile_band(finite, 0, 100)
+    assert (band.lo, band.hi) == (band_finite.lo, band_finite.hi) == (0.0, 9.0)
+    assert keep[:10].all() and not keep[10:].any()
+
+
+def test_all_nonfinite_keeps_nothing():
+    keep, band = percentile_band([np.nan, np.inf], 10, 90)
+    assert not keep.any() and math.isnan(band.lo)
+
+
+@pytest.mark.parametrize("lo, hi", [(-1, 90), (10, 101), (50, 50), (90, 10)])
+def test_band_limits_out_of_range_are_rejected(lo, hi):
+    with pytest.raises(ValueError, match="0 <= lo < hi <= 100"):
+        percentile_band([1.0, 2.0], lo, hi)
+
+
+def test_intersection_union_jaccard_overlap():
+    a = np.array([1, 1, 0, 0, 1], dtype=bool)
+    b = np.array([1, 0, 1, 0, 1], dtype=bool)
+    assert intersection(a, b).tolist() == [True, False, False, False, True]
+    assert union(a, b).tolist() == [True, True, True, False, True]
+    assert jaccard({1, 2, 3}, {2, 3, 4}) == 0.5
+    assert overlap_coefficient({1, 2, 3}, {2, 3}) == 1.0
+    assert overlap_coefficient(set(), {1}) == 0.0
+    assert jaccard(set(), set()) == 1.0
+
+
+def test_independent_bands_keep_about_64_percent():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=20_000), rng.normal(size=20_000)
+    keep = intersection(percentile_band(a, 10, 90)[0], percentile_band(b, 10, 90)[0])
+    assert keep.mean() == pytest.approx(0.64, abs=0.01)
+
+
+def test_score_quantiles_count_nonfinite():
+    quantiles = score_quantiles([0.0, 1.0, 2.0, np.nan, np.inf])
+    assert quantiles["p50"] == 1.0 and quantiles["num_nonfinite"] == 2.0
+
+
+scores_strategy = st.lists(
+    st.one_of(st.floats(min_value=-1e6, max_value=1e6), st.sampled_from([np.nan, np.inf, -np.inf])),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scores=scores_strategy, lo=st.floats(0, 99), width=st.floats(0.5, 100))
+def test_band_is_exactly_the_defined_set(scores, lo, width):
+    hi = min(lo + width, 100.0)
+    keep, band = percentile_band(np.array(scores), lo, hi)
+    finite = [s for s in scores if math.isfinite(s)]
+    if not finite:
+        assert not keep.any()
+        return
+    expected_lo, expected_hi = _percentile_by_hand(finite, lo), _percentile_by_hand(finite, hi)
+    assert band.lo == pytest.approx(expected_lo, rel=1e-9, abs=1e-6)
+    assert band.hi == pytest.approx(expected_hi, rel=1e-9, abs=1e-6)
+    for score, kept in zip(scores, keep, strict=True):
+        if not math.isfinite(score):
+            assert not kept  # NaN and ±inf are never kept
+        else:
+            assert kept == (band.lo <= score <= band.hi)
+    # Every order statistic between the two percentile positions is kept
+    position_lo, position_hi = (len(finite) - 1) * lo / 100, (len(finite) - 1) * hi / 100
+    assert keep.sum() >= math.floor(position_hi) - math.ceil(position_lo) + 1
