@@ -76,16 +76,21 @@ class RecipeArguments(ScriptArguments):
         default=20,
         metadata={"help": "Embedded demo only: SFT epochs that warm-start the tiny model before DPO."},
     )
+    demo_sft_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "Embedded demo only: learning rate of the SFT warm start."},
+    )
 
 
-def build_demo_model(output_dir: str, sft_epochs: int, seed: int) -> str:
+def build_demo_model(output_dir: str, sft_epochs: int, sft_learning_rate: float, seed: int) -> str:
     """Build the tiny Llama and its tokenizer locally, warm-start it with SFT, save it; return its path."""
     from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl, sft_warm_start
 
     path = Path(output_dir) / "sft-model"
     tokenizer = build_char_tokenizer()
     model = build_tiny_llama(tokenizer, seed=seed)
-    sft_warm_start(model, tokenizer, read_jsonl(DEMO_DATA / "sft.jsonl"), epochs=sft_epochs, seed=seed)
+    rows = read_jsonl(DEMO_DATA / "sft.jsonl")
+    sft_warm_start(model, tokenizer, rows, epochs=sft_epochs, lr=sft_learning_rate, seed=seed)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -143,7 +148,12 @@ def main(
         with state.main_process_first():
             path = Path(training_args.output_dir) / "sft-model"
             if state.is_main_process:
-                build_demo_model(training_args.output_dir, script_args.demo_sft_epochs, training_args.seed)
+                build_demo_model(
+                    training_args.output_dir,
+                    script_args.demo_sft_epochs,
+                    script_args.demo_sft_learning_rate,
+                    training_args.seed,
+                )
             model_args.model_name_or_path = str(path)
 
     if script_args.dataset_name is None:

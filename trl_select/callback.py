@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from accelerate.logging import get_logger
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .auxiliary import AlignmentSettings, AuxiliaryModel
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .trainer import SelectiveDPOTrainer
 
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # logs on the main process only
 
 
 @contextlib.contextmanager
