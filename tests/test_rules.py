@@ -109,3 +109,14 @@ def test_band_is_exactly_the_defined_set(scores, lo, width):
     # Every order statistic between the two percentile positions is kept
     position_lo, position_hi = (len(finite) - 1) * lo / 100, (len(finite) - 1) * hi / 100
     assert keep.sum() >= math.floor(position_hi) - math.ceil(position_lo) + 1
+
+
+def test_band_intersection_is_the_and_of_each_band():
+    from trl_select.rules import band_intersection
+
+    lossdiff = np.arange(10, dtype=float)  # band [0.9, 8.1] keeps 1..8
+    irm = np.arange(10, dtype=float)[::-1].copy()  # the same band in reverse order keeps rows 1..8 too
+    irm[4] = np.nan
+    keep, bands = band_intersection({"lossdiff": lossdiff, "irm": irm}, {"lossdiff": (10, 90), "irm": (10, 90)})
+    assert np.flatnonzero(keep).tolist() == [1, 2, 3, 5, 6, 7, 8]
+    assert set(bands) == {"lossdiff", "irm"} and bands["lossdiff"].lo == pytest.approx(0.9)

@@ -104,12 +104,15 @@ class AuxiliaryModel:
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
         self.num_refreshes = 0
 
+    def batches_per_pass(self) -> int:
+        """Batches each rank runs in one pass over the validation pairs (the last shard is padded)."""
+        return math.ceil(len(self.validation) / (self.settings.batch_size * self.accelerator.num_processes))
+
     def steps_per_stage(self) -> int:
         """Optimizer steps in one alignment stage; the same on every rank."""
         if self.settings.max_steps > 0:
             return self.settings.max_steps
-        per_pass = math.ceil(len(self.validation) / (self.settings.batch_size * self.accelerator.num_processes))
-        return max(1, math.ceil(self.settings.num_epochs * per_pass))
+        return max(1, math.ceil(self.settings.num_epochs * self.batches_per_pass()))
 
     def refresh(self, pool_loader, pool_size: int) -> AlignmentResult:
         """Rebuild θ_aux from the policy, align it, and return its log-probs over the pool. Call on every rank."""
@@ -174,11 +177,11 @@ class AuxiliaryModel:
 
     def _align(self, module: torch.nn.Module, parameters: list[torch.nn.Parameter]) -> int:
         num_steps = self.steps_per_stage()
-        per_pass = math.ceil(len(self.validation) / (self.settings.batch_size * self.accelerator.num_processes))
+        # A fresh shuffle per pass and per refresh, the same on every rank
         generator = torch.Generator().manual_seed(self.settings.seed + self.num_refreshes)
-        order = torch.cat(
-            [torch.randperm(len(self.validation), generator=generator) for _ in range(math.ceil(num_steps / per_pass))]
-        ).tolist()
+        num_passes = math.ceil(num_steps / self.batches_per_pass())
+        order = torch.cat([torch.randperm(len(self.validation), generator=generator) for _ in range(num_passes)])
+        order = order.tolist()
         loader = build_pass_loader(
             self.validation, self.collator, self.accelerator, self.settings.batch_size, order=order
         )

@@ -14,7 +14,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .auxiliary import AlignmentSettings, AuxiliaryModel
 from .history import SelectionHistory
-from .rules import Band, intersection, jaccard, percentile_band, score_quantiles
+from .rules import band_intersection, jaccard, score_quantiles
 from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs, implicit_reward_margin, loss_difference
 from .scoring import build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
@@ -32,17 +32,6 @@ def _timed(metrics: dict[str, float], key: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
     metrics[key] = time.perf_counter() - start
-
-
-def select_by_bands(
-    scores: dict[str, np.ndarray], bands: dict[str, tuple[float, float]]
-) -> tuple[np.ndarray, dict[str, Band]]:
-    """Keep the pairs inside the percentile band of every score in `bands` (their intersection)."""
-    masks, limits = [], {}
-    for name, (lo, hi) in bands.items():
-        mask, limits[name] = percentile_band(scores[name], lo, hi)
-        masks.append(mask)
-    return intersection(*masks), limits
 
 
 class SelectionCallback(TrainerCallback):
@@ -115,7 +104,7 @@ class SelectionCallback(TrainerCallback):
         start = time.perf_counter()
         metrics: dict[str, float] = {}
         scores = self._compute_scores(epoch, metrics)
-        keep, bands = select_by_bands(scores, args.percentile_bands())
+        keep, bands = band_intersection(scores, args.percentile_bands())
         selected = np.flatnonzero(keep).tolist()
         pool_size = self.sampler.pool_size
         if not selected:

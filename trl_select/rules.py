@@ -76,6 +76,20 @@ def intersection(*masks: np.ndarray) -> np.ndarray:
     return np.logical_and.reduce([np.asarray(mask, dtype=bool) for mask in masks])
 
 
+def band_intersection(
+    scores: dict[str, ArrayLike], bands: dict[str, tuple[float, float]]
+) -> tuple[np.ndarray, dict[str, Band]]:
+    """Keep a pair iff every score in `bands` lies in its percentile band: LossDiff-IRM (eq. 9) for two scores.
+
+    Returns the keep-mask and each score's band.
+    """
+    masks, limits = [], {}
+    for name, (lo_percentile, hi_percentile) in bands.items():
+        mask, limits[name] = percentile_band(scores[name], lo_percentile, hi_percentile)
+        masks.append(mask)
+    return intersection(*masks), limits
+
+
 def union(*masks: np.ndarray) -> np.ndarray:
     """Keep a pair iff at least one mask keeps it."""
     if not masks:

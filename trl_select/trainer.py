@@ -155,7 +155,7 @@ class SelectiveDPOTrainer(DPOTrainer):
     @staticmethod
     def _check_validation_dataset(validation_dataset, args: SelectiveDPOConfig) -> Dataset | None:
         if not args.needs_auxiliary:
-            return validation_dataset if isinstance(validation_dataset, Dataset) else None
+            return None  # only LossDiff's aux model uses validation pairs
         if validation_dataset is None:
             raise ValueError(
                 f"`selection_rule={args.selection_rule!r}` uses LossDiff, which needs validation pairs to align the "
