@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .auxiliary import AlignmentSettings, AuxiliaryModel
 from .history import SelectionHistory
-from .rules import band_intersection, jaccard, score_quantiles
+from .rules import Band, band_intersection, jaccard, score_quantiles
 from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs, implicit_reward_margin, loss_difference
 from .scoring import build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
@@ -34,6 +35,28 @@ def _timed(metrics: dict[str, float], key: str) -> Iterator[None]:
     metrics[key] = time.perf_counter() - start
 
 
+@dataclass
+class SelectionEvent:
+    """Everything one selection event decided, handed to each reporter in `SelectionCallback.reporters`.
+
+    Arrays are in pool-row order (row `i` is pair `pair_ids[i]`). A warm-up event has no scores and keeps every pair.
+    """
+
+    epoch: int
+    global_step: int
+    kind: str  # "warmup" or "selection"
+    rule: str
+    pair_ids: list[Any]
+    keep: np.ndarray
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    bands: dict[str, Band] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    aux_refreshed: bool = False
+
+
+Reporter = Callable[[SelectionEvent, TrainingArguments, TrainerState], None]
+
+
 class SelectionCallback(TrainerCallback):
     """Runs a selection event at the start of every epoch from `selection_warmup_epochs` on.
 
@@ -44,6 +67,9 @@ class SelectionCallback(TrainerCallback):
     `selection/`, so the next log carries them to every `report_to` backend.
 
     Warm-up epochs are recorded too, as events that keep the full pool.
+
+    `reporters` are called on every rank with each `SelectionEvent`, after the sampler is updated; a reporter that
+    writes files or talks to a tracker checks `state.is_world_process_zero` itself.
     """
 
     def __init__(self, trainer: SelectiveDPOTrainer, validation_dataset) -> None:
@@ -57,6 +83,7 @@ class SelectionCallback(TrainerCallback):
         self._auxiliary: AuxiliaryModel | None = None
         self._previous_selection: list[int] | None = None
         self._last_epoch_handled: int | None = None
+        self.reporters: list[Reporter] = []
 
     # ----- hooks -----
 
@@ -97,6 +124,17 @@ class SelectionCallback(TrainerCallback):
                 "thresholds": {},
                 "selected_ids": self.pair_ids,
             }
+        )
+        self._report(
+            SelectionEvent(
+                epoch=epoch,
+                global_step=state.global_step,
+                kind="warmup",
+                rule=self.trainer.args.selection_rule,
+                pair_ids=self.pair_ids,
+                keep=np.ones(pool_size, dtype=bool),
+            ),
+            state,
         )
 
     def _select(self, epoch: int, state: TrainerState, train_dataloader) -> None:
@@ -162,6 +200,21 @@ class SelectionCallback(TrainerCallback):
                 "aux_refreshed": "selection/aux/refreshed" in metrics,
                 "selected_ids": [self.pair_ids[row] for row in selected],
             }
+        )
+        self._report(
+            SelectionEvent(
+                epoch=epoch,
+                global_step=state.global_step,
+                kind="selection",
+                rule=args.selection_rule,
+                pair_ids=self.pair_ids,
+                keep=keep,
+                scores=scores,
+                bands=bands,
+                metrics=metrics,
+                aux_refreshed="selection/aux/refreshed" in metrics,
+            ),
+            state,
         )
 
     def _compute_scores(self, epoch: int, metrics: dict[str, float]) -> dict[str, np.ndarray]:
@@ -282,6 +335,10 @@ class SelectionCallback(TrainerCallback):
         buffer = self.trainer._metrics["train"]
         for key, value in metrics.items():
             buffer[key] = [float(value)]
+
+    def _report(self, event: SelectionEvent, state: TrainerState) -> None:
+        for reporter in self.reporters:
+            reporter(event, self.trainer.args, state)
 
     def _write_record(self, record: dict[str, Any]) -> None:
         if self.trainer.accelerator.is_main_process:
