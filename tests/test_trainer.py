@@ -7,14 +7,12 @@ import gzip
 import inspect
 import json
 import math
-from collections import Counter, defaultdict
 
 import pytest
 import torch
 import transformers
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
-from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from trl_select import SelectiveDPOTrainer, SelectiveSLiCConfig, SelectiveSLiCTrainer, read_history
@@ -23,51 +21,7 @@ from trl_select.scores import implicit_reward_margin
 from trl_select.toy import build_tiny_llama
 
 from .conftest import SHARED_DATA, fast_config
-
-
-def _prompts_in_batch(tokenizer, inputs) -> list[str]:
-    """Decode the prompt of every pair in a collated batch (chosen half: prompt = attended, non-completion tokens)."""
-    half = inputs["input_ids"].shape[0] // 2
-    prompts = []
-    for ids, attention, completion in zip(
-        inputs["input_ids"][:half], inputs["attention_mask"][:half], inputs["completion_mask"][:half], strict=True
-    ):
-        prompts.append(tokenizer.decode(ids[(attention == 1) & (completion == 0)].tolist()))
-    return prompts
-
-
-class _Probe(TrainerCallback):
-    def __init__(self, trainer):
-        self.trainer = trainer
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.trainer.probe_epoch = math.floor(state.epoch + 1e-6)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.steps_per_epoch[self.trainer.probe_epoch] += 1
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        self.trainer.leftover_grad[self.trainer.probe_epoch] = sum(float(g.abs().sum()) for g in grads)
-        self.trainer.epoch_at_end[self.trainer.probe_epoch] = state.epoch
-
-
-class RecordingTrainer(SelectiveDPOTrainer):
-    """Records the prompts the model really received in each epoch, the steps, and what is left in .grad."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.received: dict[int, list[str]] = defaultdict(list)
-        self.steps_per_epoch: Counter = Counter()
-        self.leftover_grad: dict[int, float] = {}
-        self.epoch_at_end: dict[int, float] = {}
-        self.probe_epoch = 0
-        self.add_callback(_Probe(self))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
-            self.received[self.probe_epoch].extend(_prompts_in_batch(self.processing_class, inputs))
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+from .recording import RecordingTrainer
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import contextlib
 import copy
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -26,8 +27,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import is_peft_model
 from datasets import Dataset
+from tqdm.auto import tqdm
 from trl.trainer.utils import use_adapter
 
+from .sampler import num_rank_batches, shard_batches
 from .scores import PairLogProbs, preference_loss, reference_normalised_margin
 from .scoring import ROW_KEY, build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
 
@@ -105,8 +108,8 @@ class AuxiliaryModel:
         self.num_refreshes = 0
 
     def batches_per_pass(self) -> int:
-        """Batches each rank runs in one pass over the validation pairs (the last shard is padded)."""
-        return math.ceil(len(self.validation) / (self.settings.batch_size * self.accelerator.num_processes))
+        """Batches each rank runs in one pass over the validation pairs."""
+        return num_rank_batches(len(self.validation), self.accelerator.num_processes, self.settings.batch_size)
 
     def steps_per_stage(self) -> int:
         """Optimizer steps in one alignment stage; the same on every rank."""
@@ -177,13 +180,17 @@ class AuxiliaryModel:
 
     def _align(self, module: torch.nn.Module, parameters: list[torch.nn.Parameter]) -> int:
         num_steps = self.steps_per_stage()
-        # A fresh shuffle per pass and per refresh, the same on every rank
+        # A fresh shuffle per pass and per refresh, the same on every rank; each step's rows are split evenly over
+        # the ranks (no padding duplicates), so the aux stage equals one process with world_size times the batch.
         generator = torch.Generator().manual_seed(self.settings.seed + self.num_refreshes)
-        num_passes = math.ceil(num_steps / self.batches_per_pass())
-        order = torch.cat([torch.randperm(len(self.validation), generator=generator) for _ in range(num_passes)])
-        order = order.tolist()
+        batches: list[list[int]] = []
+        while len(batches) < num_steps:
+            order = torch.randperm(len(self.validation), generator=generator)
+            batches += shard_batches(
+                order, self.accelerator.num_processes, self.accelerator.process_index, self.settings.batch_size
+            )
         loader = build_pass_loader(
-            self.validation, self.collator, self.accelerator, self.settings.batch_size, order=order
+            self.validation, self.collator, self.accelerator, self.settings.batch_size, batches=batches[:num_steps]
         )
         optimizer = torch.optim.AdamW(
             parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
@@ -191,7 +198,13 @@ class AuxiliaryModel:
         was_training = module.training
         module.train()
         batches = iter(loader)
-        for _ in range(num_steps):
+        progress = tqdm(
+            range(num_steps),
+            desc="Aligning aux model",
+            disable=not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
+            leave=False,
+        )
+        for _ in progress:
             loss = self._batch_loss(module, next(batches)).mean()
             loss.backward()
             _average_gradients_across_ranks(parameters, self.accelerator)

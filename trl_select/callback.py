@@ -18,7 +18,7 @@ from .history import SelectionHistory
 from .rules import Band, band_intersection, jaccard, score_quantiles
 from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs, implicit_reward_margin, loss_difference
-from .scoring import build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
+from .scoring import build_pass_loader, check_same_on_all_ranks, inference_mode, run_log_prob_pass, sequence_log_probs
 
 
 if TYPE_CHECKING:
@@ -111,8 +111,7 @@ class SelectionCallback(TrainerCallback):
 
     def _record_warmup(self, epoch: int, state: TrainerState) -> None:
         pool_size = self.sampler.pool_size
-        self.sampler.set_selection(range(pool_size))
-        self._previous_selection = list(range(pool_size))
+        self._apply_selection(epoch, list(range(pool_size)))
         self._write_record(
             {
                 "epoch": epoch,
@@ -123,6 +122,7 @@ class SelectionCallback(TrainerCallback):
                 "rule": self.trainer.args.selection_rule,
                 "thresholds": {},
                 "selected_ids": self.pair_ids,
+                "trimmed_ids": self._trimmed_ids(),
             }
         )
         self._report(
@@ -151,11 +151,9 @@ class SelectionCallback(TrainerCallback):
                 f"(bands {args.percentile_bands()}; non-finite scores: "
                 f"{ {name: int((~np.isfinite(s)).sum()) for name, s in scores.items()} }). Widen the bands."
             )
-        self.sampler.set_selection(selected)
-        self._retime_schedule(epoch, state, train_dataloader)
-
         similarity = jaccard(selected, self._previous_selection) if self._previous_selection is not None else 1.0
-        self._previous_selection = selected
+        self._apply_selection(epoch, selected)
+        self._retime_schedule(epoch, state, train_dataloader)
         elapsed = time.perf_counter() - start
         metrics.update(
             {
@@ -199,6 +197,7 @@ class SelectionCallback(TrainerCallback):
                 },
                 "aux_refreshed": "selection/aux/refreshed" in metrics,
                 "selected_ids": [self.pair_ids[row] for row in selected],
+                "trimmed_ids": self._trimmed_ids(),
             }
         )
         self._report(
@@ -315,6 +314,16 @@ class SelectionCallback(TrainerCallback):
         return self._auxiliary
 
     # ----- side effects -----
+
+    def _apply_selection(self, epoch: int, rows: list[int]) -> None:
+        check_same_on_all_ranks(rows, self.trainer.accelerator, f"The selection for epoch {epoch}")
+        self.sampler.set_selection(rows)
+        self.sampler.set_epoch(epoch)  # the Trainer sets it again before iterating; set now for `trimmed_rows`
+        self._previous_selection = rows
+
+    def _trimmed_ids(self) -> list[Any]:
+        """Selected pairs this epoch skips so that every rank trains as many pairs (< world size of them)."""
+        return [self.pair_ids[row] for row in sorted(self.sampler.trimmed_rows())]
 
     def _retime_schedule(self, epoch: int, state: TrainerState, train_dataloader) -> None:
         scheduler = self.trainer.lr_scheduler

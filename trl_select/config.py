@@ -57,6 +57,14 @@ class SelectiveDPOConfig(DPOConfig):
         scoring_batch_size (`int`, *optional*):
             Per-device batch size of the no-grad scoring passes over the pool. Defaults to
             `per_device_eval_batch_size`.
+
+        > Parameters that control the reporting of the selection
+
+        selection_category_column (`str`, *optional*):
+            Column of the training dataset that groups the pairs (their source, category, ...): the kept fraction per
+            value is logged and plotted, and each pair's value is written to the score files. Defaults to a column
+            named `source` or `category` if the dataset has one. A column with more than 50 distinct values is not
+            reported.
     """
 
     selection_rule: str = field(
@@ -123,6 +131,13 @@ class SelectiveDPOConfig(DPOConfig):
             "`per_device_eval_batch_size`."
         },
     )
+    selection_category_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of the training dataset that groups the pairs (source, category, ...); the kept fraction "
+            "per value is logged and plotted. Defaults to a column named `source` or `category` if there is one."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -174,6 +189,13 @@ class SelectiveDPOConfig(DPOConfig):
         for name in ("aux_batch_size", "scoring_batch_size"):
             if getattr(self, name) is not None:
                 _check_int_at_least(self, name, 1)
+        # Whether the column exists is checked against the training dataset, when the trainer is built.
+        if self.selection_category_column is not None and (
+            not isinstance(self.selection_category_column, str) or not self.selection_category_column
+        ):
+            raise ValueError(
+                f"`selection_category_column` must be a column name or unset, got {self.selection_category_column!r}."
+            )
         if not self.selection_enabled:
             return
         # Selection scores with the trainer's own loss (DESIGN.md §2-3), so that loss must be one the scores implement.
@@ -209,6 +231,11 @@ class SelectiveDPOConfig(DPOConfig):
             raise ValueError(
                 f"`train_sampling_strategy={self.train_sampling_strategy!r}` is not supported with selection: the "
                 "selection sampler decides the order. Leave it at 'random'."
+            )
+        if self.dataloader_drop_last:
+            raise ValueError(
+                "`dataloader_drop_last=True` is not supported with selection: every selected pair is trained (ranks "
+                "get equal shares). Leave it at False."
             )
         if self.num_train_epochs <= self.selection_warmup_epochs:
             logger.warning(

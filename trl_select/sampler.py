@@ -1,59 +1,114 @@
-"""The training sampler whose index list the selection replaces between epochs."""
+"""The training batch sampler whose pool rows the selection replaces between epochs, sharded over ranks."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.utils.data import Sampler
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 
-class SelectionSampler(Sampler[int]):
-    """Yields a fresh permutation of the currently selected pool rows each epoch.
+def balanced_sizes(total: int, num_chunks: int) -> list[int]:
+    """Split `total` items into `num_chunks` chunks whose sizes differ by at most one, larger chunks first."""
+    return [total // num_chunks + (1 if i < total % num_chunks else 0) for i in range(num_chunks)]
 
-    The permutation is drawn from a generator seeded with `seed + epoch`, so every rank that holds the same selection
-    iterates it in the same order; accelerate's batch sharding then hands each rank its own batches. `__len__` is
-    live: it is the size of the current selection, so a dataloader built once sees every new selection's length.
 
-    This deliberately does not subclass `RandomSampler`: accelerate swaps `RandomSampler` instances for its own
-    seedable sampler when preparing a dataloader, which would drop the index list.
+def num_rank_batches(num_rows: int, world_size: int, max_batch_size: int) -> int:
+    """Batches each rank runs over `num_rows` rows sharded by `shard_batches`."""
+    return -(-(num_rows // world_size) // max_batch_size)  # ceil
+
+
+def shard_batches(order: torch.Tensor, world_size: int, rank: int, max_batch_size: int) -> list[list[int]]:
+    """`rank`'s batches over the rows in `order`, for data-parallel training where every step must match on all ranks.
+
+    `order` is cut to a multiple of `world_size` (the tail, fewer than `world_size` rows, is left out). Step `j` takes
+    the next `world_size * size_j` rows and gives each rank a contiguous `size_j` of them; the sizes are balanced and
+    at most `max_batch_size`. So every rank gets the same number of batches with the same sizes, the ranks' rows are
+    disjoint, and a step's rows across ranks are those one process with `world_size` times the batch size would take.
+    """
+    rows_per_rank = len(order) // world_size
+    batches, start = [], 0
+    for size in balanced_sizes(rows_per_rank, num_rank_batches(len(order), world_size, max_batch_size)):
+        step_rows = order[start : start + size * world_size]
+        batches.append(step_rows[rank * size : (rank + 1) * size].tolist())
+        start += size * world_size
+    return batches
+
+
+class SelectionSampler(BatchRebalanceSampler):
+    """Yields this rank's batches of the current selection, reshuffled every epoch.
+
+    Each epoch, the selected pool rows are permuted with a generator seeded by `seed + epoch`, identically on every
+    rank. The permutation is cut to a multiple of the world size (the at most `world_size - 1` rows cut are
+    `trimmed_rows()`, a different few each epoch), and each micro-step hands every rank an equal, contiguous slice of
+    the next rows (balanced sizes, at most `max_batch_size`; see `shard_batches`). So every rank runs the same
+    number of batches with the same sizes (DDP and ZeRO collectives never wait on a missing batch, and TRL's per-pair
+    metric gathers see equal shapes), the ranks' rows are disjoint, and their union is the selection minus the
+    trimmed rows.
+
+    It subclasses `BatchRebalanceSampler` only so that the HF Trainer treats it as a rank-aware batch sampler: it
+    passes it as the dataloader's `batch_sampler` and keeps accelerate from sharding it a second time. None of the
+    parent's logic is used. `len()` is live, so the dataloader built once sees every new selection's length.
 
     Args:
         pool_size: Number of rows in the training pool; the initial selection is all of them.
+        max_batch_size: Largest batch a rank gets (`per_device_train_batch_size`).
         seed: Base seed of the per-epoch permutations.
+        world_size: Number of data-parallel ranks.
+        rank: This rank.
     """
 
-    def __init__(self, pool_size: int, seed: int) -> None:
+    def __init__(self, pool_size: int, *, max_batch_size: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
         if pool_size < 1:
             raise ValueError(f"The training pool is empty (pool_size={pool_size}); selection needs at least one pair.")
+        if pool_size < world_size:
+            raise ValueError(f"The training pool has {pool_size} pairs, fewer than the {world_size} ranks.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, {world_size}), got {rank}.")
         self.pool_size = pool_size
+        self.max_batch_size = max_batch_size
         self.seed = seed
+        self.world_size = world_size
+        self.rank = rank
         self.epoch = 0
-        self._indices = torch.arange(pool_size)
+        self._rows = torch.arange(pool_size)
 
     @property
-    def indices(self) -> list[int]:
+    def rows(self) -> list[int]:
         """The pool rows of the current selection, in ascending order."""
-        return self._indices.tolist()
+        return self._rows.tolist()
 
-    def set_selection(self, indices: Sequence[int]) -> None:
+    def set_selection(self, rows: Sequence[int]) -> None:
         """Replace the selection; takes effect at the next `iter()`."""
-        selection = torch.as_tensor(sorted({int(i) for i in indices}), dtype=torch.long)
-        if selection.numel() == 0:
-            raise ValueError("A selection must keep at least one pair.")
+        selection = torch.as_tensor(sorted({int(row) for row in rows}), dtype=torch.long)
+        if selection.numel() < self.world_size:
+            raise ValueError(
+                f"A selection must keep at least one pair per rank ({self.world_size}), got {selection.numel()}."
+            )
         if selection[0] < 0 or selection[-1] >= self.pool_size:
             raise IndexError(f"Selected rows must lie in [0, {self.pool_size}), got {selection[0]}..{selection[-1]}.")
-        self._indices = selection
+        self._rows = selection
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by accelerate's dataloader at the start of each epoch."""
+        """Called by the Trainer at the start of each epoch."""
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self._indices), generator=generator)
-        yield from self._indices[order].tolist()
+    def _epoch_order(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return self._rows[torch.randperm(len(self._rows), generator=generator)]
+
+    def trimmed_rows(self) -> list[int]:
+        """The selected rows this epoch leaves out so that every rank gets as many rows as the others."""
+        order = self._epoch_order()
+        return order[len(order) - len(order) % self.world_size :].tolist()
+
+    def rank_batches(self, rank: int | None = None) -> list[list[int]]:
+        """The batches `rank` (default: this one) trains on this epoch (see `shard_batches`)."""
+        rank = self.rank if rank is None else rank
+        return shard_batches(self._epoch_order(), self.world_size, rank, self.max_batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.rank_batches()
 
     def __len__(self) -> int:
-        return len(self._indices)
+        return num_rank_batches(len(self._rows), self.world_size, self.max_batch_size)

@@ -10,11 +10,13 @@ it holds, and results are scattered back by row, so padding duplicates are harml
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
@@ -84,15 +86,21 @@ def build_pass_loader(
     accelerator: Accelerator,
     batch_size: int,
     *,
-    order: list[int] | None = None,
+    batches: list[list[int]] | None = None,
 ) -> DataLoader:
-    """A loader over `dataset` (tokenized), in `order` (default: length-sorted), sharded with equal batch counts."""
+    """A loader over `dataset` (tokenized) whose batches carry their rows under `ROW_KEY`, on the accelerator's device.
+
+    By default: all rows, length-sorted, sharded by accelerate with equal batch counts on every rank (the last shard
+    padded with repeated rows). With `batches`: exactly these batches of rows, on this rank only (already sharded).
+    """
     rows = _TokenizedRows(dataset)
-    if order is None:
-        order = length_sorted_rows(rows)
-    loader = DataLoader(
-        rows, batch_size=batch_size, sampler=order, collate_fn=_RowTaggingCollator(collator), shuffle=False
-    )
+    collate = _RowTaggingCollator(collator)
+    if batches is not None:
+        loader = DataLoader(rows, batch_sampler=batches, collate_fn=collate)
+        return prepare_data_loader(
+            loader, device=accelerator.device, num_processes=1, process_index=0, put_on_device=True
+        )
+    loader = DataLoader(rows, batch_size=batch_size, sampler=length_sorted_rows(rows), collate_fn=collate)
     # The module-level helper, not `accelerator.prepare`, so a loader built per pass is not registered forever.
     return prepare_data_loader(
         loader,
@@ -102,6 +110,20 @@ def build_pass_loader(
         put_on_device=True,
         even_batches=True,
     )
+
+
+def check_same_on_all_ranks(rows: Sequence[int], accelerator: Accelerator, what: str) -> None:
+    """Fail loudly unless every rank holds the same `rows`: one 56-bit hash per rank, gathered."""
+    if accelerator.num_processes == 1:
+        return
+    digest = hashlib.sha256(np.asarray(rows, dtype=np.int64).tobytes()).digest()
+    local = torch.tensor([int.from_bytes(digest[:7], "little")], dtype=torch.int64, device=accelerator.device)
+    hashes = accelerator.gather(local).tolist()
+    if len(set(hashes)) != 1:
+        raise RuntimeError(
+            f"{what} differs across ranks (hash per rank: {hashes}). Every rank must compute the same global scores; "
+            "this usually means non-deterministic scoring or ranks running different code or data."
+        )
 
 
 def sequence_log_probs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from trl import DPOTrainer
 
 from .callback import SelectionCallback
 from .config import SelectiveDPOConfig, SelectiveSLiCConfig
+from .reporting import default_reporters
 from .sampler import SelectionSampler
 from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs
@@ -120,8 +121,15 @@ class SelectiveDPOTrainer(DPOTrainer):
                 validation_dataset = self._prepare_dataset(
                     validation_dataset, self.processing_class, self.args, "validation"
                 )
-        self.selection_sampler = SelectionSampler(len(self.train_dataset), seed=args.seed)
+        self.selection_sampler = SelectionSampler(
+            len(self.train_dataset),
+            max_batch_size=args.per_device_train_batch_size,
+            seed=args.seed,
+            world_size=self.accelerator.num_processes,
+            rank=self.accelerator.process_index,
+        )
         self.selection_callback = SelectionCallback(self, validation_dataset)
+        self.selection_callback.reporters.extend(default_reporters(self))  # score files, wandb, per-category
         self.add_callback(self.selection_callback)
 
     # ----- construction checks -----

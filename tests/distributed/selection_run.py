@@ -1,0 +1,88 @@
+"""One selective DPO run on the reverse-digits pool, for 1 process or under `torchrun --nproc_per_node N`.
+
+Each rank writes `OUT/rank{r}.json`: the world size it saw, the pair ids it really trained on per epoch, the hash of
+the aux model's weights after every alignment stage, and (rank 0) the selection history. Usage:
+
+    torchrun --nproc_per_node 2 tests/distributed/selection_run.py OUT [--per_device_batch 16] [--peft]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from datasets import Dataset  # noqa: E402
+
+import trl_select.auxiliary  # noqa: E402
+from tests.conftest import DEMO_DATA, fast_config  # noqa: E402
+from tests.recording import RecordingTrainer  # noqa: E402
+from trl_select import read_history  # noqa: E402
+from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--per_device_batch", type=int, default=16)
+    parser.add_argument("--pool", type=int, default=100)
+    parser.add_argument("--peft", action="store_true")
+    options = parser.parse_args()
+    out = Path(options.out)
+
+    aux_hashes: list[str] = []
+    align = trl_select.auxiliary.AuxiliaryModel._align
+
+    def recording_align(self, module, parameters):
+        steps = align(self, module, parameters)
+        flat = torch.cat([p.detach().reshape(-1).cpu() for p in parameters])
+        aux_hashes.append(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+        return steps
+
+    trl_select.auxiliary.AuxiliaryModel._align = recording_align
+
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(tokenizer, seed=0)
+    pool = Dataset.from_list(read_jsonl(DEMO_DATA / "train.jsonl")[: options.pool])
+    validation = Dataset.from_list(read_jsonl(DEMO_DATA / "validation.jsonl")[:40])
+    args = fast_config(
+        out / "run",
+        per_device_train_batch_size=options.per_device_batch,
+        ddp_timeout=int(timedelta(seconds=60).seconds),
+    )
+    extra = {"ref_model": copy.deepcopy(model)}
+    if options.peft:
+        from peft import LoraConfig
+
+        extra = {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])}
+    trainer = RecordingTrainer(
+        model, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer, **extra
+    )
+    trainer.train()
+
+    id_of_prompt = dict(zip(pool["prompt"], pool["id"], strict=True))
+    state = trainer.accelerator.state
+    result = {
+        "world_size": state.num_processes,
+        "rank": state.process_index,
+        "distributed_type": str(state.distributed_type),
+        "trained_ids": {epoch: [id_of_prompt[p] for p in prompts] for epoch, prompts in trainer.received.items()},
+        "aux_hashes": aux_hashes,
+        "history": read_history(out / "run") if state.is_main_process else None,
+    }
+    (out / f"rank{state.process_index}.json").write_text(json.dumps(result))
+    print(f"rank {state.process_index} of world size {state.num_processes} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()

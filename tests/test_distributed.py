@@ -1,0 +1,82 @@
+"""Selection under DDP with 2 real processes on the CPU (gloo), each launch bounded by a timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trl_select.rules import overlap_coefficient
+from trl_select.scoring import check_same_on_all_ranks
+
+
+SCRIPT = Path(__file__).resolve().parent / "distributed" / "selection_run.py"
+
+
+def _launch(out: Path, nproc: int, *flags: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
+    if nproc == 1:
+        command = [sys.executable, str(SCRIPT), str(out), *flags]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(SCRIPT),
+                   str(out), *flags]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
+    for rank in range(nproc):
+        assert f"rank {rank} of world size {nproc} done" in result.stdout
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+@pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
+def test_ddp_ranks_train_disjoint_shards_of_one_selection(tmp_path, peft):
+    # 100 pairs, 2 ranks x 16: the pool is not divisible by world size x batch, nor is every selection by 2
+    ranks = _launch(tmp_path, 2, *(["--peft"] if peft else []))
+    assert [r["world_size"] for r in ranks] == [2, 2] and ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
+    history = ranks[0]["history"]
+    assert [record["event"] for record in history] == ["warmup", "selection", "selection"]
+    for record in history:
+        epoch = str(record["epoch"])
+        shards = [r["trained_ids"][epoch] for r in ranks]
+        assert len(shards[0]) == len(shards[1])  # equal work per rank
+        assert not set(shards[0]) & set(shards[1])  # disjoint
+        assert len(record["trimmed_ids"]) == record["num_selected"] % 2
+        assert sorted(shards[0] + shards[1] + record["trimmed_ids"]) == sorted(record["selected_ids"])
+    # The aux model is aligned identically on both ranks (gradients averaged), refresh after refresh
+    assert len(ranks[0]["aux_hashes"]) == 2
+    assert ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
+
+
+def test_ddp_selection_matches_the_single_process_run(tmp_path):
+    # 96 pairs: 2 ranks x 16 per step sees exactly the rows of 1 process x 32 per step (fp32, same seed)
+    two = _launch(tmp_path / "two", 2, "--pool", "96")[0]["history"]
+    one = _launch(tmp_path / "one", 1, "--pool", "96", "--per_device_batch", "32")[0]["history"]
+    assert two[1]["selected_ids"] == one[1]["selected_ids"]
+    for name, band in one[1]["thresholds"].items():
+        assert two[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
+        assert two[1]["thresholds"][name]["hi"] == pytest.approx(band["hi"], abs=1e-4)
+    # Float summation order differs across 2 ranks, so later epochs may drift at the band edges, a little
+    assert overlap_coefficient(two[2]["selected_ids"], one[2]["selected_ids"]) >= 0.9
+
+
+def test_a_selection_that_differs_across_ranks_fails_loudly():
+    class TwoRanks(SimpleNamespace):
+        num_processes = 2
+        device = torch.device("cpu")
+
+        def gather(self, tensor):  # as if the other rank had hashed a different selection
+            return torch.cat([tensor, tensor + 1])
+
+    with pytest.raises(RuntimeError, match="differs across ranks"):
+        check_same_on_all_ranks([1, 2, 3], TwoRanks(), "The selection for epoch 1")
+
+    class SameRanks(TwoRanks):
+        def gather(self, tensor):
+            return torch.cat([tensor, tensor])
+
+    check_same_on_all_ranks([1, 2, 3], SameRanks(), "The selection for epoch 1")  # no error
