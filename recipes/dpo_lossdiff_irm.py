@@ -61,6 +61,7 @@ DEMO_DEFAULTS = {
     "save_strategy": "no",
     "report_to": ["wandb"],
     "run_name": "dpo-lossdiff-irm-demo",
+    "selection_category_column": "rejected_kind",  # kept fraction per kind of rejected answer, in wandb and the PNGs
 }
 
 
@@ -188,6 +189,10 @@ def main(
     trainer.save_model(training_args.output_dir)
     if demo and trainer.accelerator.is_main_process:
         report_demo(trainer, dataset["train"], dataset["test"], model_args.model_name_or_path)
+        from trl_select.plots import plot_selection
+
+        plots = plot_selection(training_args.output_dir)
+        print(f"Selection plots (`trl-select plot OUTPUT_DIR` redraws them): {', '.join(map(str, plots))}")
     trainer.accelerator.print(f"Model and selection_history.jsonl saved to {training_args.output_dir}.")
     trainer.end()
     return trainer

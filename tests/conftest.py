@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from trl_select import SelectiveDPOConfig
-from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl
 
-
+REPO = Path(__file__).resolve().parents[1]
+# Subprocess tests (recipes, 2-process launches) must import this checkout, whatever the editable install points at.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-REPO = Path(__file__).resolve().parents[1]
+from trl_select import SelectiveDPOConfig  # noqa: E402
+from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
+
+
 DEMO_DATA = REPO / "recipes" / "data" / "reverse_digits"
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -20,7 +20,13 @@ SCRIPT = Path(__file__).resolve().parent / "distributed" / "selection_run.py"
 
 
 def _launch(out: Path, nproc: int, *flags: str) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "WANDB_MODE": "disabled",
+        "DS_ACCELERATOR": "cpu",
+    }
     if nproc == 1:
         command = [sys.executable, str(SCRIPT), str(out), *flags]
     else:
@@ -50,6 +56,65 @@ def test_ddp_ranks_train_disjoint_shards_of_one_selection(tmp_path, peft):
     # The aux model is aligned identically on both ranks (gradients averaged), refresh after refresh
     assert len(ranks[0]["aux_hashes"]) == 2
     assert ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
+
+
+def _check_disjoint_shards_of_one_selection(ranks: list[dict]) -> None:
+    history = ranks[0]["history"]
+    assert [record["event"] for record in history] == ["warmup", "selection", "selection"]
+    for record in history:
+        epoch = str(record["epoch"])
+        shards = [r["trained_ids"][epoch] for r in ranks]
+        assert len(shards[0]) == len(shards[1])
+        assert not set(shards[0]) & set(shards[1])
+        assert sorted(shards[0] + shards[1] + record["trimmed_ids"]) == sorted(record["selected_ids"])
+
+
+# ZeRO-3 configs set stage3_param_persistence_threshold=0, so even this tiny model is really partitioned: a forward
+# one rank skips would hang, and every parameter must be gathered to be used.
+DEEPSPEED_RUNS = {
+    "zero2": ("zero2.json", []),
+    "zero3": ("zero3.json", []),
+    "zero2-lora": ("zero2.json", ["--peft"]),
+    "zero3-lora-irm": ("zero3.json", ["--peft", "--rule", "irm_band"]),
+}
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    cache: dict[str, list[dict]] = {}
+
+    def run(name: str) -> list[dict]:
+        if name not in cache:
+            config, flags = DEEPSPEED_RUNS[name]
+            out = tmp_path_factory.mktemp(name)
+            cache[name] = _launch(out, 2, "--deepspeed", str(SCRIPT.parent / config), *flags)
+        return cache[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", list(DEEPSPEED_RUNS))
+def test_deepspeed_ranks_agree_and_never_hang(deepspeed_runs, name):
+    ranks = deepspeed_runs(name)
+    stage = 3 if name.startswith("zero3") else 2
+    assert [(r["distributed_type"], r["zero_stage"], r["world_size"]) for r in ranks] == [
+        ("DistributedType.DEEPSPEED", stage, 2)
+    ] * 2
+    _check_disjoint_shards_of_one_selection(ranks)
+    if "irm" in name:
+        assert ranks[0]["aux_hashes"] == []
+        return
+    assert len(ranks[0]["aux_hashes"]) == 2 and ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
+    # The aux engine (or adapter) leaves this rank's policy shards, its optimizer state and its LR schedule alone
+    assert all(r["policy_untouched_by_aux"] == [True, True] for r in ranks)
+
+
+def test_zero3_selects_what_zero2_selects(deepspeed_runs):
+    """Same seed, fp32: sharding the parameters changes nothing the scores can see."""
+    zero2, zero3 = deepspeed_runs("zero2")[0]["history"], deepspeed_runs("zero3")[0]["history"]
+    assert zero3[1]["selected_ids"] == zero2[1]["selected_ids"]
+    for name, band in zero2[1]["thresholds"].items():
+        assert zero3[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
 
 
 def test_ddp_selection_matches_the_single_process_run(tmp_path):

@@ -3,6 +3,7 @@
 from .callback import SelectionCallback
 from .config import SelectiveDPOConfig, SelectiveSLiCConfig
 from .history import read_history
+from .reporting import read_score_file, read_score_files
 from .rules import intersection, jaccard, overlap_coefficient, percentile_band, union
 from .scores import PairLogProbs, implicit_reward_margin, loss_difference, preference_loss
 from .trainer import SelectiveDPOTrainer, SelectiveSLiCTrainer
@@ -25,5 +26,7 @@ __all__ = [
     "percentile_band",
     "preference_loss",
     "read_history",
+    "read_score_file",
+    "read_score_files",
     "union",
 ]

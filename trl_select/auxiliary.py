@@ -20,7 +20,7 @@ import copy
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from tqdm.auto import tqdm
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, use_adapter
 
 from .sampler import num_rank_batches, shard_batches
 from .scores import PairLogProbs, preference_loss, reference_normalised_margin
@@ -53,6 +53,7 @@ class AlignmentSettings:
     max_steps: int
     max_grad_norm: float
     seed: int
+    deepspeed_config: dict | None = None  # the run's DeepSpeed config (auto values filled), if DeepSpeed is on
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,15 @@ class AlignmentResult:
     validation_loss_before: float
     validation_loss_after: float
     num_steps: int
+
+
+@dataclass
+class _AuxHandle:
+    """θ_aux while it exists: what to call forward on, the context that makes it active, and one optimizer step."""
+
+    module: torch.nn.Module
+    activate: Callable[[], contextlib.AbstractContextManager]
+    step: Callable[[torch.Tensor], None]
 
 
 def _average_gradients_across_ranks(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -119,18 +129,18 @@ class AuxiliaryModel:
 
     def refresh(self, pool_loader, pool_size: int) -> AlignmentResult:
         """Rebuild θ_aux from the policy, align it, and return its log-probs over the pool. Call on every rank."""
-        with self._build() as (aux_forward_module, parameters, activate):
+        with self._build() as aux:
             validation_loader = build_pass_loader(
                 self.validation, self.collator, self.accelerator, self.settings.batch_size
             )
-            with activate():
-                loss_before = self._validation_loss(aux_forward_module, validation_loader)
-                num_steps = self._align(aux_forward_module, parameters)
-                loss_after = self._validation_loss(aux_forward_module, validation_loader)
-                with inference_mode(aux_forward_module, self.gradient_checkpointing_kwargs):
+            with aux.activate():
+                loss_before = self._validation_loss(aux.module, validation_loader)
+                num_steps = self._align(aux)
+                loss_after = self._validation_loss(aux.module, validation_loader)
+                with inference_mode(aux.module, self.gradient_checkpointing_kwargs):
                     pool = run_log_prob_pass(
                         pool_loader,
-                        lambda batch: self._forward(aux_forward_module, batch),
+                        lambda batch: self._forward(aux.module, batch),
                         self.accelerator,
                         pool_size,
                         desc="Scoring pool with aux model",
@@ -139,30 +149,91 @@ class AuxiliaryModel:
         return AlignmentResult(pool, loss_before, loss_after, num_steps)
 
     @contextlib.contextmanager
-    def _build(self) -> Iterator[tuple[torch.nn.Module, list[torch.nn.Parameter], contextlib.AbstractContextManager]]:
-        if is_peft_model(self.policy):
-            policy = self.policy
-            if AUX_ADAPTER in policy.peft_config:
-                policy.delete_adapter(AUX_ADAPTER)
-            policy.add_adapter(AUX_ADAPTER, policy.peft_config[policy.active_adapter])
-            source = f".{policy.active_adapter}."
-            with torch.no_grad():
-                for name, parameter in policy.named_parameters():
-                    if source in name:
-                        policy.get_parameter(name.replace(source, f".{AUX_ADAPTER}.")).copy_(parameter)
-            parameters = [p for n, p in policy.named_parameters() if f".{AUX_ADAPTER}." in n]
-            try:
-                # `use_adapter` makes the aux adapter the only trainable one, and restores the policy adapter after
-                yield policy, parameters, lambda: use_adapter(policy, AUX_ADAPTER)
-            finally:
-                policy.delete_adapter(AUX_ADAPTER)
+    def _build(self) -> Iterator[_AuxHandle]:
+        if self.settings.deepspeed_config is not None:
+            if is_peft_model(self.policy):  # ZeRO-1/2 only: SelectiveDPOTrainer refuses ZeRO-3 + PEFT + LossDiff
+                yield from self._build_adapter()
+            else:
+                yield from self._build_engine()
+        elif is_peft_model(self.policy):
+            yield from self._build_adapter()
         else:
             aux = copy.deepcopy(self.policy)
-            parameters = [p for p in aux.parameters() if p.requires_grad]
-            try:
-                yield aux, parameters, contextlib.nullcontext
-            finally:
-                del aux
+            yield self._torch_handle(aux, [p for p in aux.parameters() if p.requires_grad], contextlib.nullcontext)
+            del aux
+
+    def _build_adapter(self) -> Iterator[_AuxHandle]:
+        policy = self.policy
+        if AUX_ADAPTER in policy.peft_config:
+            policy.delete_adapter(AUX_ADAPTER)
+        policy.add_adapter(AUX_ADAPTER, policy.peft_config[policy.active_adapter])
+        source = f".{policy.active_adapter}."
+        with torch.no_grad():
+            for name, parameter in policy.named_parameters():
+                if source in name:
+                    policy.get_parameter(name.replace(source, f".{AUX_ADAPTER}.")).copy_(parameter)
+        parameters = [p for n, p in policy.named_parameters() if f".{AUX_ADAPTER}." in n]
+        try:
+            # `use_adapter` makes the aux adapter the only trainable one, and restores the policy adapter after
+            yield self._torch_handle(policy, parameters, lambda: use_adapter(policy, AUX_ADAPTER))
+        finally:
+            policy.delete_adapter(AUX_ADAPTER)
+
+    def _torch_handle(self, module, parameters, activate) -> _AuxHandle:
+        optimizer = torch.optim.AdamW(
+            parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
+        )
+
+        def step(loss: torch.Tensor) -> None:
+            loss.backward()
+            _average_gradients_across_ranks(parameters, self.accelerator)
+            if self.settings.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return _AuxHandle(module, activate, step)
+
+    def _build_engine(self) -> Iterator[_AuxHandle]:
+        """θ_aux in its own DeepSpeed engine, built from the policy's gathered weights (works for ZeRO-1/2/3)."""
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None):
+            state = {name: parameter.detach().clone() for name, parameter in self.policy.named_parameters()}
+        aux = type(self.policy)(self.policy.config)
+        aux.load_state_dict(state, strict=False)  # buffers (e.g. rotary frequencies) come from the config
+        del state
+        add_fused_lm_head(aux)
+        disable_dropout_in_model(aux)
+        aux.to(self.accelerator.device)
+        parameters = [p for p in aux.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
+        )
+        engine, *_ = deepspeed.initialize(model=aux, optimizer=optimizer, config=self._engine_config())
+
+        def step(loss: torch.Tensor) -> None:
+            engine.backward(loss)
+            engine.step()  # clips to `gradient_clipping`, steps, zeroes the gradients
+
+        try:
+            yield _AuxHandle(engine, contextlib.nullcontext, step)
+        finally:
+            engine.destroy()  # frees its partitions and hooks; the module and optimizer go with this frame
+
+    def _engine_config(self) -> dict:
+        """The run's DeepSpeed config for θ_aux: same ZeRO stage and precision, its own batch, no optimizer or scheduler."""
+        config = copy.deepcopy(self.settings.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        config.update(
+            train_micro_batch_size_per_gpu=self.settings.batch_size,
+            gradient_accumulation_steps=1,
+            train_batch_size=self.settings.batch_size * self.accelerator.num_processes,
+            gradient_clipping=max(self.settings.max_grad_norm, 0.0),
+            zero_allow_untested_optimizer=True,
+        )
+        return config
 
     def _forward(self, module: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self.accelerator.autocast():
@@ -178,7 +249,7 @@ class AuxiliaryModel:
         margin = reference_normalised_margin(PairLogProbs(chosen.float(), rejected.float()), reference)
         return preference_loss(margin, self.settings.beta, self.settings.loss_type)
 
-    def _align(self, module: torch.nn.Module, parameters: list[torch.nn.Parameter]) -> int:
+    def _align(self, aux: _AuxHandle) -> int:
         num_steps = self.steps_per_stage()
         # A fresh shuffle per pass and per refresh, the same on every rank; each step's rows are split evenly over
         # the ranks (no padding duplicates), so the aux stage equals one process with world_size times the batch.
@@ -192,9 +263,7 @@ class AuxiliaryModel:
         loader = build_pass_loader(
             self.validation, self.collator, self.accelerator, self.settings.batch_size, batches=batches[:num_steps]
         )
-        optimizer = torch.optim.AdamW(
-            parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
-        )
+        module = aux.module
         was_training = module.training
         module.train()
         batches = iter(loader)
@@ -205,13 +274,7 @@ class AuxiliaryModel:
             leave=False,
         )
         for _ in progress:
-            loss = self._batch_loss(module, next(batches)).mean()
-            loss.backward()
-            _average_gradients_across_ranks(parameters, self.accelerator)
-            if self.settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            aux.step(self._batch_loss(module, next(batches)).mean())
         module.train(was_training)
         return num_steps
 

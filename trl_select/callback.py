@@ -308,6 +308,11 @@ class SelectionCallback(TrainerCallback):
                     max_steps=args.aux_max_steps,
                     max_grad_norm=args.max_grad_norm,
                     seed=args.seed,
+                    deepspeed_config=(
+                        trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+                        if trainer.is_deepspeed_enabled
+                        else None
+                    ),
                 ),
                 gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             )

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import io
 import json
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from accelerate import PartialState  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 import trl_select.auxiliary  # noqa: E402
@@ -31,25 +34,64 @@ from trl_select import read_history  # noqa: E402
 from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
 
 
+def _policy_fingerprint(trainer) -> str:
+    digest = hashlib.sha256()
+    for parameter in trainer.model.parameters():
+        local = parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter  # ZeRO-3: this rank's shard
+        digest.update(local.detach().cpu().numpy().tobytes())
+    for state in (trainer.optimizer.state_dict(), trainer.lr_scheduler.state_dict()):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        digest.update(buffer.getvalue())
+    return digest.hexdigest()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--per_device_batch", type=int, default=16)
     parser.add_argument("--pool", type=int, default=100)
     parser.add_argument("--peft", action="store_true")
+    parser.add_argument("--deepspeed", default=None, help="A DeepSpeed JSON config.")
+    parser.add_argument("--rule", default="lossdiff_irm")
     options = parser.parse_args()
     out = Path(options.out)
 
     aux_hashes: list[str] = []
     align = trl_select.auxiliary.AuxiliaryModel._align
 
-    def recording_align(self, module, parameters):
-        steps = align(self, module, parameters)
-        flat = torch.cat([p.detach().reshape(-1).cpu() for p in parameters])
+    def recording_align(self, aux):
+        steps = align(self, aux)
+        parameters = [p for p in aux.module.parameters() if p.requires_grad]
+        if hasattr(parameters[0], "ds_id"):  # ZeRO-3: hash the whole parameters, not this rank's partition
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(parameters):
+                flat = torch.cat([p.detach().reshape(-1).cpu() for p in parameters])
+        else:
+            flat = torch.cat([p.detach().reshape(-1).cpu() for p in parameters])
         aux_hashes.append(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
         return steps
 
     trl_select.auxiliary.AuxiliaryModel._align = recording_align
+
+    # The policy's own weights (this rank's shards), optimizer state and LR schedule, before and after each refresh
+    untouched: list[bool] = []
+    refresh = trl_select.auxiliary.AuxiliaryModel.refresh
+
+    def checked_refresh(self, *args, **kwargs):
+        before = _policy_fingerprint(trainer)
+        result = refresh(self, *args, **kwargs)
+        untouched.append(_policy_fingerprint(trainer) == before)
+        return result
+
+    trl_select.auxiliary.AuxiliaryModel.refresh = checked_refresh
+
+    if options.deepspeed:
+        # DeepSpeed on CPU (DS_ACCELERATOR=cpu): with no GPU and no backend named, accelerate counts a world of 1 under
+        # DeepSpeed, and TrainingArguments does not pass `ddp_backend` on that path, so set the shared state up first.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo", timeout=timedelta(seconds=60))
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_llama(tokenizer, seed=0)
@@ -59,6 +101,10 @@ def main() -> None:
         out / "run",
         per_device_train_batch_size=options.per_device_batch,
         ddp_timeout=int(timedelta(seconds=60).seconds),
+        deepspeed=options.deepspeed,
+        use_cpu=options.deepspeed is None,
+        selection_rule=options.rule,
+        accelerator_config={"use_configured_state": options.deepspeed is not None},
     )
     extra = {"ref_model": copy.deepcopy(model)}
     if options.peft:
@@ -76,8 +122,10 @@ def main() -> None:
         "world_size": state.num_processes,
         "rank": state.process_index,
         "distributed_type": str(state.distributed_type),
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "trained_ids": {epoch: [id_of_prompt[p] for p in prompts] for epoch, prompts in trainer.received.items()},
         "aux_hashes": aux_hashes,
+        "policy_untouched_by_aux": untouched,
         "history": read_history(out / "run") if state.is_main_process else None,
     }
     (out / f"rank{state.process_index}.json").write_text(json.dumps(result))

@@ -1,0 +1,524 @@
+"""What each selection event is shown as: per-pair score files, wandb views, and the scalars for every backend.
+
+Three reporters (`SelectionCallback.reporters`), all acting on world process zero only:
+
+- `ScoreFileReporter` writes `output_dir/selection/epoch_{k}.parquet`: one row per pair of the pool with its id, every
+  score, the kept flag and how many epochs so far trained on it; the band limits, rule and epoch ride in the schema
+  metadata. `read_score_file` reads one back into a `ScoreFile`.
+- `WandbReporter` logs, per event and under `selection/` against `selection/epoch`: the scalars, a histogram of each
+  score and of the epochs-trained counts, a sampled LossDiff x IRM table with its scatter chart, and the event figure
+  of `plots.py` (score histograms with the bands drawn, scatter coloured kept/dropped).
+- `CategoryMetricsReporter` adds the kept fraction per value of a source/category column to the trainer's metrics,
+  so every `report_to` backend gets it with the other `selection/*` scalars.
+
+The helpers that compute what is shown (`selection_scalars`, `kept_fraction_by_category`, `scatter_rows`,
+`score_histogram`, `times_kept_from_history`, `score_table`) are pure functions, separate from the I/O.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from transformers import TrainerState, TrainingArguments
+
+from .callback import Reporter, SelectionEvent
+from .history import HISTORY_FILENAME, read_history
+from .rules import Band
+
+
+if TYPE_CHECKING:
+    from .trainer import SelectiveDPOTrainer
+
+
+logger = logging.getLogger(__name__)
+
+SCORE_DIR = "selection"
+SCORE_FILE_PATTERN = "epoch_{epoch}.parquet"
+# Schema-metadata key of a score file, and the layout version it holds.
+METADATA_KEY = b"trl_select"
+FORMAT_VERSION = 1
+# Columns looked for, in order, when `selection_category_column` is unset.
+AUTO_CATEGORY_COLUMNS = ("source", "category")
+# A "category" column with more distinct values than this is an id or free text, not a grouping: not reported.
+MAX_CATEGORIES = 50
+# Bound on the points of the wandb scatter table and of the scatter panels (sampled, deterministic per epoch).
+MAX_SCATTER_POINTS = 5_000
+HISTOGRAM_BINS = 64
+# Timings vary from run to run; leaving them out of score files keeps a file a function of the seed and data.
+_TIMING_PREFIX = "selection/seconds"
+
+
+# ----- pure helpers -----
+
+
+def ordered_score_names(names: Sequence[str]) -> list[str]:
+    """LossDiff first, then IRM, then any other score in the given order: LossDiff is the x axis of every scatter."""
+    preferred = [name for name in ("lossdiff", "irm") if name in names]
+    return preferred + [name for name in names if name not in preferred]
+
+
+def score_file_path(output_dir: str | os.PathLike, epoch: int) -> Path:
+    """`output_dir/selection/epoch_{epoch}.parquet`."""
+    return Path(output_dir) / SCORE_DIR / SCORE_FILE_PATTERN.format(epoch=epoch)
+
+
+def times_kept_from_history(
+    records: Sequence[dict[str, Any]], pair_ids: Sequence[Any], before_epoch: int
+) -> np.ndarray:
+    """For each pair, how many epochs before `before_epoch` trained on it, from `selection_history.jsonl` records.
+
+    A resumed run re-reads the counts of the epochs it did not see; if an epoch was recorded twice (a crash after its
+    record), the last record counts. Ids not in `pair_ids` are ignored.
+    """
+    row_of = {pair_id: row for row, pair_id in enumerate(pair_ids)}
+    last_record = {record["epoch"]: record for record in records if record["epoch"] < before_epoch}
+    counts = np.zeros(len(pair_ids), dtype=np.int32)
+    for record in last_record.values():
+        rows = [row_of[pair_id] for pair_id in record["selected_ids"] if pair_id in row_of]
+        counts[rows] += 1
+    return counts
+
+
+def kept_fraction_by_category(categories: np.ndarray, keep: np.ndarray) -> dict[str, float]:
+    """`{value: kept pairs with that value / pairs with that value}`, values in sorted order."""
+    categories = np.asarray(categories, dtype=object)
+    keep = np.asarray(keep, dtype=bool)
+    return {str(value): float(keep[categories == value].mean()) for value in sorted(set(categories.tolist()), key=str)}
+
+
+def metric_safe(name: str) -> str:
+    """A category value as one metric-name component: no `/` (which would nest it), no spaces."""
+    return re.sub(r"[^\w.\-]+", "_", str(name)).strip("_") or "_"
+
+
+def selection_scalars(
+    event: SelectionEvent, categories: np.ndarray | None = None, category_column: str | None = None
+) -> dict[str, float]:
+    """Every scalar of an event under `selection/`: the event's metrics, plus the size and kept fraction (which a
+    warm-up event has no metrics for) and, with a category column, `selection/by_{column}/{value}/kept_fraction`.
+    """
+    keep = np.asarray(event.keep, dtype=bool)
+    scalars = {
+        "selection/epoch": float(event.epoch),
+        "selection/pool_size": float(keep.size),
+        "selection/num_selected": float(keep.sum()),
+        "selection/kept_fraction": float(keep.mean()),
+    }
+    scalars.update({key: float(value) for key, value in event.metrics.items()})
+    if categories is not None and category_column is not None:
+        for value, fraction in kept_fraction_by_category(categories, keep).items():
+            scalars[f"selection/by_{metric_safe(category_column)}/{metric_safe(value)}/kept_fraction"] = fraction
+    return scalars
+
+
+def scatter_rows(num_rows: int, max_points: int = MAX_SCATTER_POINTS, seed: int = 0) -> np.ndarray:
+    """Sorted row indices of at most `max_points` rows, uniformly without replacement; the same for the same seed."""
+    if num_rows <= max_points:
+        return np.arange(num_rows)
+    return np.sort(np.random.default_rng(seed).choice(num_rows, size=max_points, replace=False))
+
+
+def score_histogram(values: np.ndarray, bins: int = HISTOGRAM_BINS) -> tuple[np.ndarray, np.ndarray] | None:
+    """`(counts, edges)` of the finite values (non-finite scores are counted in `selection/{score}/num_nonfinite`);
+    `None` if there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return None
+    return np.histogram(finite, bins=bins)
+
+
+def integer_histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(counts, edges)` with one bin per integer value from 0 to the maximum (edges at the half-integers)."""
+    values = np.asarray(values, dtype=np.int64)
+    edges = np.arange(-0.5, int(values.max(initial=0)) + 1.0)
+    return np.histogram(values, bins=edges)
+
+
+def _compact_floats(values: np.ndarray) -> pa.Array:
+    # Scores come from float32 log-probs, so float32 usually holds them exactly: half the bytes, same values. Any
+    # score it would round stays float64, so a file always reproduces the keep-mask bit for bit.
+    values = np.asarray(values, dtype=np.float64)
+    narrow = values.astype(np.float32)
+    if np.array_equal(narrow.astype(np.float64), values, equal_nan=True):
+        return pa.array(narrow)
+    return pa.array(values)
+
+
+def score_table(
+    event: SelectionEvent,
+    times_kept: np.ndarray,
+    categories: np.ndarray | None = None,
+    category_column: str | None = None,
+) -> pa.Table:
+    """The score file of one event as an Arrow table, rows in pool order.
+
+    Columns: `epoch`, `pair_id`, one column per score (`lossdiff`, `irm`, ...; float32 when that is exact, else
+    float64), `kept`, `times_kept_so_far` (epochs so far, this one included, that train on the pair) and, with a
+    category column, `category`. The schema metadata (`METADATA_KEY`) holds the epoch, global step, event kind, rule,
+    each score's band (`lo`, `hi`, `lo_percentile`, `hi_percentile`), whether the aux model was refreshed, the
+    event's `selection/*` metrics except timings, and the category column's name.
+    """
+    num_rows = len(event.pair_ids)
+    columns: dict[str, pa.Array] = {
+        "epoch": pa.array(np.full(num_rows, event.epoch, dtype=np.int32)),
+        "pair_id": pa.array(list(event.pair_ids)),
+    }
+    for name in ordered_score_names(list(event.scores)):
+        columns[name] = _compact_floats(event.scores[name])
+    columns["kept"] = pa.array(np.asarray(event.keep, dtype=bool))
+    columns["times_kept_so_far"] = pa.array(np.asarray(times_kept, dtype=np.int32))
+    if categories is not None:
+        columns["category"] = pa.array([str(value) for value in categories]).dictionary_encode()
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "epoch": event.epoch,
+        "global_step": event.global_step,
+        "kind": event.kind,
+        "rule": event.rule,
+        "bands": {name: band.as_dict() for name, band in event.bands.items()},
+        "aux_refreshed": event.aux_refreshed,
+        "metrics": {key: value for key, value in event.metrics.items() if not key.startswith(_TIMING_PREFIX)},
+        "category_column": category_column if categories is not None else None,
+    }
+    table = pa.table(columns)
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+
+
+# ----- score files -----
+
+
+@dataclass
+class ScoreFile:
+    """One score file read back: the event (pair ids, keep-mask, scores, bands, metrics without timings), the
+    epochs-trained count of each pair, and the category of each pair if the run had a category column."""
+
+    event: SelectionEvent
+    times_kept: np.ndarray
+    categories: np.ndarray | None = None
+    category_column: str | None = None
+    path: Path | None = None
+
+
+def write_score_file(
+    path: str | os.PathLike,
+    event: SelectionEvent,
+    times_kept: np.ndarray,
+    categories: np.ndarray | None = None,
+    category_column: str | None = None,
+) -> Path:
+    """Write `score_table(...)` to `path` (zstd parquet) atomically: a reader sees the old file or the new one, whole.
+
+    The temporary file starts with a dot, which pyarrow's dataset discovery skips.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        table = score_table(event, times_kept, categories, category_column)
+        pq.write_table(table, tmp, compression="zstd", **_parquet_encodings(table.schema))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _parquet_encodings(schema: pa.Schema) -> dict[str, Any]:
+    # Random-looking floats gain nothing from a dictionary (it doubles them) but compress better byte-split; integer
+    # ids, usually a range, delta-encode to almost nothing. 60k pairs with two float32 scores: about 0.45 MB.
+    dictionary, encodings = [], {}
+    for field in schema:
+        if pa.types.is_floating(field.type):
+            encodings[field.name] = "BYTE_STREAM_SPLIT"
+        elif field.name == "pair_id" and pa.types.is_integer(field.type):
+            encodings[field.name] = "DELTA_BINARY_PACKED"
+        elif not pa.types.is_boolean(field.type):
+            dictionary.append(field.name)
+    return {"use_dictionary": dictionary, "column_encoding": encodings}
+
+
+def read_score_file(path: str | os.PathLike) -> ScoreFile:
+    """Read a score file written by `write_score_file` back into the event it records."""
+    path = Path(path)
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is not a trl-select score file (no {METADATA_KEY.decode()!r} schema metadata).")
+    metadata = json.loads(raw)
+    if metadata["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has score-file format {metadata['format_version']}; this trl-select reads up to "
+            f"{FORMAT_VERSION}. Upgrade trl-select."
+        )
+    bands = {name: Band(**limits) for name, limits in metadata["bands"].items()}
+    fixed = {"epoch", "pair_id", "kept", "times_kept_so_far", "category"}
+    scores = {name: table[name].to_numpy().astype(np.float64) for name in table.column_names if name not in fixed}
+    event = SelectionEvent(
+        epoch=metadata["epoch"],
+        global_step=metadata["global_step"],
+        kind=metadata["kind"],
+        rule=metadata["rule"],
+        pair_ids=table["pair_id"].to_pylist(),
+        keep=table["kept"].to_numpy(zero_copy_only=False).astype(bool),
+        scores=scores,
+        bands=bands,
+        metrics=metadata["metrics"],
+        aux_refreshed=metadata["aux_refreshed"],
+    )
+    categories = None
+    if "category" in table.column_names:
+        categories = np.asarray(table["category"].to_pylist(), dtype=object)
+    return ScoreFile(
+        event=event,
+        times_kept=table["times_kept_so_far"].to_numpy().astype(np.int64),
+        categories=categories,
+        category_column=metadata["category_column"],
+        path=path,
+    )
+
+
+def read_score_files(output_dir: str | os.PathLike) -> list[ScoreFile]:
+    """Every score file under `output_dir/selection/`, in epoch order (empty if there are none)."""
+    directory = Path(output_dir) / SCORE_DIR
+    files = [read_score_file(path) for path in directory.glob(SCORE_FILE_PATTERN.format(epoch="*"))]
+    return sorted(files, key=lambda file: file.event.epoch)
+
+
+# ----- state shared by the reporters -----
+
+
+class KeepTally:
+    """How many epochs so far, the current one included, trained on each pair (warm-up epochs train on every pair).
+
+    One tally serves all reporters of a trainer: `times_kept(event)` adds the event once, however many reporters ask.
+    On the first event it sees, it starts from the epochs already in `selection_history.jsonl`, so a resumed run
+    counts the epochs trained before the restart.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike) -> None:
+        self.output_dir = Path(output_dir)
+        self._counts: np.ndarray | None = None
+        self._epoch: int | None = None
+
+    def times_kept(self, event: SelectionEvent) -> np.ndarray:
+        if event.epoch == self._epoch:
+            return self._counts
+        if self._counts is None:
+            history = self.output_dir / HISTORY_FILENAME
+            records = read_history(history) if history.exists() else []
+            self._counts = times_kept_from_history(records, event.pair_ids, before_epoch=event.epoch)
+        self._counts = self._counts + np.asarray(event.keep, dtype=np.int32)
+        self._epoch = event.epoch
+        return self._counts
+
+
+def resolve_category_column(column_names: Sequence[str], configured: str | None) -> str | None:
+    """The column whose values group the pairs: `configured` (which must exist), else `source` or `category` if the
+    dataset has one, else `None`."""
+    if configured is not None:
+        if configured not in column_names:
+            raise ValueError(
+                f"`selection_category_column={configured!r}` is not a column of the training dataset "
+                f"(columns: {list(column_names)})."
+            )
+        return configured
+    return next((name for name in AUTO_CATEGORY_COLUMNS if name in column_names), None)
+
+
+def pool_categories(dataset, configured: str | None) -> tuple[str | None, np.ndarray | None]:
+    """`(column, values in pool-row order as strings)` of the category column, or `(None, None)` if there is none or
+    it has more than `MAX_CATEGORIES` distinct values (then it is an id or free text, and a warning says so)."""
+    column = resolve_category_column(dataset.column_names, configured)
+    if column is None:
+        return None, None
+    values = np.asarray([str(value) for value in dataset[column]], dtype=object)
+    num_values = len(set(values.tolist()))
+    if num_values > MAX_CATEGORIES:
+        logger.warning(
+            "Column %r has %d distinct values (more than %d): the kept fraction per value is not reported.",
+            column,
+            num_values,
+            MAX_CATEGORIES,
+        )
+        return None, None
+    return column, values
+
+
+# ----- reporters -----
+
+
+class ScoreFileReporter:
+    """Writes `output_dir/selection/epoch_{k}.parquet` at every event, warm-up included (all kept, no scores)."""
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        tally: KeepTally,
+        categories: np.ndarray | None = None,
+        category_column: str | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.tally = tally
+        self.categories = categories
+        self.category_column = category_column
+
+    def __call__(self, event: SelectionEvent, args: TrainingArguments, state: TrainerState) -> None:
+        if not state.is_world_process_zero:
+            return
+        path = score_file_path(self.output_dir, event.epoch)
+        write_score_file(path, event, self.tally.times_kept(event), self.categories, self.category_column)
+        logger.debug("Wrote %s (%d bytes)", path, path.stat().st_size)
+
+
+class CategoryMetricsReporter:
+    """Adds `selection/by_{column}/{value}/kept_fraction` to the trainer's metrics at each selection event, so every
+    `report_to` backend gets them with the next training log, like the callback's own `selection/*` scalars."""
+
+    def __init__(
+        self, publish: Callable[[dict[str, float]], None], categories: np.ndarray, category_column: str
+    ) -> None:
+        self.publish = publish
+        self.categories = categories
+        self.category_column = category_column
+
+    def __call__(self, event: SelectionEvent, args: TrainingArguments, state: TrainerState) -> None:
+        # Warm-up keeps everything (1.0 for every value); the callback publishes nothing for it either.
+        if event.kind != "selection" or not state.is_world_process_zero:
+            return
+        scalars = selection_scalars(event, self.categories, self.category_column)
+        self.publish({key: value for key, value in scalars.items() if key.startswith("selection/by_")})
+
+
+class WandbReporter:
+    """Logs each event to the wandb run of transformers' `WandbCallback`, under `selection/` against `selection/epoch`.
+
+    Per event: every scalar of `selection_scalars`; `selection/{score}/histogram` for each score and
+    `selection/times_kept/histogram` (epochs trained per pair so far); `selection/pairs`, a table of at most
+    `max_points` sampled pairs (`pair_id`, scores, `status` kept/dropped, `times_kept`), and with two scores the
+    `selection/scatter` chart of it (wandb's scatter preset cannot colour points, so the table and the event figure
+    carry the kept/dropped colouring); `selection/event_plot`, the `plots.event_figure` image. Does nothing unless
+    "wandb" is in `report_to` and a run is active. Logs without `step=`: wandb's own step counter advances as it does
+    for the `WandbCallback`'s logs, so the two never conflict.
+    """
+
+    def __init__(
+        self,
+        tally: KeepTally,
+        categories: np.ndarray | None = None,
+        category_column: str | None = None,
+        max_points: int = MAX_SCATTER_POINTS,
+        log_figures: bool = True,
+    ) -> None:
+        self.tally = tally
+        self.categories = categories
+        self.category_column = category_column
+        self.max_points = max_points
+        self.log_figures = log_figures
+        self._defined_for_run: str | None = None
+
+    def __call__(self, event: SelectionEvent, args: TrainingArguments, state: TrainerState) -> None:
+        if not state.is_world_process_zero or "wandb" not in (args.report_to or []):
+            return
+        import wandb
+
+        run = wandb.run
+        if run is None or getattr(run, "disabled", False):
+            return
+        if self._defined_for_run != run.id:
+            # Every selection/* key is plotted against the epoch, not the global step of the WandbCallback's `*` glob.
+            run.define_metric("selection/epoch")
+            run.define_metric("selection/*", step_metric="selection/epoch")
+            self._defined_for_run = run.id
+        run.log(self.payload(event, wandb))
+
+    def payload(self, event: SelectionEvent, wandb) -> dict[str, Any]:
+        """The dict logged for `event` (wandb objects built with the `wandb` module passed in)."""
+        times_kept = self.tally.times_kept(event)
+        log: dict[str, Any] = dict(selection_scalars(event, self.categories, self.category_column))
+        for name, values in event.scores.items():
+            histogram = score_histogram(values)
+            if histogram is not None:
+                log[f"selection/{name}/histogram"] = wandb.Histogram(np_histogram=histogram)
+        log["selection/times_kept/histogram"] = wandb.Histogram(np_histogram=integer_histogram(times_kept))
+        if event.scores:
+            rows = scatter_rows(len(event.pair_ids), self.max_points, seed=event.epoch)
+            names = ordered_score_names(list(event.scores))
+            columns = ["pair_id", *names, "status", "times_kept"]
+            data = [
+                [
+                    event.pair_ids[row],
+                    *(_json_float(event.scores[name][row]) for name in names),
+                    "kept" if event.keep[row] else "dropped",
+                    int(times_kept[row]),
+                ]
+                for row in rows
+            ]
+            if self.categories is not None:
+                columns.append(self.category_column)
+                for line, row in zip(data, rows, strict=True):
+                    line.append(self.categories[row])
+            table = wandb.Table(columns=columns, data=data)
+            log["selection/pairs"] = table
+            if len(names) >= 2:
+                x, y = names[0], names[1]
+                # The chart reads the run's latest `selection/scatter_table`, so it shows the latest event.
+                log["selection/scatter"] = wandb.plot.scatter(table, x, y, title=f"{x} x {y}, latest selection")
+            if self.log_figures:
+                log["selection/event_plot"] = wandb.Image(self._render(event, times_kept))
+        return log
+
+    def _render(self, event: SelectionEvent, times_kept: np.ndarray):
+        from PIL import Image
+
+        from .plots import event_figure, figure_png
+
+        figure = event_figure(
+            ScoreFile(event, times_kept, self.categories, self.category_column), max_points=self.max_points
+        )
+        return Image.open(io.BytesIO(figure_png(figure)))
+
+
+def _json_float(value: float) -> float | None:
+    # wandb tables are JSON: NaN/inf would not survive; an empty cell does.
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def default_reporters(trainer: SelectiveDPOTrainer) -> list[Reporter]:
+    """The reporters every selective trainer gets: score files, per-category scalars (with a category column), wandb."""
+    args = trainer.args
+    column, categories = pool_categories(trainer.train_dataset, args.selection_category_column)
+    tally = KeepTally(args.output_dir)
+    reporters = [ScoreFileReporter(args.output_dir, tally, categories, column)]
+    if column is not None:
+        reporters.append(CategoryMetricsReporter(trainer.selection_callback._publish, categories, column))
+    reporters.append(WandbReporter(tally, categories, column))
+    return reporters
+
+
+__all__ = [
+    "CategoryMetricsReporter",
+    "KeepTally",
+    "ScoreFile",
+    "ScoreFileReporter",
+    "WandbReporter",
+    "default_reporters",
+    "read_score_file",
+    "read_score_files",
+    "score_file_path",
+    "score_table",
+    "selection_scalars",
+    "write_score_file",
+]
