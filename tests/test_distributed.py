@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ SCRIPT = Path(__file__).resolve().parent / "distributed" / "selection_run.py"
 
 
 def _launch(out: Path, nproc: int, *flags: str) -> list[dict]:
+    result = _run(out, nproc, *flags)
+    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
+    for rank in range(nproc):
+        assert f"rank {rank} of world size {nproc} done" in result.stdout
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
+def _run(out: Path, nproc: int, *flags: str) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -32,11 +41,7 @@ def _launch(out: Path, nproc: int, *flags: str) -> list[dict]:
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(SCRIPT),
                    str(out), *flags]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
-    for rank in range(nproc):
-        assert f"rank {rank} of world size {nproc} done" in result.stdout
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
@@ -75,7 +80,7 @@ DEEPSPEED_RUNS = {
     "zero2": ("zero2.json", []),
     "zero3": ("zero3.json", []),
     "zero2-lora": ("zero2.json", ["--peft"]),
-    "zero3-lora-irm": ("zero3.json", ["--peft", "--rule", "irm_band"]),
+    "zero3-lora": ("zero3.json", ["--peft"]),
 }
 
 
@@ -101,17 +106,18 @@ def test_deepspeed_ranks_agree_and_never_hang(deepspeed_runs, name):
         ("DistributedType.DEEPSPEED", stage, 2)
     ] * 2
     _check_disjoint_shards_of_one_selection(ranks)
-    if "irm" in name:
-        assert ranks[0]["aux_hashes"] == []
-        return
     assert len(ranks[0]["aux_hashes"]) == 2 and ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
     # The aux engine (or adapter) leaves this rank's policy shards, its optimizer state and its LR schedule alone
     assert all(r["policy_untouched_by_aux"] == [True, True] for r in ranks)
 
 
-def test_zero3_selects_what_zero2_selects(deepspeed_runs):
-    """Same seed, fp32: sharding the parameters changes nothing the scores can see."""
-    zero2, zero3 = deepspeed_runs("zero2")[0]["history"], deepspeed_runs("zero3")[0]["history"]
+@pytest.mark.parametrize("variant", ["", "-lora"], ids=["full", "lora"])
+def test_zero3_selects_what_zero2_selects(deepspeed_runs, variant):
+    """Same seed, fp32: sharding the parameters changes nothing the scores can see.
+
+    With LoRA under ZeRO-3 the aux model is a second adapter added to the already partitioned model.
+    """
+    zero2, zero3 = deepspeed_runs(f"zero2{variant}")[0]["history"], deepspeed_runs(f"zero3{variant}")[0]["history"]
     assert zero3[1]["selected_ids"] == zero2[1]["selected_ids"]
     for name, band in zero2[1]["thresholds"].items():
         assert zero3[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
@@ -145,3 +151,18 @@ def test_a_selection_that_differs_across_ranks_fails_loudly():
             return torch.cat([tensor, tensor])
 
     check_same_on_all_ranks([1, 2, 3], SameRanks(), "The selection for epoch 1")  # no error
+
+
+def test_a_rank_one_scoring_batch_short_fails_fast_instead_of_hanging(tmp_path):
+    """The broken variant: under ZeRO-3 (every forward a collective), rank 1's scoring loader has one batch fewer.
+
+    Without the batch-count check rank 0 would wait in a parameter all-gather for the 60 s process-group timeout, and
+    with a longer timeout for as long as the job is allowed to live; with it both ranks stop before the first forward.
+    """
+    result = _run(tmp_path, 2, "--deepspeed", str(SCRIPT.parent / "zero3.json"), "--break_rank1_scoring")
+    assert result.returncode != 0
+    assert "the ranks would run different numbers of batches" in result.stderr
+    counts = re.search(r"different numbers of batches \((\[\d+, \d+\])", result.stderr).group(1)
+    first, second = json.loads(counts)
+    assert first == second + 1
+    assert "timed out" not in result.stderr.lower() and "Timeout" not in result.stderr

@@ -75,6 +75,15 @@ class _AuxHandle:
     step: Callable[[torch.Tensor], None]
 
 
+def _gathered(parameters: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+    """Whole copies of `parameters` inside the context when ZeRO-3 partitions them; a no-op otherwise."""
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
 def _average_gradients_across_ranks(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
     if accelerator.num_processes == 1:
         return
@@ -151,7 +160,7 @@ class AuxiliaryModel:
     @contextlib.contextmanager
     def _build(self) -> Iterator[_AuxHandle]:
         if self.settings.deepspeed_config is not None:
-            if is_peft_model(self.policy):  # ZeRO-1/2 only: SelectiveDPOTrainer refuses ZeRO-3 + PEFT + LossDiff
+            if is_peft_model(self.policy):
                 yield from self._build_adapter()
             else:
                 yield from self._build_engine()
@@ -168,10 +177,12 @@ class AuxiliaryModel:
             policy.delete_adapter(AUX_ADAPTER)
         policy.add_adapter(AUX_ADAPTER, policy.peft_config[policy.active_adapter])
         source = f".{policy.active_adapter}."
-        with torch.no_grad():
-            for name, parameter in policy.named_parameters():
-                if source in name:
-                    policy.get_parameter(name.replace(source, f".{AUX_ADAPTER}.")).copy_(parameter)
+        policy_adapter = {name: p for name, p in policy.named_parameters() if source in name}
+        # Under ZeRO-3 the policy adapter is partitioned; the aux adapter, added after partitioning, is whole on
+        # every rank (a few MB) and its gradients are averaged by hand, like any plain torch parameter.
+        with _gathered(list(policy_adapter.values())), torch.no_grad():
+            for name, parameter in policy_adapter.items():
+                policy.get_parameter(name.replace(source, f".{AUX_ADAPTER}.")).copy_(parameter)
         parameters = [p for n, p in policy.named_parameters() if f".{AUX_ADAPTER}." in n]
         try:
             # `use_adapter` makes the aux adapter the only trainable one, and restores the policy adapter after

@@ -174,13 +174,13 @@ class SelectionCallback(TrainerCallback):
                 metrics[f"selection/{name}/{key}"] = value
         self._publish(metrics)
         logger.info(
-            "Selection at epoch %d: kept %d/%d (%.1f%%), %s, Jaccard with previous %.3f, %.1fs",
+            "Selection at epoch %d: kept %d/%d (%.1f%%), %s, churn %.3f, %.1fs",
             epoch,
             len(selected),
             pool_size,
             100 * len(selected) / pool_size,
             ", ".join(f"{name} in [{band.lo:.4g}, {band.hi:.4g}]" for name, band in bands.items()),
-            similarity,
+            1.0 - similarity,
             elapsed,
         )
         self._write_record(

@@ -126,6 +126,22 @@ def check_same_on_all_ranks(rows: Sequence[int], accelerator: Accelerator, what:
         )
 
 
+def check_same_batch_count(num_batches: int, accelerator: Accelerator, what: str) -> None:
+    """Fail on every rank, before the first forward, unless every rank is about to run `num_batches` batches.
+
+    Under ZeRO-3 each forward gathers parameters from all ranks, so a rank with one batch fewer would leave the others
+    waiting in a collective until the process-group timeout; one gather of the batch counts turns that into an error.
+    """
+    if accelerator.num_processes == 1:
+        return
+    counts = accelerator.gather(torch.tensor([num_batches], dtype=torch.int64, device=accelerator.device)).tolist()
+    if len(set(counts)) != 1:
+        raise RuntimeError(
+            f"{what}: the ranks would run different numbers of batches ({counts}, by rank), and every forward under "
+            "ZeRO-3 is a collective. Build scoring loaders with `build_pass_loader` (equal batches on every rank)."
+        )
+
+
 def sequence_log_probs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs of the chosen and rejected halves of a collated batch, as `DPOTrainer` computes them.
 
@@ -175,8 +191,9 @@ def run_log_prob_pass(
 ) -> PairLogProbs:
     """Run `forward` over every batch of `loader` and gather `(chosen, rejected)` log-probs into row order (fp32, CPU).
 
-    Must be called on every rank: each batch is followed by a gather.
+    Must be called on every rank: each batch is followed by a gather. Checks first that every rank has as many batches.
     """
+    check_same_batch_count(len(loader), accelerator, desc)
     chosen = torch.full((num_rows,), float("nan"), dtype=torch.float32)
     rejected = torch.full((num_rows,), float("nan"), dtype=torch.float32)
     seen = torch.zeros(num_rows, dtype=torch.bool)

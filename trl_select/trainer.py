@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import (
@@ -114,17 +113,6 @@ class SelectiveDPOTrainer(DPOTrainer):
         self.selection_callback: SelectionCallback | None = None
         if not args.selection_enabled:
             return
-        if (
-            args.needs_auxiliary
-            and self.is_deepspeed_enabled
-            and is_peft_model(self.model)
-            and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-        ):
-            # A second adapter added after ZeRO-3 partitioned the model has no partitions to gather.
-            raise NotImplementedError(
-                f"`selection_rule={args.selection_rule!r}` needs the LossDiff aux model, which is not supported yet "
-                "for a PEFT policy under DeepSpeed ZeRO-3. Use ZeRO-2, full fine-tuning, or `selection_rule='irm_band'`."
-            )
         self.pair_ids = self._stable_pair_ids(self.train_dataset)
         if validation_dataset is not None:
             if validation_dataset is eval_dataset and isinstance(self.eval_dataset, Dataset):

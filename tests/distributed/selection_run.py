@@ -12,6 +12,7 @@ import argparse
 import copy
 import hashlib
 import io
+import itertools
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from accelerate import PartialState  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 import trl_select.auxiliary  # noqa: E402
+import trl_select.callback  # noqa: E402
 from tests.conftest import DEMO_DATA, fast_config  # noqa: E402
 from tests.recording import RecordingTrainer  # noqa: E402
 from trl_select import read_history  # noqa: E402
@@ -54,6 +56,9 @@ def main() -> None:
     parser.add_argument("--peft", action="store_true")
     parser.add_argument("--deepspeed", default=None, help="A DeepSpeed JSON config.")
     parser.add_argument("--rule", default="lossdiff_irm")
+    parser.add_argument(
+        "--break_rank1_scoring", action="store_true", help="A deliberately broken variant: rank 1 skips a batch."
+    )
     options = parser.parse_args()
     out = Path(options.out)
 
@@ -86,6 +91,21 @@ def main() -> None:
         return result
 
     trl_select.auxiliary.AuxiliaryModel.refresh = checked_refresh
+
+    if options.break_rank1_scoring and int(os.environ.get("RANK", "0")) == 1:
+        build_pass_loader = trl_select.callback.build_pass_loader
+
+        class OneBatchShort:
+            def __init__(self, loader) -> None:
+                self.loader = loader
+
+            def __len__(self) -> int:
+                return len(self.loader) - 1
+
+            def __iter__(self):
+                return itertools.islice(iter(self.loader), len(self))
+
+        trl_select.callback.build_pass_loader = lambda *a, **k: OneBatchShort(build_pass_loader(*a, **k))
 
     if options.deepspeed:
         # DeepSpeed on CPU (DS_ACCELERATOR=cpu): with no GPU and no backend named, accelerate counts a world of 1 under
