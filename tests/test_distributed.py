@@ -81,6 +81,7 @@ DEEPSPEED_RUNS = {
     "zero3": ("zero3.json", []),
     "zero2-lora": ("zero2.json", ["--peft"]),
     "zero3-lora": ("zero3.json", ["--peft"]),
+    "zero3-precompute": ("zero3.json", ["--precompute_ref"]),
 }
 
 
@@ -109,6 +110,27 @@ def test_deepspeed_ranks_agree_and_never_hang(deepspeed_runs, name):
     assert len(ranks[0]["aux_hashes"]) == 2 and ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
     # The aux engine (or adapter) leaves this rank's policy shards, its optimizer state and its LR schedule alone
     assert all(r["policy_untouched_by_aux"] == [True, True] for r in ranks)
+
+
+def test_zero3_with_trl_precomputed_reference_selects_the_same(deepspeed_runs):
+    """TRL's precompute path (its own inference engine over the ZeRO-3 shards) gives the reference our pass gives."""
+    cached, live = deepspeed_runs("zero3-precompute")[0]["history"], deepspeed_runs("zero3")[0]["history"]
+    assert [r["selected_ids"] for r in cached] == [r["selected_ids"] for r in live]
+    for name, band in live[1]["thresholds"].items():
+        assert cached[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
+        assert cached[1]["thresholds"][name]["hi"] == pytest.approx(band["hi"], abs=1e-4)
+
+
+def test_precomputed_reference_on_in_memory_data_is_refused_before_any_forward():
+    from datasets import Dataset
+
+    from trl_select.trainer import _check_precomputed_reference_is_shared
+
+    in_memory = Dataset.from_list([{"prompt": "1", "chosen": "1", "rejected": "2"}])
+    args = SimpleNamespace(precompute_ref_log_probs=True, world_size=2)
+    with pytest.raises(ValueError, match=r"needs `eval_dataset\['dev'\]` backed by files.*load_from_disk"):
+        _check_precomputed_reference_is_shared(args, {"train_dataset": None, "eval_dataset": {"dev": in_memory}})
+    _check_precomputed_reference_is_shared(SimpleNamespace(precompute_ref_log_probs=True, world_size=1), {"x": in_memory})
 
 
 @pytest.mark.parametrize("variant", ["", "-lora"], ids=["full", "lora"])

@@ -89,6 +89,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         validation_dataset: Dataset | None = None,
     ) -> None:
         args = self._check_args(model, args)
+        _check_precomputed_reference_is_shared(args, {"train_dataset": train_dataset, "eval_dataset": eval_dataset})
         if args.selection_enabled:
             train_dataset = self._check_train_dataset(train_dataset)
             if validation_dataset is None:
@@ -261,3 +262,24 @@ class SelectiveSLiCTrainer(SelectiveDPOTrainer):
 
 
 __all__ = ["ROW_INDEX_COLUMN", "SelectiveDPOTrainer", "SelectiveSLiCTrainer"]
+
+
+def _check_precomputed_reference_is_shared(args: SelectiveDPOConfig, datasets: dict[str, Any]) -> None:
+    """Refuse, before any forward, what `precompute_ref_log_probs` cannot do across processes.
+
+    TRL's precompute pass has the main process write the log-probs to the dataset's cache file, and every other rank
+    read that file back. An in-memory dataset (`Dataset.from_list`, `from_dict`, ...) caches in a temporary folder
+    private to each process, so the other ranks would fail with a FileNotFoundError after the whole reference pass.
+    """
+    if not args.precompute_ref_log_probs or args.world_size == 1:
+        return
+    for name, dataset in datasets.items():
+        for split, part in (dataset.items() if isinstance(dataset, dict) else [(None, dataset)]):
+            if isinstance(part, Dataset) and not part.cache_files:
+                where = name if split is None else f"{name}[{split!r}]"
+                raise ValueError(
+                    f"`precompute_ref_log_probs=True` on {args.world_size} processes needs `{where}` backed by files "
+                    "that every rank can read, but it is an in-memory dataset. Load it with `datasets.load_dataset` "
+                    "or `load_from_disk` (or call `.save_to_disk(path)` then `load_from_disk(path)`), or set "
+                    "`precompute_ref_log_probs=False`."
+                )

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from accelerate import PartialState  # noqa: E402
-from datasets import Dataset  # noqa: E402
+from datasets import Dataset, load_dataset  # noqa: E402
 
 import trl_select.auxiliary  # noqa: E402
 import trl_select.callback  # noqa: E402
@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--peft", action="store_true")
     parser.add_argument("--deepspeed", default=None, help="A DeepSpeed JSON config.")
     parser.add_argument("--rule", default="lossdiff_irm")
+    parser.add_argument("--precompute_ref", action="store_true", help="TRL's precompute_ref_log_probs=True.")
     parser.add_argument(
         "--break_rank1_scoring", action="store_true", help="A deliberately broken variant: rank 1 skips a batch."
     )
@@ -115,8 +116,17 @@ def main() -> None:
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_llama(tokenizer, seed=0)
-    pool = Dataset.from_list(read_jsonl(DEMO_DATA / "train.jsonl")[: options.pool])
-    validation = Dataset.from_list(read_jsonl(DEMO_DATA / "validation.jsonl")[:40])
+    if options.precompute_ref:  # TRL shares the precomputed log-probs through the dataset's cache files
+
+        def load(name: str, rows: int) -> Dataset:
+            return load_dataset(
+                "json", data_files=str(DEMO_DATA / name), split=f"train[:{rows}]", cache_dir=str(out / "hf")
+            )
+
+        pool, validation = load("train.jsonl", options.pool), load("validation.jsonl", 40)
+    else:
+        pool = Dataset.from_list(read_jsonl(DEMO_DATA / "train.jsonl")[: options.pool])
+        validation = Dataset.from_list(read_jsonl(DEMO_DATA / "validation.jsonl")[:40])
     args = fast_config(
         out / "run",
         per_device_train_batch_size=options.per_device_batch,
@@ -124,6 +134,7 @@ def main() -> None:
         deepspeed=options.deepspeed,
         use_cpu=options.deepspeed is None,
         selection_rule=options.rule,
+        precompute_ref_log_probs=options.precompute_ref,
         accelerator_config={"use_configured_state": options.deepspeed is not None},
     )
     extra = {"ref_model": copy.deepcopy(model)}
