@@ -130,7 +130,9 @@ def test_precomputed_reference_on_in_memory_data_is_refused_before_any_forward()
     args = SimpleNamespace(precompute_ref_log_probs=True, world_size=2)
     with pytest.raises(ValueError, match=r"needs `eval_dataset\['dev'\]` backed by files.*load_from_disk"):
         _check_precomputed_reference_is_shared(args, {"train_dataset": None, "eval_dataset": {"dev": in_memory}})
-    _check_precomputed_reference_is_shared(SimpleNamespace(precompute_ref_log_probs=True, world_size=1), {"x": in_memory})
+    _check_precomputed_reference_is_shared(
+        SimpleNamespace(precompute_ref_log_probs=True, world_size=1), {"x": in_memory}
+    )
 
 
 @pytest.mark.parametrize("variant", ["", "-lora"], ids=["full", "lora"])

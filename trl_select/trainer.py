@@ -274,7 +274,7 @@ def _check_precomputed_reference_is_shared(args: SelectiveDPOConfig, datasets: d
     if not args.precompute_ref_log_probs or args.world_size == 1:
         return
     for name, dataset in datasets.items():
-        for split, part in (dataset.items() if isinstance(dataset, dict) else [(None, dataset)]):
+        for split, part in dataset.items() if isinstance(dataset, dict) else [(None, dataset)]:
             if isinstance(part, Dataset) and not part.cache_files:
                 where = name if split is None else f"{name}[{split!r}]"
                 raise ValueError(
