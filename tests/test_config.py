@@ -78,3 +78,17 @@ def test_trl_parser_reads_the_selection_flags():
     assert isinstance(config, SelectiveDPOConfig)
     assert config.selection_rule == "irm_band" and config.irm_lo_percentile == 20.0
     assert config.aux_learning_rate == 3e-4
+
+
+def test_deepspeed_precision_mismatch_is_refused_when_the_config_is_built(tmp_path):
+    deepspeed = {
+        "bf16": {"enabled": False},
+        "zero_optimization": {"stage": 2},
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+    }
+    with pytest.raises(ValueError, match=r"(?s)ds bf16.enabled=False vs hf bf16.*'auto'"):
+        SelectiveDPOConfig(output_dir=str(tmp_path), deepspeed=deepspeed, bf16=True, use_cpu=True)
+    deepspeed["bf16"]["enabled"] = "auto"
+    config = SelectiveDPOConfig(output_dir=str(tmp_path), deepspeed=deepspeed, bf16=True, use_cpu=True)
+    assert config.hf_deepspeed_config.config["bf16"]["enabled"] is True

@@ -142,6 +142,7 @@ class SelectiveDPOConfig(DPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._validate_selection_fields()
+        _check_deepspeed_agrees(self)
 
     @property
     def selection_enabled(self) -> bool:
@@ -275,3 +276,19 @@ def _check_int_at_least(config: object, name: str, minimum: int, why: str = "") 
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         reason = f": {why}" if why else ""
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}{reason}.")
+
+
+def _check_deepspeed_agrees(config: SelectiveDPOConfig) -> None:
+    """Refuse a DeepSpeed config that contradicts the trainer's arguments (e.g. `bf16.enabled=false` with `bf16=True`).
+
+    transformers records these mismatches when the arguments are built but raises only when training starts, after the
+    models are loaded and (with `precompute_ref_log_probs`) the reference pass has run.
+    """
+    deepspeed_config = getattr(config, "hf_deepspeed_config", None)
+    mismatches = getattr(deepspeed_config, "mismatches", None)
+    if mismatches:
+        raise ValueError(
+            "The DeepSpeed config (`deepspeed`) contradicts the training arguments:\n"
+            + "\n".join(mismatches)
+            + "\nSet those DeepSpeed values to 'auto', or change the training arguments to match them."
+        )
