@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from datasets import Dataset
@@ -14,7 +19,7 @@ from trl_select.checkpoint import LOG_PROBS_FILENAME, STATE_FILENAME, SelectionS
 from trl_select.history import HISTORY_FILENAME
 from trl_select.toy import build_tiny_llama
 
-from .conftest import fast_config
+from .conftest import REPO, fast_config
 from .recording import RecordingTrainer
 
 
@@ -101,6 +106,7 @@ def test_resume_continues_the_same_run(tmp_path, tokenizer, small_pool, uninterr
     # The output directory's history runs past the checkpoint (the run went on after it): resume must not keep that.
     shutil.copy(source_dir / HISTORY_FILENAME, tmp_path / HISTORY_FILENAME)
     saved = json.loads((checkpoint / STATE_FILENAME).read_text())
+    assert saved["aux_num_refreshes"] == (1 if step > starts["epoch1_start"] else 0)  # seeds the next aux shuffle
     assert saved["global_step"] == step and (checkpoint / LOG_PROBS_FILENAME).exists() == (
         step > starts["epoch1_start"]
     )
@@ -137,6 +143,75 @@ def test_resume_refuses_another_pool_or_config(tmp_path, tokenizer, small_pool, 
     (bare / STATE_FILENAME).unlink()
     with pytest.raises(ValueError, match="has no selection state"):
         _trainer(tmp_path, tokenizer, pool, validation).train(resume_from_checkpoint=str(bare))
+
+
+# Runs the uninterrupted run's settings, checkpointing every epoch, and hangs at a chosen point of a selection event
+# after writing a marker file, so the test can SIGKILL it there.
+CRASH_SCRIPT = """
+import sys, time
+from pathlib import Path
+from datasets import Dataset
+from trl_select.auxiliary import AuxiliaryModel
+from trl_select.callback import SelectionCallback
+from trl_select.toy import build_char_tokenizer, read_jsonl
+from tests.conftest import DEMO_DATA
+from tests.test_resume import _trainer
+
+output_dir, where, marker = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+owner, name, call = (SelectionCallback, "policy_log_probs", 2) if where == "scoring" else (AuxiliaryModel, "_align", 1)
+original, calls = getattr(owner, name), []
+
+def hang(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == call:
+        marker.write_text(where)
+        time.sleep(600)
+    return original(self, *args, **kwargs)
+
+setattr(owner, name, hang)
+pool = Dataset.from_list(read_jsonl(DEMO_DATA / "train.jsonl")[:64])
+validation = Dataset.from_list(read_jsonl(DEMO_DATA / "validation.jsonl")[:16])
+_trainer(output_dir, build_char_tokenizer(), pool, validation, save_strategy="epoch").train()
+"""
+
+
+@pytest.mark.parametrize(
+    "where, last_epoch_saved",
+    [
+        ("aux", 0),  # killed aligning the aux model of the first selection (epoch 1)
+        ("scoring", 1),  # killed scoring the pool with the policy for the second selection (epoch 2)
+    ],
+)
+def test_sigkill_during_a_selection_leaves_a_usable_checkpoint(tmp_path, tokenizer, small_pool, uninterrupted, where,
+                                                               last_epoch_saved):  # fmt: skip
+    source_dir, reference_trainer, reference_steps = uninterrupted
+    pool, validation = small_pool
+    marker = tmp_path / "marker"
+    output_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-c", CRASH_SCRIPT, str(output_dir), where, str(marker)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if not marker.exists():
+        process.kill()
+        pytest.fail(f"the run never reached the {where} point: {process.communicate()[1].decode()[-3000:]}")
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+    epoch_starts = [record["global_step"] for record in read_history(source_dir)]
+    last_step = epoch_starts[last_epoch_saved + 1]
+    assert sorted(p.name for p in output_dir.glob("checkpoint-*"))[-1] == f"checkpoint-{last_step}"
+    # Whole records of the finished events only: the killed event never reached the file
+    assert [r["epoch"] for r in read_history(output_dir)] == list(range(last_epoch_saved + 1))
+    # ... and the run resumes from the last checkpoint to the very end the uninterrupted run reached
+    trainer = _trainer(output_dir, tokenizer, pool, validation)
+    trainer.train(resume_from_checkpoint=True)
+    resumed = _steps(trainer, pool)
+    assert resumed == {s: v for s, v in reference_steps.items() if s > last_step}
+    assert (output_dir / HISTORY_FILENAME).read_bytes() == (source_dir / HISTORY_FILENAME).read_bytes()
 
 
 def _state(epoch_start_step: int, batches_in_epoch: int) -> SelectionState:
