@@ -21,6 +21,7 @@ from .rules import Band, band_intersection, jaccard, score_quantiles
 from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs, implicit_reward_margin, loss_difference
 from .scoring import build_pass_loader, check_same_on_all_ranks, inference_mode, run_log_prob_pass, sequence_log_probs
+from .validation import min_selection_size
 
 
 if TYPE_CHECKING:
@@ -150,12 +151,7 @@ class SelectionCallback(TrainerCallback):
         keep, bands = band_intersection(scores, args.percentile_bands())
         selected = np.flatnonzero(keep).tolist()
         pool_size = self.sampler.pool_size
-        if not selected:
-            raise RuntimeError(
-                f"Epoch {epoch}: selection_rule={args.selection_rule!r} kept no pair out of {pool_size} "
-                f"(bands {args.percentile_bands()}; non-finite scores: "
-                f"{ {name: int((~np.isfinite(s)).sum()) for name, s in scores.items()} }). Widen the bands."
-            )
+        self._check_selection_size(epoch, selected, scores)
         similarity = jaccard(selected, self._previous_selection) if self._previous_selection is not None else 1.0
         self._apply_selection(epoch, selected)
         self._retime_schedule(epoch, state, train_dataloader)
@@ -254,6 +250,25 @@ class SelectionCallback(TrainerCallback):
                 loss_difference(policy, self._auxiliary_log_probs, reference, beta, loss_type).double().numpy()
             )
         return scores
+
+    def _check_selection_size(self, epoch: int, selected: list[int], scores: dict[str, np.ndarray]) -> None:
+        """Stop the run if the rule kept fewer pairs than one batch per rank.
+
+        An error, not a fallback to the previous selection: so small a selection means degenerate scores (NaN/inf,
+        usually an fp16 overflow, or a collapsed distribution) or bands too narrow for the pool. Training on, with
+        pairs the rule no longer picks, would hide that and record a selection the rule did not make.
+        """
+        args = self.trainer.args
+        minimum = min_selection_size(args.per_device_train_batch_size, self.trainer.accelerator.num_processes)
+        if len(selected) >= minimum:
+            return
+        nonfinite = {name: int((~np.isfinite(values)).sum()) for name, values in scores.items()}
+        raise RuntimeError(
+            f"Epoch {epoch}: selection_rule={args.selection_rule!r} kept {len(selected)} of {self.sampler.pool_size} "
+            f"pairs, fewer than one batch per rank ({minimum}). Bands {args.percentile_bands()}; non-finite scores "
+            f"(never kept) per score: {nonfinite}. If scores are non-finite, train in bf16/fp32 instead of fp16; "
+            "otherwise widen the bands. The last checkpoint's weights can start a new run (`model=<checkpoint dir>`)."
+        )
 
     # ----- log-prob passes (every rank) -----
 

@@ -46,6 +46,12 @@ from .sampler import SelectionSampler
 from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs
 from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
+from .validation import (
+    check_bands_can_fill_a_batch,
+    check_enough_validation_pairs,
+    check_preference_rows,
+    min_selection_size,
+)
 
 
 if TYPE_CHECKING:
@@ -107,6 +113,11 @@ class SelectiveDPOTrainer(DPOTrainer):
             if validation_dataset is None:
                 validation_dataset = eval_dataset
             validation_dataset = self._check_validation_dataset(validation_dataset, args)
+            check_bands_can_fill_a_batch(
+                len(train_dataset),
+                args.percentile_bands(),
+                min_selection_size(args.per_device_train_batch_size, args.world_size),
+            )
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -147,6 +158,12 @@ class SelectiveDPOTrainer(DPOTrainer):
                 validation_dataset = self._prepare_dataset(
                     validation_dataset, self.processing_class, self.args, "validation"
                 )
+            check_enough_validation_pairs(
+                len(validation_dataset),
+                args.aux_batch_size or args.per_device_train_batch_size,
+                self.accelerator.num_processes,
+                "`validation_dataset` after tokenization (TRL drops pairs whose prompt fills `max_length`)",
+            )
         self.selection_sampler = SelectionSampler(
             len(self.train_dataset),
             max_batch_size=args.per_device_train_batch_size,
@@ -182,6 +199,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         if len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty: selection needs at least one preference pair.")
+        check_preference_rows(train_dataset, "train_dataset")
         if ROW_INDEX_COLUMN in train_dataset.column_names:
             train_dataset = train_dataset.remove_columns(ROW_INDEX_COLUMN)
         return train_dataset.add_column(ROW_INDEX_COLUMN, list(range(len(train_dataset))))
@@ -202,6 +220,13 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         if len(validation_dataset) == 0:
             raise ValueError("`validation_dataset` is empty: the auxiliary model needs validation pairs to align on.")
+        check_preference_rows(validation_dataset, "validation_dataset")
+        check_enough_validation_pairs(
+            len(validation_dataset),
+            args.aux_batch_size or args.per_device_train_batch_size,
+            args.world_size,
+            "`validation_dataset`",
+        )
         return validation_dataset
 
     @staticmethod
