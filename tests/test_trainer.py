@@ -218,7 +218,8 @@ def test_real_hh_rlhf_pairs_train_with_their_original_row_ids(tmp_path, tokenize
         rows = [json.loads(line) for _, line in zip(range(72), f, strict=False)]
     train, validation = Dataset.from_list(rows[:56]), Dataset.from_list(rows[56:])
     model = build_tiny_llama(tokenizer, seed=0)
-    args = fast_config(tmp_path, num_train_epochs=2, max_length=384, per_device_train_batch_size=8)
+    # aux_batch_size=4: TRL keeps 7 of the 16 validation pairs (long prompts), fewer than one batch of 8
+    args = fast_config(tmp_path, num_train_epochs=2, max_length=384, per_device_train_batch_size=8, aux_batch_size=4)
     trainer = SelectiveDPOTrainer(
         model, ref_model=copy.deepcopy(model), args=args, train_dataset=train, eval_dataset=validation,
         processing_class=tokenizer,

@@ -58,6 +58,8 @@ SELECTION_CONFIG_FIELDS = (
     "gradient_accumulation_steps",
     "learning_rate",
     "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
 )
 
 # Columns of the tokenized pool that define a pair's content (TRL's DPO tokenization).
@@ -76,8 +78,8 @@ def pool_fingerprint(pair_ids: list[Any], dataset) -> dict[str, Any]:
 
 def config_fingerprint(args, world_size: int) -> dict[str, Any]:
     """The selection-relevant config fields (JSON values), plus the world size (it decides the sharding)."""
-    values = {name: getattr(args, name) for name in SELECTION_CONFIG_FIELDS}
-    values["lr_scheduler_type"] = str(values["lr_scheduler_type"])
+    values = {name: getattr(args, name, None) for name in SELECTION_CONFIG_FIELDS}
+    values["lr_scheduler_type"] = getattr(values["lr_scheduler_type"], "value", values["lr_scheduler_type"])
     values["world_size"] = world_size
     return json.loads(json.dumps(values, default=str))
 
