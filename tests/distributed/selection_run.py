@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--peft", action="store_true")
     parser.add_argument("--deepspeed", default=None, help="A DeepSpeed JSON config.")
     parser.add_argument("--rule", default="lossdiff_irm")
+    parser.add_argument("--save_steps", type=int, default=0, help="Checkpoint every this many steps (0: never).")
+    parser.add_argument("--resume", default=None, help="A checkpoint to resume from.")
     options = parser.parse_args()
     out = Path(options.out)
 
@@ -105,6 +107,7 @@ def main() -> None:
         use_cpu=options.deepspeed is None,
         selection_rule=options.rule,
         accelerator_config={"use_configured_state": options.deepspeed is not None},
+        **({"save_strategy": "steps", "save_steps": options.save_steps} if options.save_steps else {}),
     )
     extra = {"ref_model": copy.deepcopy(model)}
     if options.peft:
@@ -114,7 +117,7 @@ def main() -> None:
     trainer = RecordingTrainer(
         model, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer, **extra
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=options.resume)
 
     id_of_prompt = dict(zip(pool["prompt"], pool["id"], strict=True))
     state = trainer.accelerator.state
@@ -124,6 +127,8 @@ def main() -> None:
         "distributed_type": str(state.distributed_type),
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "trained_ids": {epoch: [id_of_prompt[p] for p in prompts] for epoch, prompts in trainer.received.items()},
+        "step_ids": {step: [id_of_prompt[p] for p in prompts] for step, prompts in trainer.step_prompts.items()},
+        "step_lr": trainer.step_lr,
         "aux_hashes": aux_hashes,
         "policy_untouched_by_aux": untouched,
         "history": read_history(out / "run") if state.is_main_process else None,
