@@ -13,6 +13,7 @@ import time
 
 import pytest
 from datasets import Dataset
+from peft import LoraConfig
 
 from trl_select import read_history
 from trl_select.checkpoint import LOG_PROBS_FILENAME, STATE_FILENAME, SelectionState, resume_position
@@ -35,13 +36,17 @@ SETTINGS = {
 }
 
 
-def _trainer(output_dir, tokenizer, pool, validation, **overrides):
+def _trainer(output_dir, tokenizer, pool, validation, peft=False, **overrides):
     model = build_tiny_llama(tokenizer, seed=0)
     args = fast_config(output_dir, **{**SETTINGS, **overrides})
+    extra = (
+        {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])}
+        if peft
+        else {"ref_model": copy.deepcopy(model)}
+    )
     return RecordingTrainer(
-        model, ref_model=copy.deepcopy(model), args=args, train_dataset=pool, eval_dataset=validation,
-        processing_class=tokenizer,
-    )  # fmt: skip
+        model, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer, **extra
+    )
 
 
 def _steps(trainer, pool) -> dict[int, tuple[list[int], float]]:
@@ -127,6 +132,23 @@ def test_resume_continues_the_same_run(tmp_path, tokenizer, small_pool, uninterr
     assert (tmp_path / HISTORY_FILENAME).read_bytes() == (source_dir / HISTORY_FILENAME).read_bytes()
 
 
+def test_peft_resume_mid_epoch_continues_the_same_run(tmp_path, tokenizer, small_pool):
+    """A LoRA policy: the adapter is what the checkpoint holds, π_ref is the base model with the adapter disabled."""
+    pool, validation = small_pool
+    reference = _trainer(tmp_path / "full", tokenizer, pool, validation, peft=True, learning_rate=5e-3,
+                         save_strategy="steps", save_steps=1)  # fmt: skip
+    reference.train()
+    step = read_history(tmp_path / "full")[2]["global_step"] + 1
+    assert step < reference.state.global_step
+    trainer = _trainer(tmp_path / "resumed", tokenizer, pool, validation, peft=True, learning_rate=5e-3)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{step}"))
+    expected = {s: v for s, v in _steps(reference, pool).items() if s > step}
+    assert expected and _steps(trainer, pool) == expected
+    assert (tmp_path / "resumed" / HISTORY_FILENAME).read_bytes() == (
+        tmp_path / "full" / HISTORY_FILENAME
+    ).read_bytes()
+
+
 def test_resume_refuses_another_pool_or_config(tmp_path, tokenizer, small_pool, uninterrupted):
     source_dir, _, _ = uninterrupted
     pool, validation = small_pool
@@ -151,6 +173,7 @@ CRASH_SCRIPT = """
 import sys, time
 from pathlib import Path
 from datasets import Dataset
+from peft import LoraConfig
 from trl_select.auxiliary import AuxiliaryModel
 from trl_select.callback import SelectionCallback
 from trl_select.toy import build_char_tokenizer, read_jsonl
