@@ -47,9 +47,16 @@ class RecordingTrainer(SelectiveDPOTrainer):
         self.leftover_grad: dict[int, float] = {}
         self.epoch_at_end: dict[int, float] = {}
         self.probe_epoch = 0
+        # Optimizer step (1-based global step) -> the prompts of its micro-batches and the LR it steps with.
+        self.step_prompts: dict[int, list[str]] = defaultdict(list)
+        self.step_lr: dict[int, float] = {}
         self.add_callback(_Probe(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            self.received[self.probe_epoch].extend(_prompts_in_batch(self.processing_class, inputs))
+            prompts = _prompts_in_batch(self.processing_class, inputs)
+            self.received[self.probe_epoch].extend(prompts)
+            step = self.state.global_step + 1
+            self.step_prompts[step].extend(prompts)
+            self.step_lr[step] = self.optimizer.param_groups[0]["lr"]
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -159,6 +159,21 @@ def test_ddp_selection_matches_the_single_process_run(tmp_path):
     assert overlap_coefficient(two[2]["selected_ids"], one[2]["selected_ids"]) >= 0.9
 
 
+def test_ddp_resume_mid_epoch_continues_every_rank(tmp_path):
+    """Resume 2 ranks inside the second shortened epoch: every rank trains the same pairs at the same LR as before."""
+    full = _launch(tmp_path / "full", 2, "--per_device_batch", "8", "--save_steps", "1")
+    history = full[0]["history"]
+    step = history[2]["global_step"] + 1
+    assert step < max(int(s) for s in full[0]["step_ids"])  # inside epoch 2, not at its end
+    resumed = _launch(tmp_path / "resumed", 2, "--per_device_batch", "8",
+                      "--resume", str(tmp_path / "full" / "run" / f"checkpoint-{step}"))  # fmt: skip
+    for before, after in zip(full, resumed, strict=True):
+        expected = {s: ids for s, ids in before["step_ids"].items() if int(s) > step}
+        assert expected and after["step_ids"] == expected
+        assert after["step_lr"] == {s: lr for s, lr in before["step_lr"].items() if int(s) > step}
+    assert resumed[0]["history"] == history
+
+
 def test_a_selection_that_differs_across_ranks_fails_loudly():
     class TwoRanks(SimpleNamespace):
         num_processes = 2

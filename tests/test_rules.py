@@ -120,3 +120,67 @@ def test_band_intersection_is_the_and_of_each_band():
     keep, bands = band_intersection({"lossdiff": lossdiff, "irm": irm}, {"lossdiff": (10, 90), "irm": (10, 90)})
     assert np.flatnonzero(keep).tolist() == [1, 2, 3, 5, 6, 7, 8]
     assert set(bands) == {"lossdiff", "irm"} and bands["lossdiff"].lo == pytest.approx(0.9)
+
+
+finite_or_not = st.one_of(st.floats(min_value=-1e6, max_value=1e6), st.sampled_from([np.nan, np.inf, -np.inf]))
+band_strategy = st.tuples(st.floats(0, 99), st.floats(0.5, 100)).map(lambda t: (t[0], min(t[0] + t[1], 100.0)))
+
+
+@st.composite
+def two_scores(draw):
+    n = draw(st.integers(1, 60))
+    return (
+        np.array(draw(st.lists(finite_or_not, min_size=n, max_size=n))),
+        np.array(draw(st.lists(finite_or_not, min_size=n, max_size=n))),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(scores=two_scores(), lossdiff_band=band_strategy, irm_band=band_strategy)
+def test_lossdiff_irm_keeps_exactly_the_pairs_in_both_bands(scores, lossdiff_band, irm_band):
+    """DESIGN §4, eq. 9: z is kept iff P_lo(LD) <= LD(z) <= P_hi(LD) and P_lo(IRM) <= IRM(z) <= P_hi(IRM)."""
+    from trl_select.rules import band_intersection
+
+    lossdiff, irm = scores
+    bands = {"lossdiff": lossdiff_band, "irm": irm_band}
+    keep, limits = band_intersection({"lossdiff": lossdiff, "irm": irm}, bands)
+    in_band = {}
+    for name, values in (("lossdiff", lossdiff), ("irm", irm)):
+        finite = [v for v in values if math.isfinite(v)]
+        lo_q, hi_q = bands[name]
+        if not finite:
+            in_band[name] = [False] * len(values)
+            continue
+        lo, hi = _percentile_by_hand(finite, lo_q), _percentile_by_hand(finite, hi_q)
+        assert limits[name].lo == pytest.approx(lo, rel=1e-9, abs=1e-6)
+        assert limits[name].hi == pytest.approx(hi, rel=1e-9, abs=1e-6)
+        # Compare against the rule's own (numerically identical) limits so that values at a limit are decided alike
+        in_band[name] = [math.isfinite(v) and limits[name].lo <= v <= limits[name].hi for v in values]
+    expected = [a and b for a, b in zip(in_band["lossdiff"], in_band["irm"], strict=True)]
+    assert keep.tolist() == expected
+    # Size: at most either band's count; at least what the two bands must share
+    counts = [sum(in_band[name]) for name in ("lossdiff", "irm")]
+    assert max(0, counts[0] + counts[1] - len(irm)) <= keep.sum() <= min(counts)
+    assert not keep[~np.isfinite(lossdiff) | ~np.isfinite(irm)].any()  # a non-finite score in either: never kept
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scores=st.lists(finite_or_not, min_size=1, max_size=60),
+    band=band_strategy,
+    widen=st.floats(0, 50),
+    permutation_seed=st.integers(0, 2**16),
+)
+def test_band_is_order_free_and_nested(scores, band, widen, permutation_seed):
+    """The kept set depends on the scores only, not on pool order; a wider band keeps a superset."""
+    values = np.array(scores)
+    keep, _ = percentile_band(values, *band)
+    order = np.random.default_rng(permutation_seed).permutation(len(values))
+    keep_permuted, _ = percentile_band(values[order], *band)
+    assert keep_permuted.tolist() == keep[order].tolist()
+    wider = (max(band[0] - widen, 0.0), min(band[1] + widen, 100.0))
+    keep_wider, _ = percentile_band(values, *wider)
+    assert not (keep & ~keep_wider).any()
+    # At most the finite scores are kept, and a 0-100 band keeps every one of them
+    keep_all, _ = percentile_band(values, 0.0, 100.0)
+    assert keep_all.tolist() == np.isfinite(values).tolist()

@@ -107,9 +107,7 @@ def _assert_same(a, b):
         assert (grad is None and b["grads"][name] is None) or torch.equal(grad, b["grads"][name]), name
     torch.testing.assert_close(a["optimizer"], b["optimizer"], rtol=0, atol=0)
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
-    for schedule_a, schedule_b in zip(a["scheduler"]["lr_lambdas"], b["scheduler"]["lr_lambdas"], strict=True):
-        assert schedule_a.pop("base").keywords == schedule_b.pop("base").keywords  # partials don't compare by value
-        assert schedule_a == schedule_b
+    assert a["scheduler"]["lr_lambdas"] == b["scheduler"]["lr_lambdas"]  # the retiming anchors
     assert a["lr"] == b["lr"]
 
 
@@ -220,7 +218,8 @@ def test_real_hh_rlhf_pairs_train_with_their_original_row_ids(tmp_path, tokenize
         rows = [json.loads(line) for _, line in zip(range(72), f, strict=False)]
     train, validation = Dataset.from_list(rows[:56]), Dataset.from_list(rows[56:])
     model = build_tiny_llama(tokenizer, seed=0)
-    args = fast_config(tmp_path, num_train_epochs=2, max_length=384, per_device_train_batch_size=8)
+    # aux_batch_size=4: TRL keeps 7 of the 16 validation pairs (long prompts), fewer than one batch of 8
+    args = fast_config(tmp_path, num_train_epochs=2, max_length=384, per_device_train_batch_size=8, aux_batch_size=4)
     trainer = SelectiveDPOTrainer(
         model, ref_model=copy.deepcopy(model), args=args, train_dataset=train, eval_dataset=validation,
         processing_class=tokenizer,

@@ -10,15 +10,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from accelerate.logging import get_logger
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .auxiliary import AlignmentSettings, AuxiliaryModel
+from .checkpoint import SelectionState
 from .history import SelectionHistory
 from .rules import Band, band_intersection, jaccard, score_quantiles
 from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs, implicit_reward_margin, loss_difference
 from .scoring import build_pass_loader, check_same_on_all_ranks, inference_mode, run_log_prob_pass, sequence_log_probs
+from .validation import min_selection_size
 
 
 if TYPE_CHECKING:
@@ -83,6 +86,8 @@ class SelectionCallback(TrainerCallback):
         self._auxiliary: AuxiliaryModel | None = None
         self._previous_selection: list[int] | None = None
         self._last_epoch_handled: int | None = None
+        self._epoch_start_step = 0
+        self._restored_aux_num_refreshes = 0
         self.reporters: list[Reporter] = []
 
     # ----- hooks -----
@@ -98,6 +103,7 @@ class SelectionCallback(TrainerCallback):
         if epoch == self._last_epoch_handled:
             return
         self._last_epoch_handled = epoch
+        self._epoch_start_step = state.global_step
         if epoch < args.selection_warmup_epochs:
             self._record_warmup(epoch, state)
         else:
@@ -145,12 +151,7 @@ class SelectionCallback(TrainerCallback):
         keep, bands = band_intersection(scores, args.percentile_bands())
         selected = np.flatnonzero(keep).tolist()
         pool_size = self.sampler.pool_size
-        if not selected:
-            raise RuntimeError(
-                f"Epoch {epoch}: selection_rule={args.selection_rule!r} kept no pair out of {pool_size} "
-                f"(bands {args.percentile_bands()}; non-finite scores: "
-                f"{ {name: int((~np.isfinite(s)).sum()) for name, s in scores.items()} }). Widen the bands."
-            )
+        self._check_selection_size(epoch, selected, scores)
         similarity = jaccard(selected, self._previous_selection) if self._previous_selection is not None else 1.0
         self._apply_selection(epoch, selected)
         self._retime_schedule(epoch, state, train_dataloader)
@@ -250,6 +251,25 @@ class SelectionCallback(TrainerCallback):
             )
         return scores
 
+    def _check_selection_size(self, epoch: int, selected: list[int], scores: dict[str, np.ndarray]) -> None:
+        """Stop the run if the rule kept fewer pairs than one batch per rank.
+
+        An error, not a fallback to the previous selection: so small a selection means degenerate scores (NaN/inf,
+        usually an fp16 overflow, or a collapsed distribution) or bands too narrow for the pool. Training on, with
+        pairs the rule no longer picks, would hide that and record a selection the rule did not make.
+        """
+        args = self.trainer.args
+        minimum = min_selection_size(args.per_device_train_batch_size, self.trainer.accelerator.num_processes)
+        if len(selected) >= minimum:
+            return
+        nonfinite = {name: int((~np.isfinite(values)).sum()) for name, values in scores.items()}
+        raise RuntimeError(
+            f"Epoch {epoch}: selection_rule={args.selection_rule!r} kept {len(selected)} of {self.sampler.pool_size} "
+            f"pairs, fewer than one batch per rank ({minimum}). Bands {args.percentile_bands()}; non-finite scores "
+            f"(never kept) per score: {nonfinite}. If scores are non-finite, train in bf16/fp32 instead of fp16; "
+            "otherwise widen the bands. The last checkpoint's weights can start a new run (`model=<checkpoint dir>`)."
+        )
+
     # ----- log-prob passes (every rank) -----
 
     def pool_loader(self):
@@ -316,7 +336,49 @@ class SelectionCallback(TrainerCallback):
                 ),
                 gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             )
+            # A resumed run continues the aux shuffle seeds (`seed + num_refreshes`) where the checkpoint left them.
+            self._auxiliary.num_refreshes = self._restored_aux_num_refreshes
         return self._auxiliary
+
+    # ----- checkpoint state -----
+
+    def selection_state(
+        self, global_step: int, pool: dict[str, Any], config: dict[str, Any]
+    ) -> tuple[SelectionState, dict[str, torch.Tensor]]:
+        """The selection as of `global_step`, and the cached log-probs, for `checkpoint.save_selection_state`."""
+        if self._last_epoch_handled is None:
+            raise RuntimeError("A checkpoint before the first epoch began has no selection to save.")
+        state = SelectionState(
+            global_step=global_step,
+            epoch=self._last_epoch_handled,
+            epoch_start_step=self._epoch_start_step,
+            batches_in_epoch=len(self.sampler),
+            selected_rows=self.sampler.rows,
+            previous_selection=self._previous_selection,
+            aux_num_refreshes=(
+                self._auxiliary.num_refreshes if self._auxiliary is not None else self._restored_aux_num_refreshes
+            ),
+            pool=pool,
+            config=config,
+        )
+        tensors = {}
+        for name, log_probs in (("reference", self._reference), ("auxiliary", self._auxiliary_log_probs)):
+            if log_probs is not None:
+                tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = log_probs.chosen, log_probs.rejected
+        return state, tensors
+
+    def restore_selection_state(self, state: SelectionState, tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint: its selection, its cached log-probs, and no second event for its epoch."""
+        self.sampler.set_selection(state.selected_rows)
+        self.sampler.set_epoch(state.epoch)
+        self._previous_selection = state.previous_selection
+        self._last_epoch_handled = state.epoch
+        self._epoch_start_step = state.epoch_start_step
+        self._restored_aux_num_refreshes = state.aux_num_refreshes
+        if "reference.chosen" in tensors:
+            self._reference = PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"])
+        if "auxiliary.chosen" in tensors:
+            self._auxiliary_log_probs = PairLogProbs(tensors["auxiliary.chosen"], tensors["auxiliary.rejected"])
 
     # ----- side effects -----
 

@@ -39,6 +39,10 @@ class SelectionHistory:
     def reset(self) -> None:
         _write_atomically(self.path, b"")
 
+    def rewrite(self, data: bytes) -> None:
+        """Replace the whole file (a resume restores the checkpoint's copy)."""
+        _write_atomically(self.path, data)
+
     def append(self, record: dict[str, Any]) -> None:
         existing = self.path.read_bytes() if self.path.exists() else b""
         line = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"

@@ -70,6 +70,18 @@ class RetimedLR(LambdaLR):
         """Re-time an HF `LambdaLR` (what `transformers.get_scheduler` returns for every LambdaLR schedule)."""
         return cls(optimizer, list(scheduler.lr_lambdas), horizon)
 
+    def state_dict(self) -> dict:
+        """`LambdaLR.state_dict` without each schedule's `base` callable: the retiming is plain numbers.
+
+        The Trainer reloads `scheduler.pt` with `torch.load(weights_only=True)`, which refuses pickled callables; `base`
+        is rebuilt from the config when the scheduler is created, so the checkpoint needs only the anchors.
+        """
+        state = super().state_dict()
+        state["lr_lambdas"] = [
+            {key: value for key, value in schedule.items() if key != "base"} for schedule in state["lr_lambdas"]
+        ]
+        return state
+
     @property
     def real_end(self) -> int:
         """The real step on which the schedule reaches its end."""

@@ -8,8 +8,10 @@ LR horizon follow the live selection, and knows how to get reference log-probs. 
 from __future__ import annotations
 
 import logging
+import os
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,16 +25,32 @@ from transformers import (
     ProcessorMixin,
     TrainerCallback,
 )
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalPrediction, get_last_checkpoint
 from trl import DPOTrainer
 
 from .callback import SelectionCallback
+from .checkpoint import (
+    SelectionState,
+    check_resumable,
+    config_fingerprint,
+    load_selection_state,
+    pool_fingerprint,
+    resume_position,
+    save_selection_state,
+)
 from .config import SelectiveDPOConfig, SelectiveSLiCConfig
+from .history import HISTORY_FILENAME
 from .reporting import default_reporters
 from .sampler import SelectionSampler
 from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs
 from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
+from .validation import (
+    check_bands_can_fill_a_batch,
+    check_enough_validation_pairs,
+    check_preference_rows,
+    min_selection_size,
+)
 
 
 if TYPE_CHECKING:
@@ -95,6 +113,11 @@ class SelectiveDPOTrainer(DPOTrainer):
             if validation_dataset is None:
                 validation_dataset = eval_dataset
             validation_dataset = self._check_validation_dataset(validation_dataset, args)
+            check_bands_can_fill_a_batch(
+                len(train_dataset),
+                args.percentile_bands(),
+                min_selection_size(args.per_device_train_batch_size, args.world_size),
+            )
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -112,6 +135,8 @@ class SelectiveDPOTrainer(DPOTrainer):
 
         self.selection_sampler: SelectionSampler | None = None
         self.selection_callback: SelectionCallback | None = None
+        self._pool_fingerprint: dict[str, Any] | None = None
+        self._resumed_selection: tuple[SelectionState, dict[str, torch.Tensor], str] | None = None
         if not args.selection_enabled:
             return
         self.pair_ids = self._stable_pair_ids(self.train_dataset)
@@ -122,6 +147,12 @@ class SelectiveDPOTrainer(DPOTrainer):
                 validation_dataset = self._prepare_dataset(
                     validation_dataset, self.processing_class, self.args, "validation"
                 )
+            check_enough_validation_pairs(
+                len(validation_dataset),
+                args.aux_batch_size or args.per_device_train_batch_size,
+                self.accelerator.num_processes,
+                "`validation_dataset` after tokenization (TRL drops pairs whose prompt fills `max_length`)",
+            )
         self.selection_sampler = SelectionSampler(
             len(self.train_dataset),
             max_batch_size=args.per_device_train_batch_size,
@@ -157,6 +188,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         if len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty: selection needs at least one preference pair.")
+        check_preference_rows(train_dataset, "train_dataset")
         if ROW_INDEX_COLUMN in train_dataset.column_names:
             train_dataset = train_dataset.remove_columns(ROW_INDEX_COLUMN)
         return train_dataset.add_column(ROW_INDEX_COLUMN, list(range(len(train_dataset))))
@@ -177,6 +209,13 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         if len(validation_dataset) == 0:
             raise ValueError("`validation_dataset` is empty: the auxiliary model needs validation pairs to align on.")
+        check_preference_rows(validation_dataset, "validation_dataset")
+        check_enough_validation_pairs(
+            len(validation_dataset),
+            args.aux_batch_size or args.per_device_train_batch_size,
+            args.world_size,
+            "`validation_dataset`",
+        )
         return validation_dataset
 
     @staticmethod
@@ -237,6 +276,73 @@ class SelectiveDPOTrainer(DPOTrainer):
                 num_batches, self.args.gradient_accumulation_steps
             )
         return super()._run_epoch(*args, **kwargs)
+
+    # ----- checkpoints and resume -----
+
+    def pool_fingerprint(self) -> dict[str, Any]:
+        """The training pool's fingerprint (pair ids + token hash), computed once: a resume must match it."""
+        if self._pool_fingerprint is None:
+            self._pool_fingerprint = pool_fingerprint(self.pair_ids, self.train_dataset)
+        return self._pool_fingerprint
+
+    def _selection_config_fingerprint(self) -> dict[str, Any]:
+        return config_fingerprint(self.args, self.accelerator.num_processes)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        # The checkpoint is checked against this run before the Trainer loads any weights or runs any forward.
+        self._resumed_selection = None
+        if self.selection_callback is not None and resume_from_checkpoint not in (None, False):
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            state, tensors = load_selection_state(resume_from_checkpoint)
+            check_resumable(
+                state, self.pool_fingerprint(), self._selection_config_fingerprint(), resume_from_checkpoint
+            )
+            self._resumed_selection = (state, tensors, str(resume_from_checkpoint))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple[int, int]:
+        epochs_trained, batches_trained = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        if self._resumed_selection is None or resume_from_checkpoint is None:
+            return epochs_trained, batches_trained
+        # The Trainer's `global_step // num_update_steps_per_epoch` assumes full-pool epochs; the saved state knows
+        # where the selected epoch began and how long it is.
+        state, tensors, checkpoint_dir = self._resumed_selection
+        self.selection_callback.restore_selection_state(state, tensors)
+        if self.accelerator.is_main_process:
+            # Events after the checkpoint are dropped: the resumed run records them again.
+            history = Path(checkpoint_dir) / HISTORY_FILENAME
+            self.selection_callback.history.rewrite(history.read_bytes() if history.is_file() else b"")
+        epochs_trained, batches_trained = resume_position(
+            state, self.state.global_step, self.args.gradient_accumulation_steps
+        )
+        logger.info(
+            "Resuming selection from %s: epoch %d, %d of its batches already trained, %d pairs selected.",
+            checkpoint_dir,
+            epochs_trained,
+            batches_trained,
+            len(state.selected_rows),
+        )
+        return epochs_trained, 0 if self.args.ignore_data_skip else batches_trained
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Written before the Trainer's files: its `trainer_state.json`, written last, marks a complete checkpoint.
+        if self.selection_callback is not None and self.args.should_save:
+            checkpoint_dir = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            state, tensors = self.selection_callback.selection_state(
+                self.state.global_step, self.pool_fingerprint(), self._selection_config_fingerprint()
+            )
+            history = self.selection_callback.history.path
+            save_selection_state(checkpoint_dir, state, tensors, history.read_bytes() if history.is_file() else b"")
+        super()._save_checkpoint(model, trial)
 
 
 class SelectiveSLiCTrainer(SelectiveDPOTrainer):

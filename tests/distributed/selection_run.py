@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument(
         "--break_rank1_scoring", action="store_true", help="A deliberately broken variant: rank 1 skips a batch."
     )
+    parser.add_argument("--save_steps", type=int, default=0, help="Checkpoint every this many steps (0: never).")
+    parser.add_argument("--resume", default=None, help="A checkpoint to resume from.")
     options = parser.parse_args()
     out = Path(options.out)
 
@@ -136,6 +138,7 @@ def main() -> None:
         selection_rule=options.rule,
         precompute_ref_log_probs=options.precompute_ref,
         accelerator_config={"use_configured_state": options.deepspeed is not None},
+        **({"save_strategy": "steps", "save_steps": options.save_steps} if options.save_steps else {}),
     )
     extra = {"ref_model": copy.deepcopy(model)}
     if options.peft:
@@ -145,7 +148,7 @@ def main() -> None:
     trainer = RecordingTrainer(
         model, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer, **extra
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=options.resume)
 
     id_of_prompt = dict(zip(pool["prompt"], pool["id"], strict=True))
     state = trainer.accelerator.state
@@ -155,6 +158,8 @@ def main() -> None:
         "distributed_type": str(state.distributed_type),
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "trained_ids": {epoch: [id_of_prompt[p] for p in prompts] for epoch, prompts in trainer.received.items()},
+        "step_ids": {step: [id_of_prompt[p] for p in prompts] for step, prompts in trainer.step_prompts.items()},
+        "step_lr": trainer.step_lr,
         "aux_hashes": aux_hashes,
         "policy_untouched_by_aux": untouched,
         "history": read_history(out / "run") if state.is_main_process else None,

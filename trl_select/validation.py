@@ -1,0 +1,152 @@
+"""Checks on the user's preference data, run on the raw datasets before TRL tokenizes them or any model runs.
+
+Each check raises with the dataset, the column, the first offending rows (row index and `id`) and the fix, so that
+a bad row fails in seconds instead of as a NaN or a crash an epoch later.
+
+Accepted, as in TRL's `DPOTrainer`: `chosen`/`rejected` as strings or conversations (lists of `{"role", "content"}`
+messages), `prompt` likewise or absent (TRL then extracts the shared prefix of `chosen` and `rejected`); a dataset
+already tokenized (`prompt_ids`, `chosen_ids`, `rejected_ids`) is not checked here. Empty prompts are allowed (a
+preference between two unconditioned completions is valid data); empty completions are not.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from datasets import Dataset
+
+
+TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+_MAX_ROWS_NAMED = 5
+_SCAN_BATCH_SIZE = 1024
+
+
+def _name_rows(rows: list[tuple[int, Any]]) -> str:
+    """`row 3 (id 'a'), row 7 (id 'b')`, the first few only."""
+    named = [f"row {row} (id {pair_id!r})" if pair_id is not None else f"row {row}" for row, pair_id in rows]
+    more = f" and {len(rows) - _MAX_ROWS_NAMED} more" if len(rows) > _MAX_ROWS_NAMED else ""
+    return ", ".join(named[:_MAX_ROWS_NAMED]) + more
+
+
+def _is_conversation(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _is_empty(value: Any) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return not value or all(not str(message["content"]).strip() for message in value)
+
+
+def check_preference_rows(dataset: Dataset, name: str) -> None:
+    """Raise (`ValueError`/`TypeError`) naming `name`, the column, the rows and the fix, for any malformed pair.
+
+    Checks: `chosen` and `rejected` columns present; every `prompt`/`chosen`/`rejected` value a string or a
+    conversation; no empty `chosen`/`rejected`; `chosen != rejected` (such a pair has `h_θ(z) = 0` for every θ, so it
+    carries no preference and only dilutes the percentiles); `id`, if present, set on every row and unique.
+    """
+    columns = set(dataset.column_names)
+    if set(TOKENIZED_COLUMNS) <= columns:
+        return
+    missing = [column for column in ("chosen", "rejected") if column not in columns]
+    if missing:
+        raise ValueError(
+            f"`{name}` has no {' or '.join(f'`{c}`' for c in missing)} column (columns: {sorted(columns)}). A "
+            "preference dataset needs `chosen` and `rejected` (and usually `prompt`); rename yours with "
+            "`dataset.rename_column(old, new)`."
+        )
+    text_columns = [column for column in TEXT_COLUMNS if column in columns]
+    has_id = "id" in columns
+    wrong_type: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+    empty: dict[str, list[tuple[int, Any]]] = defaultdict(list)
+    identical: list[tuple[int, Any]] = []
+    missing_id: list[tuple[int, Any]] = []
+    rows_of_id: dict[Any, list[int]] = defaultdict(list)
+    offset = 0
+    scanned = dataset.select_columns(text_columns + (["id"] if has_id else []))
+    for batch in scanned.iter(batch_size=_SCAN_BATCH_SIZE):
+        size = len(batch["chosen"])
+        for i in range(size):
+            row = offset + i
+            pair_id = batch["id"][i] if has_id else None
+            if has_id:
+                if pair_id is None:
+                    missing_id.append((row, None))
+                else:
+                    rows_of_id[pair_id].append(row)
+            values = {column: batch[column][i] for column in text_columns}
+            bad = [c for c, v in values.items() if not (isinstance(v, str) or _is_conversation(v))]
+            for column in bad:
+                wrong_type[column].append((row, pair_id))
+            for column in ("chosen", "rejected"):
+                if column not in bad and _is_empty(values[column]):
+                    empty[column].append((row, pair_id))
+            if not bad and values["chosen"] == values["rejected"]:
+                identical.append((row, pair_id))
+        offset += size
+    for column, rows in wrong_type.items():
+        example = dataset[rows[0][0]][column]
+        raise TypeError(
+            f"`{name}` column `{column}` must hold strings or conversations (lists of {{'role', 'content'}} "
+            f"messages); {len(rows)} row(s) do not, e.g. {type(example).__name__} {example!r:.60} at "
+            f"{_name_rows(rows)}. Fix or drop those rows (`dataset.filter(...)`)."
+        )
+    for column, rows in empty.items():
+        raise ValueError(
+            f"`{name}` column `{column}` is empty in {len(rows)} row(s): {_name_rows(rows)}. An empty completion has "
+            "no tokens to score; drop those rows (`dataset.filter(...)`)."
+        )
+    if identical:
+        raise ValueError(
+            f"`{name}` has {len(identical)} pair(s) whose `chosen` equals `rejected`: {_name_rows(identical)}. Such a "
+            "pair states no preference (its reward margin is 0 for every model); drop it, e.g. "
+            "`dataset.filter(lambda r: r['chosen'] != r['rejected'])`."
+        )
+    if missing_id:
+        raise ValueError(
+            f"`{name}` column `id` is missing (None) in {len(missing_id)} row(s): {_name_rows(missing_id)}. Give every"
+            " pair an id, or remove the `id` column to use row indices."
+        )
+    duplicates = {pair_id: rows for pair_id, rows in rows_of_id.items() if len(rows) > 1}
+    if duplicates:
+        shown = "; ".join(f"id {pair_id!r} at rows {rows}" for pair_id, rows in list(duplicates.items())[:5])
+        raise ValueError(
+            f"`{name}` column `id` has {len(duplicates)} duplicated value(s): {shown}. Pair ids must be unique (the "
+            "selection history records pairs by id); deduplicate the rows or remove the `id` column to use row indices."
+        )
+
+
+def check_enough_validation_pairs(num_pairs: int, batch_size: int, world_size: int, what: str) -> None:
+    """The aux model's alignment stage needs at least one batch per rank: `num_pairs >= batch_size * world_size`."""
+    if num_pairs < batch_size * world_size:
+        raise ValueError(
+            f"{what} has {num_pairs} pairs, fewer than one aux batch per rank ({batch_size} x {world_size} ranks = "
+            f"{batch_size * world_size}). Add validation pairs, or lower `aux_batch_size` (defaults to "
+            "`per_device_train_batch_size`)."
+        )
+
+
+def min_selection_size(batch_size: int, world_size: int) -> int:
+    """The fewest pairs a selection may keep: one full batch on every rank."""
+    return batch_size * world_size
+
+
+def check_bands_can_fill_a_batch(pool_size: int, bands: dict[str, tuple[float, float]], minimum: int) -> None:
+    """Refuse bands that would keep fewer than `minimum` pairs of `pool_size` (score bands taken as independent).
+
+    A single band keeps about `pool_size * (hi - lo) / 100` pairs; LossDiff-IRM about the product of the two
+    fractions (DESIGN.md §4: 64% for 10-90 bands). Below one batch per rank, the run would stop at its first selection.
+    """
+    expected = float(pool_size)
+    for lo, hi in bands.values():
+        expected *= (hi - lo) / 100
+    if expected < minimum:
+        names = ", ".join(
+            f"`{score}_lo_percentile`/`{score}_hi_percentile` = {lo}/{hi}" for score, (lo, hi) in bands.items()
+        )
+        raise ValueError(
+            f"The selection bands ({names}) keep about {expected:.1f} of the {pool_size} training pairs, fewer than "
+            f"one batch per rank ({minimum}). Widen the bands or add training pairs."
+        )
