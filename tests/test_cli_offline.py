@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 
@@ -137,3 +138,29 @@ def test_select_plugins_and_errors(scored, tmp_path, capsys):
     assert main(["select", str(missing), "--rule", "lossdiff_irm", "--dataset", str(root / "train.jsonl"),
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
     assert "has no ['lossdiff'] column" in capsys.readouterr().err
+
+
+def test_score_with_two_processes_matches_one(scored, tmp_path):
+    root = scored["root"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    common = [
+        "--model", str(root / "policy"), "--ref_model", str(root / "reference"), "--dataset", str(root / "train.jsonl"),
+        "--beta", str(BETA), "--max_length", "64", "--batch_size", "16", "--use_cpu",
+    ]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trl_select.cli", "score"]
+    result = subprocess.run(
+        [*launch, *common, "--scores", "irm", "--out", str(tmp_path / "two.parquet")],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (read_score_file(path).event for path in (root / "scores.parquet", tmp_path / "two.parquet"))
+    assert two.pair_ids == one.pair_ids
+    np.testing.assert_allclose(two.scores["irm"], one.scores["irm"], rtol=1e-5, atol=1e-5)
+    # The influence score refuses several processes instead of returning per-rank numbers.
+    result = subprocess.run(
+        [*launch, *common, "--validation", str(root / "validation.jsonl"), "--scores", "influence",
+         "--out", str(tmp_path / "influence.parquet")],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0 and "runs on one process only; this run has 2" in result.stderr
+    assert not (tmp_path / "influence.parquet").exists()
