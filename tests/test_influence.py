@@ -152,3 +152,35 @@ def test_tif_rule_drives_a_training_run(tmp_path, tokenizer, tiny_model, pool, v
     record = read_history(tmp_path)[1]
     assert record["rule"] == "tif" and set(record["thresholds"]) == {"influence"}
     assert record["num_selected"] == 80  # 10-90 band of 100 distinct scores
+
+
+def test_influence_under_peft_is_over_the_lora_parameters(tmp_path, tokenizer, tiny_model, pool, validation):
+    from peft import LoraConfig
+
+    args = fast_config(tmp_path, num_train_epochs=1, selection_rule="tif", beta=BETA, learning_rate=5e-3,
+                       max_length=64)  # fmt: skip
+    trainer = SelectiveDPOTrainer(
+        tiny_model, args=args, train_dataset=pool.select(range(32)), eval_dataset=validation.select(range(8)),
+        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )  # fmt: skip
+    trainer.train()  # one warm-up epoch moves the LoRA weights off zero
+    scores = trainer.selection_callback._compute_scores(1, {}, ("influence",))["influence"]
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    def loss(row):
+        chosen, rejected = pair_log_probs(model, row)
+        with torch.no_grad(), model.disable_adapter():  # π_ref of a PEFT policy: the base model
+            ref_chosen, ref_rejected = pair_log_probs(model, row)
+        return preference_loss((chosen - ref_chosen) - (rejected - ref_rejected), BETA, "sigmoid")
+
+    validation_rows = token_rows(trainer.selection_callback.validation_dataset)
+    validation_grad = torch.autograd.grad(torch.stack([loss(r) for r in validation_rows]).mean(), lora)
+    expected = [
+        sum((a * b).sum() for a, b in zip(validation_grad, torch.autograd.grad(loss(row), lora), strict=True)).item()
+        for row in token_rows(trainer.train_dataset, 8)
+    ]
+    assert np.abs(expected).max() > 1e-4
+    np.testing.assert_allclose(scores[:8], expected, rtol=2e-3, atol=1e-6)
