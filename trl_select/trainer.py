@@ -139,6 +139,13 @@ class SelectiveDPOTrainer(DPOTrainer):
         self._resumed_selection: tuple[SelectionState, dict[str, torch.Tensor], str] | None = None
         if not args.selection_enabled:
             return
+        if "influence" in args.required_scores and self.accelerator.num_processes > 1:
+            # Fail now rather than after the warm-up epochs, at the first selection event.
+            raise NotImplementedError(
+                f"`selection_rule={args.selection_rule!r}` uses the exact influence score, which runs on one process "
+                f"only; this run has {self.accelerator.num_processes}. Use `lossdiff_irm`, or score offline on one "
+                "process with `trl-select score --scores influence` and train on `trl-select select`'s subset."
+            )
         self.pair_ids = self._stable_pair_ids(self.train_dataset)
         if validation_dataset is not None:
             if validation_dataset is eval_dataset and isinstance(self.eval_dataset, Dataset):
@@ -195,12 +202,13 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     @staticmethod
     def _check_validation_dataset(validation_dataset, args: SelectiveDPOConfig) -> Dataset | None:
-        if not args.needs_auxiliary:
-            return None  # only LossDiff's aux model uses validation pairs
+        if not args.needs_validation:
+            return None  # only LossDiff's aux model and validation-directed scores (influence) use validation pairs
         if validation_dataset is None:
             raise ValueError(
-                f"`selection_rule={args.selection_rule!r}` uses LossDiff, which needs validation pairs to align the "
-                "auxiliary model on: pass `validation_dataset=` (or `eval_dataset=`), or use `selection_rule='irm_band'`."
+                f"`selection_rule={args.selection_rule!r}` uses {list(args.required_scores)}, which need validation "
+                "pairs (LossDiff aligns the auxiliary model on them): pass `validation_dataset=` (or `eval_dataset=`), "
+                "or use `selection_rule='irm_band'`."
             )
         if not isinstance(validation_dataset, Dataset):
             raise TypeError(
