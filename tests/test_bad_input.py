@@ -106,6 +106,12 @@ def test_bands_that_cannot_fill_a_batch_fail_at_construction(tmp_path, tokenizer
            selection_rule="irm_band")  # fmt: skip  # 20 pairs >= 16
 
 
+def test_a_selection_fraction_that_cannot_fill_a_batch_fails_at_construction(tmp_path, tokenizer, tiny_model, pool):
+    with pytest.raises(ValueError, match=r"`selection_fraction=0.12` keeps 12 of the 100.*at least 0.16"):
+        _build(tmp_path, tiny_model, tokenizer, pool, selection_rule="reward_gap", selection_fraction=0.12)
+    _build(tmp_path, tiny_model, tokenizer, pool, selection_rule="davir", selection_fraction=0.16)  # 16 pairs: enough
+
+
 def _scores_with(monkeypatch, edit) -> None:
     """Let `edit(scores)` change the scores of every selection event before the rule sees them."""
     original = SelectionCallback._compute_scores

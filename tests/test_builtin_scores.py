@@ -25,7 +25,7 @@ def moved_trainer(tmp_path, tokenizer, tiny_model, pool):
     with torch.no_grad():
         for parameter in tiny_model.parameters():
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    args = fast_config(tmp_path, selection_rule="reward_gap", beta=BETA, max_length=64)
+    args = fast_config(tmp_path, selection_rule="reward_gap", beta=BETA, max_length=64, per_device_train_batch_size=2)
     trainer = SelectiveDPOTrainer(
         tiny_model, ref_model=reference, args=args, train_dataset=pool.select(range(24)), processing_class=tokenizer
     )
@@ -52,16 +52,16 @@ def test_reward_gap_and_davir_match_per_pair_forwards(moved_trainer):
 
 @pytest.mark.parametrize("rule, score, smallest", [("reward_gap", "reward_gap", True), ("davir", "davir", False)])
 def test_fraction_rules_select_in_a_training_run(tmp_path, tokenizer, tiny_model, pool, rule, score, smallest):
-    args = fast_config(tmp_path, num_train_epochs=2, selection_rule=rule, selection_fraction=0.12)
+    args = fast_config(tmp_path, num_train_epochs=2, selection_rule=rule, selection_fraction=0.2)
     trainer = SelectiveDPOTrainer(
         tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, processing_class=tokenizer
     )
     trainer.train()
     event = read_score_files(tmp_path)[-1].event
-    assert event.rule == rule and set(event.scores) == {score} and event.keep.sum() == 12
+    assert event.rule == rule and set(event.scores) == {score} and event.keep.sum() == 20
     values = event.scores[score]
     if smallest:
         assert values[event.keep].max() <= values[~event.keep].min()
     else:
         assert values[event.keep].min() >= values[~event.keep].max()
-    assert event.bands[score].hi_percentile == (12.0 if smallest else 100.0)
+    assert event.bands[score].hi_percentile == (20.0 if smallest else 100.0)

@@ -46,8 +46,10 @@ from .schedule import RetimedLR, update_steps_per_epoch
 from .scores import PairLogProbs
 from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
 from .validation import (
+    FRACTION_RULES,
     check_bands_can_fill_a_batch,
     check_enough_validation_pairs,
+    check_fraction_can_fill_a_batch,
     check_preference_rows,
     min_selection_size,
 )
@@ -113,11 +115,11 @@ class SelectiveDPOTrainer(DPOTrainer):
             if validation_dataset is None:
                 validation_dataset = eval_dataset
             validation_dataset = self._check_validation_dataset(validation_dataset, args)
-            check_bands_can_fill_a_batch(
-                len(train_dataset),
-                args.percentile_bands(),
-                min_selection_size(args.per_device_train_batch_size, args.world_size),
-            )
+            minimum = min_selection_size(args.per_device_train_batch_size, args.world_size)
+            if args.selection_rule in FRACTION_RULES:
+                check_fraction_can_fill_a_batch(len(train_dataset), args.selection_fraction, minimum)
+            else:
+                check_bands_can_fill_a_batch(len(train_dataset), args.percentile_bands(), minimum)
         super().__init__(
             model=model,
             ref_model=ref_model,
@@ -154,10 +156,12 @@ class SelectiveDPOTrainer(DPOTrainer):
                 validation_dataset = self._prepare_dataset(
                     validation_dataset, self.processing_class, self.args, "validation"
                 )
+        if validation_dataset is not None:
             check_enough_validation_pairs(
                 len(validation_dataset),
-                args.aux_batch_size or args.per_device_train_batch_size,
-                self.accelerator.num_processes,
+                # the aux stage trains on whole batches on every rank; influence reads any number of pairs
+                (args.aux_batch_size or args.per_device_train_batch_size) if args.needs_auxiliary else 1,
+                self.accelerator.num_processes if args.needs_auxiliary else 1,
                 "`validation_dataset` after tokenization (TRL drops pairs whose prompt fills `max_length`)",
             )
         self.selection_sampler = SelectionSampler(
@@ -218,12 +222,13 @@ class SelectiveDPOTrainer(DPOTrainer):
         if len(validation_dataset) == 0:
             raise ValueError("`validation_dataset` is empty: the auxiliary model needs validation pairs to align on.")
         check_preference_rows(validation_dataset, "validation_dataset")
-        check_enough_validation_pairs(
-            len(validation_dataset),
-            args.aux_batch_size or args.per_device_train_batch_size,
-            args.world_size,
-            "`validation_dataset`",
-        )
+        if args.needs_auxiliary:  # the aux stage trains on whole batches; influence reads any number of pairs
+            check_enough_validation_pairs(
+                len(validation_dataset),
+                args.aux_batch_size or args.per_device_train_batch_size,
+                args.world_size,
+                "`validation_dataset`",
+            )
         return validation_dataset
 
     @staticmethod

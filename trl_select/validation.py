@@ -150,3 +150,17 @@ def check_bands_can_fill_a_batch(pool_size: int, bands: dict[str, tuple[float, f
             f"The selection bands ({names}) keep about {expected:.1f} of the {pool_size} training pairs, fewer than "
             f"one batch per rank ({minimum}). Widen the bands or add training pairs."
         )
+
+
+# Built-in rules that keep a fixed fraction of the pool (`selection_fraction`) instead of percentile bands.
+FRACTION_RULES = ("reward_gap", "davir")
+
+
+def check_fraction_can_fill_a_batch(pool_size: int, fraction: float, minimum: int) -> None:
+    """Refuse a `selection_fraction` that keeps fewer than `minimum` of `pool_size` pairs (it keeps round(f·N))."""
+    kept = max(1, round(fraction * pool_size))
+    if kept < minimum:
+        raise ValueError(
+            f"`selection_fraction={fraction}` keeps {kept} of the {pool_size} training pairs, fewer than one batch per "
+            f"rank ({minimum}). Raise `selection_fraction` to at least {minimum / pool_size:.3g} or add training pairs."
+        )
