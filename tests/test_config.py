@@ -95,3 +95,24 @@ def test_deepspeed_precision_mismatch_is_refused_when_the_config_is_built(tmp_pa
     deepspeed["bf16"]["enabled"] = "auto"
     config = SelectiveDPOConfig(output_dir=str(tmp_path), deepspeed=deepspeed, bf16=True, use_cpu=True)
     assert config.hf_deepspeed_config.config["bf16"]["enabled"] is True
+
+
+def test_public_api_resolves_lazily_and_completely():
+    import importlib
+    import subprocess
+    import sys
+
+    import trl_select
+
+    assert sorted(trl_select.__all__) == sorted(trl_select._EXPORTS)
+    for name in trl_select.__all__:
+        assert getattr(trl_select, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'SelectiveDPOTrainr'"):
+        trl_select.SelectiveDPOTrainr  # noqa: B018
+    assert importlib.import_module("trl_select.cli").main is not None
+    # The CLI (e.g. `trl-select plot`) starts without importing the trainer stack
+    code = "import sys, trl_select.cli; print(any(m.startswith(('trl.', 'transformers')) for m in sys.modules))"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        == "False"
+    )

@@ -1,22 +1,47 @@
-"""trl-select: DPO and SLiC trainers for TRL that choose, epoch by epoch, which preference pairs to learn from."""
+"""trl-select: DPO and SLiC trainers for TRL that choose, epoch by epoch, which preference pairs to learn from.
 
-from .callback import SelectionCallback
-from .config import SelectiveDPOConfig, SelectiveSLiCConfig
-from .history import read_history
-from .registry import ScoringContext, SelectionContext, register_rule, register_scorer
-from .reporting import read_score_file, read_score_files
-from .rules import intersection, jaccard, overlap_coefficient, percentile_band, union
-from .scores import PairLogProbs, implicit_reward_margin, loss_difference, preference_loss
-from .trainer import SelectiveDPOTrainer, SelectiveSLiCTrainer
+The public names are imported on first use (PEP 562), as in transformers and TRL: `trl-select plot` and the pure math
+modules then start without importing the trainer stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 
 __version__ = "0.1.0"
 
+# Public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "SelectionCallback": "callback",
+    "SelectiveDPOConfig": "config",
+    "SelectiveSLiCConfig": "config",
+    "read_history": "history",
+    "ScoringContext": "registry",
+    "SelectionContext": "registry",
+    "register_rule": "registry",
+    "register_scorer": "registry",
+    "read_score_file": "reporting",
+    "read_score_files": "reporting",
+    "intersection": "rules",
+    "jaccard": "rules",
+    "overlap_coefficient": "rules",
+    "percentile_band": "rules",
+    "union": "rules",
+    "PairLogProbs": "scores",
+    "implicit_reward_margin": "scores",
+    "loss_difference": "scores",
+    "preference_loss": "scores",
+    "SelectiveDPOTrainer": "trainer",
+    "SelectiveSLiCTrainer": "trainer",
+}
+
 __all__ = [
     "PairLogProbs",
     "ScoringContext",
-    "SelectionContext",
     "SelectionCallback",
+    "SelectionContext",
     "SelectiveDPOConfig",
     "SelectiveDPOTrainer",
     "SelectiveSLiCConfig",
@@ -35,3 +60,26 @@ __all__ = [
     "register_scorer",
     "union",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:
+    from .callback import SelectionCallback
+    from .config import SelectiveDPOConfig, SelectiveSLiCConfig
+    from .history import read_history
+    from .registry import ScoringContext, SelectionContext, register_rule, register_scorer
+    from .reporting import read_score_file, read_score_files
+    from .rules import intersection, jaccard, overlap_coefficient, percentile_band, union
+    from .scores import PairLogProbs, implicit_reward_margin, loss_difference, preference_loss
+    from .trainer import SelectiveDPOTrainer, SelectiveSLiCTrainer
