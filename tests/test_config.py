@@ -28,7 +28,7 @@ def test_every_selection_field_has_help():
 
     base = {f.name for f in dataclasses.fields(DPOConfig)}
     added = [f for f in dataclasses.fields(SelectiveDPOConfig) if f.name not in base]
-    assert len(added) == 13
+    assert len(added) == 16
     assert all(f.metadata.get("help") for f in added)
 
 
@@ -38,6 +38,9 @@ def test_every_selection_field_has_help():
         ({"selection_rule": "best"}, "selection_rule"),
         ({"irm_lo_percentile": 95.0}, "irm_lo_percentile"),
         ({"lossdiff_hi_percentile": 101.0}, "lossdiff_lo_percentile"),
+        ({"influence_lo_percentile": -1.0}, "influence_lo_percentile"),
+        ({"selection_fraction": 0.0}, "selection_fraction"),
+        ({"selection_fraction": 1.5}, "selection_fraction"),
         ({"selection_warmup_epochs": 0}, "selection_warmup_epochs"),
         ({"aux_refresh_epochs": 0}, "aux_refresh_epochs"),
         ({"aux_num_train_epochs": 0.0}, "aux_num_train_epochs"),

@@ -176,10 +176,10 @@ def test_rule_none_is_exactly_dpo_trainer(tmp_path, tokenizer, pool):
 
 def test_slic_scores_with_the_hinge_loss(tmp_path, tokenizer, tiny_model, pool, validation, monkeypatch):
     import trl_select.auxiliary
-    import trl_select.callback
+    import trl_select.registry_builtins
 
     seen = []
-    for module in (trl_select.callback, trl_select.auxiliary):
+    for module in (trl_select.registry_builtins, trl_select.auxiliary):
         original = module.loss_difference if hasattr(module, "loss_difference") else module.preference_loss
         name = "loss_difference" if hasattr(module, "loss_difference") else "preference_loss"
 

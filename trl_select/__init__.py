@@ -3,6 +3,7 @@
 from .callback import SelectionCallback
 from .config import SelectiveDPOConfig, SelectiveSLiCConfig
 from .history import read_history
+from .registry import ScoringContext, SelectionContext, register_rule, register_scorer
 from .reporting import read_score_file, read_score_files
 from .rules import intersection, jaccard, overlap_coefficient, percentile_band, union
 from .scores import PairLogProbs, implicit_reward_margin, loss_difference, preference_loss
@@ -13,6 +14,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PairLogProbs",
+    "ScoringContext",
+    "SelectionContext",
     "SelectionCallback",
     "SelectiveDPOConfig",
     "SelectiveDPOTrainer",
@@ -28,5 +31,7 @@ __all__ = [
     "read_history",
     "read_score_file",
     "read_score_files",
+    "register_rule",
+    "register_scorer",
     "union",
 ]

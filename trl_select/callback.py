@@ -15,9 +15,10 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .auxiliary import AlignmentSettings, AuxiliaryModel
 from .history import SelectionHistory
-from .rules import Band, band_intersection, jaccard, score_quantiles
+from .registry import ScoringContext, SelectionContext, apply_rule, run_scorer, scorer_needs
+from .rules import Band, jaccard, score_quantiles
 from .schedule import RetimedLR, update_steps_per_epoch
-from .scores import PairLogProbs, implicit_reward_margin, loss_difference
+from .scores import PairLogProbs
 from .scoring import build_pass_loader, check_same_on_all_ranks, inference_mode, run_log_prob_pass, sequence_log_probs
 
 
@@ -79,6 +80,7 @@ class SelectionCallback(TrainerCallback):
         self.pair_ids: list[Any] = trainer.pair_ids
         self._pool_loader = None
         self._reference: PairLogProbs | None = None
+        self._validation_reference: PairLogProbs | None = None
         self._auxiliary_log_probs: PairLogProbs | None = None
         self._auxiliary: AuxiliaryModel | None = None
         self._previous_selection: list[int] | None = None
@@ -142,14 +144,15 @@ class SelectionCallback(TrainerCallback):
         start = time.perf_counter()
         metrics: dict[str, float] = {}
         scores = self._compute_scores(epoch, metrics)
-        keep, bands = band_intersection(scores, args.percentile_bands())
+        keep, bands = apply_rule(args.selection_rule, scores, self.selection_context(epoch))
         selected = np.flatnonzero(keep).tolist()
         pool_size = self.sampler.pool_size
         if not selected:
             raise RuntimeError(
                 f"Epoch {epoch}: selection_rule={args.selection_rule!r} kept no pair out of {pool_size} "
                 f"(bands {args.percentile_bands()}; non-finite scores: "
-                f"{ {name: int((~np.isfinite(s)).sum()) for name, s in scores.items()} }). Widen the bands."
+                f"{ {name: int((~np.isfinite(s)).sum()) for name, s in scores.items()} }). Widen the bands or "
+                "loosen the rule."
             )
         similarity = jaccard(selected, self._previous_selection) if self._previous_selection is not None else 1.0
         self._apply_selection(epoch, selected)
@@ -216,39 +219,74 @@ class SelectionCallback(TrainerCallback):
             state,
         )
 
-    def _compute_scores(self, epoch: int, metrics: dict[str, float]) -> dict[str, np.ndarray]:
-        args = self.trainer.args
-        beta, loss_type = args.beta, args.loss_type[0]
-        with _timed(metrics, "selection/seconds_reference"):
-            reference = self.reference_log_probs()
-        with _timed(metrics, "selection/seconds_policy"):
-            policy = self.policy_log_probs()
-        scores: dict[str, np.ndarray] = {}
-        if "irm" in args.required_scores:
-            scores["irm"] = implicit_reward_margin(policy, reference, beta).double().numpy()
-        if "lossdiff" in args.required_scores:
-            if (
-                self._auxiliary_log_probs is None
-                or (epoch - args.selection_warmup_epochs) % args.aux_refresh_epochs == 0
-            ):
-                with _timed(metrics, "selection/seconds_aux"):
-                    result = self.auxiliary().refresh(self.pool_loader(), self.sampler.pool_size)
-                self._auxiliary_log_probs = result.pool_log_probs
-                metrics["selection/aux/refreshed"] = 1.0
-                metrics["selection/aux/val_loss_before"] = result.validation_loss_before
-                metrics["selection/aux/val_loss_after"] = result.validation_loss_after
-                metrics["selection/aux/steps"] = float(result.num_steps)
-                logger.info(
-                    "Aux model refreshed at epoch %d: validation loss %.4f -> %.4f in %d steps",
-                    epoch,
-                    result.validation_loss_before,
-                    result.validation_loss_after,
-                    result.num_steps,
-                )
-            scores["lossdiff"] = (
-                loss_difference(policy, self._auxiliary_log_probs, reference, beta, loss_type).double().numpy()
+    def selection_context(self, epoch: int) -> SelectionContext:
+        """What the rule sees besides the scores (the same on every rank)."""
+        trainer = self.trainer
+        return SelectionContext(
+            epoch=epoch,
+            seed=trainer.args.seed,
+            pool_size=self.sampler.pool_size,
+            pair_ids=self.pair_ids,
+            args=trainer.args,
+            dataset=trainer.train_dataset,
+        )
+
+    def _compute_scores(
+        self, epoch: int, metrics: dict[str, float], score_names: tuple[str, ...] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Every score in `score_names` (default: those `selection_rule` needs), computing only the inputs they need."""
+        args, trainer = self.trainer.args, self.trainer
+        score_names = args.required_scores if score_names is None else score_names
+        needs = scorer_needs(score_names)
+        inputs: dict[str, Any] = {}
+        if needs & {"reference", "auxiliary"}:
+            with _timed(metrics, "selection/seconds_reference"):
+                inputs["reference"] = self.reference_log_probs()
+        if "policy" in needs:
+            with _timed(metrics, "selection/seconds_policy"):
+                inputs["policy"] = self.policy_log_probs()
+        if "auxiliary" in needs:
+            inputs["auxiliary"] = self._auxiliary_pool_log_probs(epoch, metrics)
+        if "model" in needs:
+            inputs.update(
+                model=trainer.accelerator.unwrap_model(trainer.model),
+                pool=trainer.train_dataset,
+                collator=trainer.data_collator,
+                accelerator=trainer.accelerator,
+                batch_size=trainer.scoring_batch_size,
             )
-        return scores
+        if "validation" in needs:
+            inputs.update(
+                validation=self.validation_dataset, validation_reference=self.validation_reference_log_probs()
+            )
+        context = ScoringContext(
+            pool_size=self.sampler.pool_size,
+            beta=args.beta,
+            loss_type=args.loss_type[0],
+            selection=self.selection_context(epoch),
+            **inputs,
+        )
+        return {name: run_scorer(name, context) for name in score_names}
+
+    def _auxiliary_pool_log_probs(self, epoch: int, metrics: dict[str, float]) -> PairLogProbs:
+        """θ_aux's pool log-probs: rebuilt and realigned when due (`aux_refresh_epochs`), else the cached ones."""
+        args = self.trainer.args
+        if self._auxiliary_log_probs is None or (epoch - args.selection_warmup_epochs) % args.aux_refresh_epochs == 0:
+            with _timed(metrics, "selection/seconds_aux"):
+                result = self.auxiliary().refresh(self.pool_loader(), self.sampler.pool_size)
+            self._auxiliary_log_probs = result.pool_log_probs
+            metrics["selection/aux/refreshed"] = 1.0
+            metrics["selection/aux/val_loss_before"] = result.validation_loss_before
+            metrics["selection/aux/val_loss_after"] = result.validation_loss_after
+            metrics["selection/aux/steps"] = float(result.num_steps)
+            logger.info(
+                "Aux model refreshed at epoch %d: validation loss %.4f -> %.4f in %d steps",
+                epoch,
+                result.validation_loss_before,
+                result.validation_loss_after,
+                result.num_steps,
+            )
+        return self._auxiliary_log_probs
 
     # ----- log-prob passes (every rank) -----
 
@@ -283,15 +321,22 @@ class SelectionCallback(TrainerCallback):
             self._reference = self.trainer.reference_log_probs(self.trainer.train_dataset, self.pool_loader())
         return self._reference
 
-    def auxiliary(self) -> AuxiliaryModel:
-        if self._auxiliary is None:
-            trainer, args = self.trainer, self.trainer.args
-            validation_reference = trainer.reference_log_probs(
+    def validation_reference_log_probs(self) -> PairLogProbs:
+        """π_ref's log-probs over the validation pairs: computed once and cached."""
+        if self._validation_reference is None:
+            trainer = self.trainer
+            self._validation_reference = trainer.reference_log_probs(
                 self.validation_dataset,
                 build_pass_loader(
                     self.validation_dataset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
                 ),
             )
+        return self._validation_reference
+
+    def auxiliary(self) -> AuxiliaryModel:
+        if self._auxiliary is None:
+            trainer, args = self.trainer, self.trainer.args
+            validation_reference = self.validation_reference_log_probs()
             self._auxiliary = AuxiliaryModel(
                 policy=trainer.accelerator.unwrap_model(trainer.model),
                 accelerator=trainer.accelerator,

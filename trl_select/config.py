@@ -7,18 +7,11 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
-from .rules import check_percentile_band
+from .registry import get_rule, scorer_needs
+from .rules import check_fraction, check_percentile_band
 
 
 logger = logging.getLogger(__name__)
-
-# Rule name -> the scores it needs. Every built-in rule keeps the intersection of the percentile bands of its scores.
-RULE_SCORES: dict[str, tuple[str, ...]] = {
-    "lossdiff_irm": ("lossdiff", "irm"),
-    "irm_band": ("irm",),
-    "lossdiff_band": ("lossdiff",),
-    "none": (),
-}
 
 
 @dataclass
@@ -34,12 +27,18 @@ class SelectiveDPOConfig(DPOConfig):
         > Parameters that control the selection
 
         selection_rule (`str`, *optional*, defaults to `"lossdiff_irm"`):
+            A rule registered in `trl_select.registry` (built-in, or your own with `register_rule`).
             `"lossdiff_irm"`: keep a pair iff it lies in the LossDiff band and in the IRM band. `"irm_band"`: IRM band
             only. `"lossdiff_band"`: LossDiff band only. `"none"`: no selection; the trainer is exactly `DPOTrainer`.
         lossdiff_lo_percentile / lossdiff_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
             Percentile band of LossDiff `L(z; θ_t) - L(z; θ_aux)` over the whole pool, closed on both ends.
         irm_lo_percentile / irm_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
             Percentile band of the implicit reward margin `β·h_θt(z)` over the whole pool, closed on both ends.
+        influence_lo_percentile / influence_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
+            Percentile band of the exact influence `⟨∇L(D_val), ∇L(z)⟩` kept by the `tif` rule (TIF, eq. 7).
+        selection_fraction (`float`, *optional*, defaults to `0.15`):
+            Fraction of the pool kept by the fraction rules: `reward_gap` keeps the pairs with the smallest implicit
+            reward gap (the difficulty paper keeps 10-15%), `davir` those with the largest DavIR learnability.
         selection_warmup_epochs (`int`, *optional*, defaults to `1`):
             Epochs trained on the full pool before the first selection.
         aux_refresh_epochs (`int`, *optional*, defaults to `1`):
@@ -72,8 +71,7 @@ class SelectiveDPOConfig(DPOConfig):
         metadata={
             "help": "Which pairs each epoch after warm-up trains on. `lossdiff_irm`: the pairs in both the LossDiff "
             "and the IRM percentile bands. `irm_band`: the IRM band only. `lossdiff_band`: the LossDiff band only. "
-            "`none`: every pair, exactly as `DPOTrainer`.",
-            "choices": list(RULE_SCORES),
+            "`none`: every pair, exactly as `DPOTrainer`. Or any rule registered with `trl_select.register_rule`.",
         },
     )
     lossdiff_lo_percentile: float = field(
@@ -91,6 +89,25 @@ class SelectiveDPOConfig(DPOConfig):
     irm_hi_percentile: float = field(
         default=90.0,
         metadata={"help": "Upper percentile (0-100) of the implicit-reward-margin band; pairs above it are dropped."},
+    )
+    influence_lo_percentile: float = field(
+        default=10.0,
+        metadata={
+            "help": "Lower percentile (0-100) of the influence band of the `tif` rule; pairs below it are dropped."
+        },
+    )
+    influence_hi_percentile: float = field(
+        default=90.0,
+        metadata={
+            "help": "Upper percentile (0-100) of the influence band of the `tif` rule; pairs above it are dropped."
+        },
+    )
+    selection_fraction: float = field(
+        default=0.15,
+        metadata={
+            "help": "Fraction of the pool, in (0, 1], kept by the fraction rules: `reward_gap` keeps the smallest "
+            "implicit reward gaps (hardest pairs), `davir` the largest DavIR learnability."
+        },
     )
     selection_warmup_epochs: int = field(
         default=1,
@@ -149,28 +166,39 @@ class SelectiveDPOConfig(DPOConfig):
 
     @property
     def required_scores(self) -> tuple[str, ...]:
-        """The scores `selection_rule` needs, e.g. `("lossdiff", "irm")`."""
-        return RULE_SCORES[self.selection_rule]
+        """The scores `selection_rule` needs, e.g. `("lossdiff", "irm")`, as registered with the rule."""
+        return get_rule(self.selection_rule).scores
 
     @property
     def needs_auxiliary(self) -> bool:
-        return "lossdiff" in self.required_scores
+        """Whether a score of the rule needs the validation-aligned aux model θ_aux."""
+        return "auxiliary" in scorer_needs(self.required_scores)
+
+    @property
+    def needs_validation(self) -> bool:
+        """Whether a score of the rule reads validation pairs (through θ_aux, or directly like influence)."""
+        return bool({"auxiliary", "validation"} & scorer_needs(self.required_scores))
 
     def percentile_bands(self) -> dict[str, tuple[float, float]]:
-        """The `(lo, hi)` percentile band of each score the rule needs."""
-        bands = {
-            "lossdiff": (self.lossdiff_lo_percentile, self.lossdiff_hi_percentile),
-            "irm": (self.irm_lo_percentile, self.irm_hi_percentile),
+        """The configured `(lo, hi)` percentile band of each score the rule needs that has band fields here."""
+        return {
+            name: (getattr(self, f"{name}_lo_percentile"), getattr(self, f"{name}_hi_percentile"))
+            for name in self.required_scores
+            if hasattr(self, f"{name}_lo_percentile")
         }
-        return {name: bands[name] for name in self.required_scores}
 
     def _validate_selection_fields(self) -> None:
-        if self.selection_rule not in RULE_SCORES:
-            raise ValueError(f"`selection_rule` must be one of {list(RULE_SCORES)}, got {self.selection_rule!r}.")
+        get_rule(self.selection_rule)  # a ValueError naming `selection_rule` unless it is registered
         check_percentile_band(
             self.lossdiff_lo_percentile, self.lossdiff_hi_percentile, "lossdiff_lo_percentile`/`lossdiff_hi_percentile"
         )
         check_percentile_band(self.irm_lo_percentile, self.irm_hi_percentile, "irm_lo_percentile`/`irm_hi_percentile")
+        check_percentile_band(
+            self.influence_lo_percentile,
+            self.influence_hi_percentile,
+            "influence_lo_percentile`/`influence_hi_percentile",
+        )
+        check_fraction(self.selection_fraction, "selection_fraction")
         _check_int_at_least(
             self,
             "selection_warmup_epochs",

@@ -124,3 +124,44 @@ def score_quantiles(scores: ArrayLike, quantiles: Sequence[float] = (0, 10, 25, 
     )
     out["num_nonfinite"] = float(values.size - finite.size)
     return out
+
+
+def check_fraction(fraction: float, name: str = "fraction") -> None:
+    """Raise a `ValueError` naming `name` unless `0 < fraction <= 1`."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"`{name}` must be a fraction of the pool in (0, 1], got {fraction!r}.")
+
+
+def bottom_fraction(scores: ArrayLike, fraction: float) -> tuple[np.ndarray, Band]:
+    """Keep the `k = max(1, round(fraction · pool_size))` pairs with the smallest scores (the reward-gap rule).
+
+    Exactly `k` pairs are kept (fewer only if fewer scores are finite): ties at the cut are broken by pool row, lower
+    rows first, so the result is deterministic and the same on every rank. Non-finite scores are never kept. The band
+    holds the smallest and largest kept scores, with percentiles `(0, 100 · fraction)`.
+    """
+    return _extreme_fraction(scores, fraction, largest=False)
+
+
+def top_fraction(scores: ArrayLike, fraction: float) -> tuple[np.ndarray, Band]:
+    """Keep the `k = max(1, round(fraction · pool_size))` pairs with the largest scores (the DavIR rule).
+
+    Same conventions as `bottom_fraction` (ties by pool row, lower rows first); percentiles `(100 - 100 · fraction,
+    100)`.
+    """
+    return _extreme_fraction(scores, fraction, largest=True)
+
+
+def _extreme_fraction(scores: ArrayLike, fraction: float, *, largest: bool) -> tuple[np.ndarray, Band]:
+    check_fraction(fraction)
+    values = _as_float_array(scores)
+    finite_rows = np.flatnonzero(np.isfinite(values))
+    k = min(max(1, round(fraction * values.size)), finite_rows.size)
+    # A stable sort on (−)score keeps equal scores in row order, which is the documented tie-break.
+    order = np.argsort(-values[finite_rows] if largest else values[finite_rows], kind="stable")
+    kept_rows = finite_rows[order[:k]]
+    keep = np.zeros(values.size, dtype=bool)
+    keep[kept_rows] = True
+    percentiles = (100.0 - 100.0 * fraction, 100.0) if largest else (0.0, 100.0 * fraction)
+    if k == 0:
+        return keep, Band(float("nan"), float("nan"), *percentiles)
+    return keep, Band(float(values[kept_rows].min()), float(values[kept_rows].max()), *percentiles)

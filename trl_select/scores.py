@@ -59,6 +59,19 @@ def preference_loss(margin: torch.Tensor, beta: float, loss_type: str) -> torch.
     raise ValueError(f"Unsupported loss_type {loss_type!r}: selection supports {SUPPORTED_LOSS_TYPES}.")
 
 
+def preference_loss_slope(margin: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
+    """`dL/dh`, the derivative of the per-pair loss with respect to the margin `h` (DESIGN.md §3), unreduced.
+
+    - `"sigmoid"` (DPO): `-β · σ(-β·h)`, so `∇θ L_DPO(z) = -β σ(-β h) [∇ log π(y_w|x) - ∇ log π(y_l|x)]`.
+    - `"hinge"` (SLiC): `-β · 1[β·h < 1]` (0 at the kink `β·h = 1`, as autograd's `relu` gives).
+    """
+    if loss_type == "sigmoid":
+        return -beta * torch.sigmoid(-beta * margin)
+    if loss_type == "hinge":
+        return -beta * (beta * margin < 1).to(margin.dtype)
+    raise ValueError(f"Unsupported loss_type {loss_type!r}: selection supports {SUPPORTED_LOSS_TYPES}.")
+
+
 def implicit_reward_margin(policy: PairLogProbs, reference: PairLogProbs, beta: float) -> torch.Tensor:
     """IRM, the implicit reward margin: `IRM(z) = β · h_θt(z)`, in units of β-scaled nats.
 
@@ -78,3 +91,26 @@ def loss_difference(
     policy_loss = preference_loss(reference_normalised_margin(policy, reference), beta, loss_type)
     auxiliary_loss = preference_loss(reference_normalised_margin(auxiliary, reference), beta, loss_type)
     return policy_loss - auxiliary_loss
+
+
+def reward_gap(policy: PairLogProbs, reference: PairLogProbs, beta: float) -> torch.Tensor:
+    """Implicit reward gap (arXiv 2508.04149): `r(x, y_w) - r(x, y_l)` with `r = β log(π_θt/π_ref)`, i.e. IRM.
+
+    The difficulty paper keeps the pairs with the *smallest* gap (the hardest for the current policy); the same
+    number as `implicit_reward_margin`, under its own name so score files say which rule read it.
+    """
+    return implicit_reward_margin(policy, reference, beta)
+
+
+def davir(policy: PairLogProbs, reference: PairLogProbs) -> torch.Tensor:
+    """DavIR normalised learnability of the chosen response: `(ℓ_ref(y_w) - ℓ_θt(y_w)) / ℓ_ref(y_w)`, unitless.
+
+    `ℓ` is the mean per-token NLL of the chosen completion, `ℓ = -log π(y_w|x) / |y_w|`. Both models score the same
+    tokens, so the token count cancels: the score is `1 - log π_θt(y_w|x) / log π_ref(y_w|x)` from summed log-probs,
+    and it is length-normalised in that it is a relative loss reduction (a long answer with a large absolute drop in
+    NLL scores no higher than a short one with the same relative drop). 1 means θ_t fits y_w perfectly, 0 no
+    progress over π_ref, negative a regression. A chosen completion π_ref already fits perfectly (`log π_ref = 0`)
+    gives a non-finite score, which no rule keeps.
+    """
+    with torch.no_grad():
+        return 1.0 - policy.chosen.double() / reference.chosen.double()

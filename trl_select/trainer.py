@@ -174,12 +174,13 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     @staticmethod
     def _check_validation_dataset(validation_dataset, args: SelectiveDPOConfig) -> Dataset | None:
-        if not args.needs_auxiliary:
-            return None  # only LossDiff's aux model uses validation pairs
+        if not args.needs_validation:
+            return None  # only LossDiff's aux model and validation-directed scores (influence) use validation pairs
         if validation_dataset is None:
             raise ValueError(
-                f"`selection_rule={args.selection_rule!r}` uses LossDiff, which needs validation pairs to align the "
-                "auxiliary model on: pass `validation_dataset=` (or `eval_dataset=`), or use `selection_rule='irm_band'`."
+                f"`selection_rule={args.selection_rule!r}` uses {list(args.required_scores)}, which need validation "
+                "pairs (LossDiff aligns the auxiliary model on them): pass `validation_dataset=` (or `eval_dataset=`), "
+                "or use `selection_rule='irm_band'`."
             )
         if not isinstance(validation_dataset, Dataset):
             raise TypeError(

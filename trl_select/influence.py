@@ -1,0 +1,178 @@
+"""Exact first-order influence of each pool pair on the validation loss (DESIGN.md §3): the `influence` scorer.
+
+    IF(z) = ⟨ ∇θ L(D_val; θ_t), ∇θ L(z; θ_t) ⟩,    L(D_val) = mean over validation pairs of L(v),
+
+over the trainable parameters (all of them, or the LoRA parameters under PEFT), with the identity Hessian. High IF
+means an SGD step on z lowers the validation loss: `L_val(θ - η ∇L(z)) ≈ L_val(θ) - η IF(z)`.
+
+How it is computed, exactly and batched. `g = ∇L(D_val)` takes one backward pass over the validation pairs. Then, by
+the DPO closed form `∇L(z) = (dL/dh) [∇ log π(y_w|x) - ∇ log π(y_l|x)]` (`dL/dh = -β σ(-β h)`; hinge:
+`-β 1[βh < 1]`),
+
+    IF(z) = (dL/dh)(z) · ( D_g log π(y_w|x) - D_g log π(y_l|x) ),
+
+where `D_g f = ⟨∇f, g⟩` is the directional derivative along `g`. One forward-mode pass (`torch.func.jvp`) gives
+`D_g log π` for every sequence of a batch at once, so no per-pair gradient is ever materialised: the pool costs one
+JVP per batch (about 2-3 forwards' time and memory) instead of one backward per pair, and a random projection of
+per-pair gradients, the usual way to make their storage affordable, is not needed. Memory: the tangent `g` is one
+extra copy of the trainable parameters.
+
+Cost (one process): `ceil(|D_val| / B)` forward+backward passes, plus `ceil(|pool| / B)` JVP passes, with eager
+attention (PyTorch has no forward-mode derivative for its fused SDPA kernels, so attention switches to the `eager`
+implementation for the pass and back afterwards). It is the reference the cheap scores are checked against, not a
+default: use it for verification and small runs.
+
+Scope: one process, no DeepSpeed. With several processes the pool and validation shards would need a deduplicated
+all-reduce of `g`; that is not implemented, and the scorer raises rather than return per-rank numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call, jvp
+from tqdm.auto import tqdm
+
+from .registry import ScoringContext
+from .scores import PairLogProbs, preference_loss, preference_loss_slope, reference_normalised_margin
+from .scoring import NON_MODEL_KEYS, ROW_KEY, build_pass_loader
+
+
+def completion_log_probs(
+    model: torch.nn.Module, batch: dict[str, Any], params: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Summed completion log-probs of every sequence of a collated batch (chosen rows first, then rejected), nats.
+
+    With `params`, the model runs with those parameters substituted (`torch.func.functional_call`), which is what
+    `jvp` differentiates. Plain logits and `log_softmax` rather than TRL's fused LM head, whose custom kernel has no
+    forward-mode derivative.
+    """
+    model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+    model_kwargs["use_cache"] = False
+    if params is None:
+        outputs = model(**model_kwargs)
+    else:
+        outputs = functional_call(model, params, args=(), kwargs=model_kwargs, strict=False)
+    targets = batch["input_ids"][:, 1:]
+    # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
+    logits = outputs.logits[:, -targets.size(1) - 1 : -1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    per_token = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return (per_token * batch["completion_mask"][:, 1:].to(per_token.dtype)).sum(dim=1)
+
+
+@contextlib.contextmanager
+def _gradient_pass_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout), gradient checkpointing off, eager attention; the previous state is restored on exit."""
+    was_training = model.training
+    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    switch_attention = attention not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    if switch_attention:
+        model.set_attn_implementation("eager")
+    model.eval()
+    try:
+        yield
+    finally:
+        if switch_attention:
+            model.set_attn_implementation(attention)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train(was_training)
+
+
+def _check_supported(context: ScoringContext, parameters: dict[str, torch.nn.Parameter]) -> None:
+    if context.accelerator is not None and context.accelerator.num_processes > 1:
+        raise NotImplementedError(
+            f"The `influence` score (rules `tif`, ...) runs on one process only; this run has "
+            f"{context.accelerator.num_processes}. Score offline with `trl-select score --scores influence` on one "
+            "process, or use a forward-only score (`lossdiff`, `irm`) for multi-process runs."
+        )
+    if not parameters:
+        raise ValueError("The `influence` score needs trainable parameters; the model has none with requires_grad.")
+    if any(hasattr(p, "ds_id") for p in parameters.values()):
+        raise NotImplementedError("The `influence` score does not support DeepSpeed-managed parameters.")
+
+
+def validation_gradient(
+    model: torch.nn.Module,
+    parameters: dict[str, torch.nn.Parameter],
+    loader,
+    reference: PairLogProbs,
+    num_rows: int,
+    beta: float,
+    loss_type: str,
+) -> dict[str, torch.Tensor]:
+    """`∇θ L(D_val)`, the gradient of the mean validation loss over `parameters`, one backward per batch."""
+    names = list(parameters)
+    total = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    seen = torch.zeros(num_rows, dtype=torch.bool)
+    for batch in loader:
+        rows = batch[ROW_KEY].cpu()
+        # A padding duplicate (or a row seen before) contributes nothing: each validation pair counts once.
+        fresh = ~seen[rows]
+        seen[rows] = True
+        if not bool(fresh.any()):
+            continue
+        chosen, rejected = completion_log_probs(model, batch).chunk(2)
+        device = chosen.device
+        margin = (chosen - reference.chosen[rows].to(device, chosen.dtype)) - (
+            rejected - reference.rejected[rows].to(device, rejected.dtype)
+        )
+        losses = preference_loss(margin, beta, loss_type)
+        loss = (losses * fresh.to(device, losses.dtype)).sum() / num_rows
+        for name, grad in zip(names, torch.autograd.grad(loss, [parameters[n] for n in names]), strict=True):
+            total[name] += grad
+    if not bool(seen.all()):
+        raise RuntimeError(f"Validation gradient: {int((~seen).sum())} of {num_rows} rows were never seen.")
+    return total
+
+
+def influence_scores(context: ScoringContext) -> np.ndarray:
+    """`IF(z)` for every pool row (float64, pool order); see the module docstring for the method and its cost."""
+    model = context.model
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    _check_supported(context, parameters)
+    beta, loss_type = context.beta, context.loss_type
+    validation_loader = build_pass_loader(
+        context.validation, context.collator, context.accelerator, context.batch_size
+    )
+    pool_loader = build_pass_loader(context.pool, context.collator, context.accelerator, context.batch_size)
+    scores = torch.full((context.pool_size,), float("nan"), dtype=torch.float64)
+    with _gradient_pass_mode(model):
+        tangent = validation_gradient(
+            model, parameters, validation_loader, context.validation_reference, len(context.validation), beta,
+            loss_type,
+        )  # fmt: skip
+        primals = {name: p.detach() for name, p in parameters.items()}
+        progress = tqdm(
+            pool_loader,
+            desc="Influence of each pair",
+            disable=not context.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
+            leave=False,
+        )
+        for batch in progress:
+            with torch.no_grad():  # forward-mode only: no reverse graph is needed
+                values, derivatives = jvp(
+                    lambda params, batch=batch: completion_log_probs(model, batch, params), (primals,), (tangent,)
+                )
+            rows = batch[ROW_KEY].cpu()
+            chosen, rejected = values.chunk(2)
+            d_chosen, d_rejected = derivatives.chunk(2)
+            policy = PairLogProbs(chosen=chosen.double().cpu(), rejected=rejected.double().cpu())
+            reference = PairLogProbs(chosen=context.reference.chosen[rows].double(),
+                                     rejected=context.reference.rejected[rows].double())  # fmt: skip
+            slope = preference_loss_slope(reference_normalised_margin(policy, reference), beta, loss_type)
+            scores[rows] = slope * (d_chosen - d_rejected).double().cpu()
+    if bool(scores.isnan().any()):
+        raise RuntimeError(f"Influence: {int(scores.isnan().sum())} of {context.pool_size} rows were never scored.")
+    return scores.numpy()

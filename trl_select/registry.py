@@ -1,0 +1,223 @@
+"""Scorers and rules as plug-ins: a scorer maps the pool to one float per pair, a rule maps scores to a keep-mask.
+
+```python
+import numpy as np
+from trl_select import SelectionContext, register_rule
+
+@register_rule("drop_lowest_irm", scores=("irm",))  # the scores the callback must compute for this rule
+def drop_lowest_irm(scores: dict[str, np.ndarray], context: SelectionContext) -> np.ndarray:
+    return scores["irm"] >= np.nanpercentile(scores["irm"], 10)
+
+config = SelectiveDPOConfig(..., selection_rule="drop_lowest_irm")
+```
+
+A rule returns a boolean keep-mask over the pool rows, or `(mask, bands)` with `bands: dict[str, Band]` (the limits
+that get logged and plotted). A scorer is `fn(context: ScoringContext) -> np.ndarray`, registered with the inputs it
+`needs` (see `SCORER_INPUTS`), so the selection event computes only what its rule uses. The built-ins
+(`registry_builtins.py`) are registered on import of this module, before any config is validated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .rules import Band
+
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from datasets import Dataset
+
+    from .scores import PairLogProbs
+
+
+# What a scorer can ask for; the selection event fills in the `ScoringContext` fields of each requested input.
+SCORER_INPUTS: dict[str, str] = {
+    "policy": "`policy`: θ_t's summed completion log-probs over the pool (one no-grad forward).",
+    "reference": "`reference`: π_ref's summed completion log-probs over the pool (computed once, cached).",
+    "auxiliary": "`auxiliary`: the validation-aligned θ_aux's log-probs over the pool (needs validation pairs).",
+    "model": "`model`, `pool`, `collator`, `accelerator`, `batch_size`: θ_t itself and the tokenized pool, for "
+    "scorers that need gradients.",
+    "validation": "`validation`, `validation_reference`: the tokenized validation pairs and π_ref's log-probs on "
+    "them (needs validation pairs).",
+}
+
+
+@dataclass(frozen=True)
+class SelectionContext:
+    """What a rule knows besides the scores.
+
+    Attributes:
+        epoch: the epoch about to start (0-based).
+        seed: `args.seed`.
+        pool_size: number of pool rows; a rule's mask has this length.
+        pair_ids: the stable id of each pool row (the dataset's `id` column if it has one, else the row index).
+        args: the trainer's `SelectiveDPOConfig` (or the config the CLI built).
+        dataset: the training pool as given to the trainer (untokenized columns still present when available).
+    """
+
+    epoch: int
+    seed: int
+    pool_size: int
+    pair_ids: list[Any]
+    args: Any
+    dataset: Any = None
+
+
+@dataclass(frozen=True)
+class ScoringContext:
+    """What a scorer gets. Fields the scorer did not declare in `needs` are `None`.
+
+    Log-probs are summed over completion tokens (nats), fp32 on the CPU, in pool-row order.
+    """
+
+    pool_size: int
+    beta: float
+    loss_type: str
+    selection: SelectionContext | None = None
+    policy: PairLogProbs | None = None
+    reference: PairLogProbs | None = None
+    auxiliary: PairLogProbs | None = None
+    model: Any = None
+    pool: Dataset | None = None
+    collator: Callable | None = None
+    accelerator: Accelerator | None = None
+    batch_size: int = 8
+    validation: Dataset | None = None
+    validation_reference: PairLogProbs | None = None
+
+
+RuleFn = Callable[[dict[str, np.ndarray], SelectionContext], "np.ndarray | tuple[np.ndarray, dict[str, Band]]"]
+ScorerFn = Callable[[ScoringContext], np.ndarray]
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    name: str
+    fn: RuleFn
+    scores: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    name: str
+    fn: ScorerFn
+    needs: tuple[str, ...]
+
+
+_RULES: dict[str, RuleSpec] = {}
+_SCORERS: dict[str, ScorerSpec] = {}
+
+
+def register_rule(name: str, scores: Sequence[str], *, overwrite: bool = False) -> Callable[[RuleFn], RuleFn]:
+    """Decorator: register `fn(scores, context) -> mask | (mask, bands)` as `selection_rule=name`.
+
+    `scores` names the registered scorers whose values the rule reads (`scores[name]`, one float per pool row); they
+    may be registered later, but must exist when a trainer is built. Registering an existing name raises
+    `ValueError` unless `overwrite=True`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A rule name must be a non-empty string, got {name!r}.")
+    if isinstance(scores, str):
+        raise TypeError(f"`scores` must be a sequence of score names, got the string {scores!r}: write ({scores!r},).")
+    scores = tuple(scores)
+
+    def decorator(fn: RuleFn) -> RuleFn:
+        if name in _RULES and not overwrite:
+            raise ValueError(
+                f"A selection rule named {name!r} is already registered; pass `overwrite=True` to replace."
+            )
+        _RULES[name] = RuleSpec(name=name, fn=fn, scores=scores)
+        return fn
+
+    return decorator
+
+
+def register_scorer(name: str, needs: Sequence[str], *, overwrite: bool = False) -> Callable[[ScorerFn], ScorerFn]:
+    """Decorator: register `fn(context: ScoringContext) -> np.ndarray` (one float per pool row) as score `name`.
+
+    `needs` lists the `ScoringContext` inputs the scorer reads, from `SCORER_INPUTS`. Registering an existing name
+    raises `ValueError` unless `overwrite=True`.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A scorer name must be a non-empty string, got {name!r}.")
+    if isinstance(needs, str):
+        raise TypeError(f"`needs` must be a sequence of input names, got the string {needs!r}: write ({needs!r},).")
+    needs = tuple(needs)
+    unknown = [need for need in needs if need not in SCORER_INPUTS]
+    if unknown:
+        raise ValueError(f"Scorer {name!r}: unknown `needs` {unknown}; choose from {list(SCORER_INPUTS)}.")
+
+    def decorator(fn: ScorerFn) -> ScorerFn:
+        if name in _SCORERS and not overwrite:
+            raise ValueError(f"A scorer named {name!r} is already registered; pass `overwrite=True` to replace.")
+        _SCORERS[name] = ScorerSpec(name=name, fn=fn, needs=needs)
+        return fn
+
+    return decorator
+
+
+def registered_rules() -> list[str]:
+    return list(_RULES)
+
+
+def registered_scorers() -> list[str]:
+    return list(_SCORERS)
+
+
+def get_rule(name: str, field_name: str = "selection_rule") -> RuleSpec:
+    """The rule registered as `name`; a `ValueError` naming `field_name` and the registered names otherwise."""
+    if name not in _RULES:
+        raise ValueError(
+            f"`{field_name}` must be a registered rule, one of {registered_rules()}, got {name!r}. Register a custom "
+            "rule with `@trl_select.register_rule(name, scores=...)` before building the config."
+        )
+    return _RULES[name]
+
+
+def get_scorer(name: str, field_name: str = "scores") -> ScorerSpec:
+    """The scorer registered as `name`; a `ValueError` naming `field_name` and the registered names otherwise."""
+    if name not in _SCORERS:
+        raise ValueError(
+            f"`{field_name}` names the score {name!r}, which is not registered; registered scores: "
+            f"{registered_scorers()}. Register one with `@trl_select.register_scorer(name, needs=...)`."
+        )
+    return _SCORERS[name]
+
+
+def scorer_needs(score_names: Sequence[str]) -> set[str]:
+    """The union of the inputs the named scorers need."""
+    return {need for name in score_names for need in get_scorer(name).needs}
+
+
+def run_scorer(name: str, context: ScoringContext) -> np.ndarray:
+    """Call scorer `name` and check that it returned one float per pool row (float64, CPU)."""
+    values = np.asarray(get_scorer(name).fn(context), dtype=np.float64)
+    if values.shape != (context.pool_size,):
+        raise ValueError(
+            f"Scorer {name!r} returned shape {values.shape}; it must return one score per pool row, shape "
+            f"({context.pool_size},)."
+        )
+    return values
+
+
+def apply_rule(
+    name: str, scores: dict[str, np.ndarray], context: SelectionContext
+) -> tuple[np.ndarray, dict[str, Band]]:
+    """Call rule `name` and normalise its result to `(keep-mask, bands)`, checking the mask's shape and type."""
+    result = get_rule(name).fn(scores, context)
+    mask, bands = result if isinstance(result, tuple) else (result, {})
+    mask = np.asarray(mask)
+    if mask.shape != (context.pool_size,) or mask.dtype != bool:
+        raise ValueError(
+            f"Rule {name!r} returned a {mask.dtype} array of shape {mask.shape}; it must return a boolean keep-mask "
+            f"of shape ({context.pool_size},)."
+        )
+    return mask, dict(bands)
+
+
+from . import registry_builtins  # noqa: E402, F401  (registers the built-in scorers and rules)
