@@ -1,7 +1,7 @@
 """What selection costs: rescoring time against a training epoch, and peak memory against plain DPOTrainer.
 
-    python benchmarks/overhead.py            # ~12M-parameter Llama, 256-token pairs (several minutes on 2 cores)
-    python benchmarks/overhead.py --quick    # a 4-layer, ~4M model and a smaller pool, to check the pipeline
+    python benchmarks/overhead.py            # 10.7M-parameter Llama, 256-token pairs (~15 min on 2 busy cores)
+    python benchmarks/overhead.py --quick    # a 2.7M model and a smaller pool, to check the pipeline
 
 One run, one model, one machine:
 
@@ -11,7 +11,9 @@ One run, one model, one machine:
    reference pass (the one that the reference cache saves on every later event), the policy pass, and the aux refresh
    (alignment on the validation pairs + one aux pass over the pool). Ratios are against the full-pool epoch 0:
    rescoring with the reference cache = policy pass; without = policy + reference pass; aux refresh on its own.
-2. Memory. Four arms, each in its own subprocess: plain `trl.DPOTrainer` and `SelectiveDPOTrainer` (LossDiff-IRM,
+2. Exact influence vs LossDiff-IRM: after training, on the same policy, the two score sets of one event are timed
+   back to back (LossDiff-IRM: policy pass + aux refresh, reference cached; influence: validation gradient + JVP pass).
+3. Memory. Four arms, each in its own subprocess: plain `trl.DPOTrainer` and `SelectiveDPOTrainer` (LossDiff-IRM,
    aux refreshed at epoch 1), without and with LoRA, the same model loaded from the same path, the same data, 2
    epochs. Peak memory = the subprocess's peak resident set size (`getrusage(RUSAGE_SELF).ru_maxrss`), so every
    allocation counts (torch's C++ allocator too, which `tracemalloc` does not see); the table also gives the peak minus
@@ -162,7 +164,20 @@ def time_run(model_path: Path, size: str, work_dir: Path) -> dict[str, float]:
     trainer.train()
     event = next(e for e in trainer.state.log_history if "selection/epoch" in e)
     full_epoch = timer.seconds[0]
+
+    # After training, on the same policy and back to back: the LossDiff-IRM scores of one event with the reference
+    # cached (policy pass + aux refresh) and the exact influence scores (validation gradient + one JVP pass).
+    callback = trainer.selection_callback
+    epoch = int(trainer.args.num_train_epochs)  # an epoch after the run, at which the aux refresh is due
+    start = time.perf_counter()
+    callback._compute_scores(epoch, {}, ("lossdiff", "irm"))
+    lossdiff_irm_s = time.perf_counter() - start
+    start = time.perf_counter()
+    callback._compute_scores(epoch, {}, ("influence",))
+    influence_s = time.perf_counter() - start
     return {
+        "lossdiff_irm_scores_s": lossdiff_irm_s,
+        "influence_scores_s": influence_s,
         "pool_pairs": num_pairs,
         "validation_pairs": num_validation,
         "train_batch": batch,
@@ -236,15 +251,35 @@ def report(size: str, num_parameters: int, timing: dict[str, float], memory: lis
     time_rows = [
         ["full-pool training epoch (epoch 0)", f"{full:.1f}", "1.00"],
         ["rescoring, reference cached (policy pass)", f"{with_cache:.1f}", f"{with_cache / full:.2f}"],
-        ["rescoring, no reference cache (policy + reference pass)", f"{without_cache:.1f}",
-         f"{without_cache / full:.2f}"],  # fmt: skip
-        [f"aux refresh ({timing['aux_steps']:.0f} alignment steps + aux pass over the pool)",
-         f"{timing['aux_refresh_s']:.1f}", f"{timing['aux_refresh_s'] / full:.2f}"],  # fmt: skip
-        ["whole selection event at epoch 1 (reference + policy + aux + rule)", f"{timing['event_s']:.1f}",
-         f"{timing['event_s'] / full:.2f}"],  # fmt: skip
-        [f"training epoch 1 on the {timing['selected_pairs']:.0f} selected pairs", f"{timing['selected_epoch_s']:.1f}",
-         f"{timing['selected_epoch_s'] / full:.2f}"],  # fmt: skip
+        [
+            "rescoring, no reference cache (policy + reference pass)",
+            f"{without_cache:.1f}",
+            f"{without_cache / full:.2f}",
+        ],  # fmt: skip
+        [
+            f"aux refresh ({timing['aux_steps']:.0f} alignment steps + aux pass over the pool)",
+            f"{timing['aux_refresh_s']:.1f}",
+            f"{timing['aux_refresh_s'] / full:.2f}",
+        ],  # fmt: skip
+        [
+            "whole selection event at epoch 1 (reference + policy + aux + rule)",
+            f"{timing['event_s']:.1f}",
+            f"{timing['event_s'] / full:.2f}",
+        ],  # fmt: skip
+        [
+            f"training epoch 1 on the {timing['selected_pairs']:.0f} selected pairs",
+            f"{timing['selected_epoch_s']:.1f}",
+            f"{timing['selected_epoch_s'] / full:.2f}",
+        ],  # fmt: skip
     ]
+    pool = timing["pool_pairs"]
+    per_pair_rows = [
+        ["LossDiff-IRM scores (policy pass + aux refresh; reference cached)",
+         f"{timing['lossdiff_irm_scores_s']:.1f}", f"{1e3 * timing['lossdiff_irm_scores_s'] / pool:.0f}", "1.0"],
+        ["exact influence (validation gradient + one JVP pass over the pool)",
+         f"{timing['influence_scores_s']:.1f}", f"{1e3 * timing['influence_scores_s'] / pool:.0f}",
+         f"{timing['influence_scores_s'] / timing['lossdiff_irm_scores_s']:.1f}"],
+    ]  # fmt: skip
     by_arm = {m["arm"]: m for m in memory}
     memory_rows = []
     for arm in MEMORY_ARMS:
@@ -279,6 +314,14 @@ def report(size: str, num_parameters: int, timing: dict[str, float], memory: lis
             "The training epoch includes TRL's per-step reference forward (no `precompute_ref_log_probs`). The "
             "reference pass happens once per run: every later event costs the policy pass (+ the aux refresh when "
             "it is due, every `aux_refresh_epochs`).",
+            "",
+            "## LossDiff-IRM vs exact influence, per pair (same policy, back to back, after training)",
+            "",
+            markdown_table(["scores", "seconds", "ms / pair", "/ LossDiff-IRM"], per_pair_rows),
+            "Both include their fixed costs (the aux alignment stage; the validation gradient), so per-pair figures "
+            "fall as the pool grows. `trl_select`'s exact influence is batched forward-mode (one JVP per batch, "
+            "`trl_select/influence.py`), not one backward per pair as in the paper's TIF baseline, so this ratio is "
+            "far smaller than the paper's ~120x.",
             "",
             f"## Peak memory (each arm in its own subprocess; pool {MEMORY_POOL[0]} pairs, 2 epochs, batch 8)",
             "",

@@ -38,7 +38,6 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "recipes" / "data"))
 
 from benchmarks.common import machine_description, markdown_table, paired_delta  # noqa: E402
+from trl_select import SelectionContext, register_rule  # noqa: E402
+from trl_select.registry import RuleFn  # noqa: E402
 
 
 logger = logging.getLogger("benchmarks.quality")
@@ -73,26 +74,25 @@ PROTOCOL = {
 }
 
 
-# ----- the arms' rules: fn(scores, epoch) -> keep-mask over pool rows -----
-
-KeepRule = Callable[[dict[str, np.ndarray], int], np.ndarray]
+# ----- the arms' custom rules (plug-ins of trl_select's rule registry) -----
 
 
-def oracle_rule(flipped: np.ndarray) -> KeepRule:
+def oracle_rule(flipped_by_id: dict[Any, bool]) -> RuleFn:
     """Keep exactly the pairs whose labels are not flipped (the ground truth no real rule can see)."""
 
-    def rule(scores: dict[str, np.ndarray], epoch: int) -> np.ndarray:
-        return ~flipped
+    def rule(scores: dict[str, np.ndarray], context: SelectionContext) -> np.ndarray:
+        return np.array([not flipped_by_id[pair_id] for pair_id in context.pair_ids])
 
     return rule
 
 
-def random_rule(sizes: dict[int, int], pool_size: int, seed: int) -> KeepRule:
-    """Keep a uniform random subset of `sizes[epoch]` pairs, drawn afresh every epoch from `default_rng([seed, epoch])`."""
+def random_rule(sizes: dict[int, int]) -> RuleFn:
+    """Keep a uniform random subset of `sizes[epoch]` pairs, drawn afresh each epoch from `default_rng([seed, epoch])`."""
 
-    def rule(scores: dict[str, np.ndarray], epoch: int) -> np.ndarray:
-        keep = np.zeros(pool_size, dtype=bool)
-        keep[np.random.default_rng([seed, epoch]).choice(pool_size, size=sizes[epoch], replace=False)] = True
+    def rule(scores: dict[str, np.ndarray], context: SelectionContext) -> np.ndarray:
+        keep = np.zeros(context.pool_size, dtype=bool)
+        rng = np.random.default_rng([context.seed, context.epoch])
+        keep[rng.choice(context.pool_size, size=sizes[context.epoch], replace=False)] = True
         return keep
 
     return rule
@@ -120,7 +120,7 @@ def sft_model(seed: int, task: dict[str, list[dict]], tokenizer) -> tuple[dict, 
 
 
 def arm_config(arm: str) -> dict[str, Any]:
-    """The `SelectiveDPOConfig` selection fields of an arm (custom rules run on top of `irm_band`, see `run_arm`)."""
+    """The `SelectiveDPOConfig` selection fields of an arm."""
     if arm == "full":
         return {"selection_rule": "irm_band", "irm_lo_percentile": 0.0, "irm_hi_percentile": 100.0}
     if arm in ("lossdiff_irm", "irm_band", "lossdiff_band"):
@@ -128,9 +128,9 @@ def arm_config(arm: str) -> dict[str, Any]:
     if arm == "one_sided":
         return {"selection_rule": "lossdiff_irm", "lossdiff_hi_percentile": 100.0, "irm_hi_percentile": 100.0}
     if arm in ("oracle", "random"):
-        return {"selection_rule": "irm_band"}  # the IRM pass is computed and ignored; the custom rule decides
+        return {"selection_rule": f"benchmark_{arm}"}  # registered per seed by `main`
     if arm == "tif":
-        return {"selection_rule": "influence_band"}
+        return {"selection_rule": "tif"}  # exact influence, band 10-90
     raise ValueError(f"unknown arm {arm!r}; choose from {ALL_ARMS}")
 
 
@@ -141,15 +141,12 @@ def run_arm(
     sft_state: dict,
     tokenizer,
     work_dir: Path,
-    custom_rule: KeepRule | None = None,
 ) -> dict[str, Any]:
     """Train one arm from the SFT model with `SelectiveDPOTrainer`; return its metrics and per-epoch kept sets."""
-    import trl_select.callback
     from datasets import Dataset
     from transformers import PrinterCallback
 
     from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer, read_history
-    from trl_select.rules import Band
     from trl_select.toy import build_tiny_llama, greedy_exact_match
 
     model = build_tiny_llama(tokenizer, seed=seed)
@@ -185,22 +182,8 @@ def run_arm(
     if len(trainer.train_dataset) != len(train):
         raise RuntimeError("TRL dropped pool rows; the custom rules index pool rows and need every row kept")
 
-    original = trl_select.callback.band_intersection
-    epochs = iter(range(args.selection_warmup_epochs, int(args.num_train_epochs)))
-
-    def custom_band_intersection(scores, bands):
-        # Without the rule registry, a custom rule replaces the band rule inside the real selection event, so the
-        # sampler, the LR retiming and selection_history.jsonl all see the custom selection.
-        keep = custom_rule(scores, next(epochs))
-        return keep, {"irm": Band(float("nan"), float("nan"), 0.0, 100.0)}
-
-    if custom_rule is not None:
-        trl_select.callback.band_intersection = custom_band_intersection
     start = time.perf_counter()
-    try:
-        trainer.train()
-    finally:
-        trl_select.callback.band_intersection = original
+    trainer.train()
     wall = time.perf_counter() - start
 
     selection_seconds = sum(e.get("selection/seconds", 0.0) for e in trainer.state.log_history)
@@ -254,7 +237,6 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
     seeds = sorted({run["seed"] for run in runs if run["arm"] == "full"})
     arms = by_arm(runs, seeds)
     ordered = [arm for arm in ALL_ARMS if arm in arms]
-    full = arms.get("full", {})
     sft = {run["seed"]: run for run in runs if run["arm"] == "sft"}
 
     def paired(arm: str, baseline: str, key: str):
@@ -273,9 +255,7 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         pa = np.array([r["preference_accuracy"] for r in runs_arm])
         d_full, d_random = paired(arm, "full", "exact_match"), paired(arm, "random", "exact_match")
         d_pa = paired(arm, "full", "preference_accuracy")
-        kept = [
-            np.mean([e["num_kept"] for r in runs_arm for e in r["epochs"] if e["epoch"] == k]) for k in (1, 2)
-        ]
+        kept = [np.mean([e["num_kept"] for r in runs_arm for e in r["epochs"] if e["epoch"] == k]) for k in (1, 2)]
         rows.append(
             [
                 arm,
@@ -383,7 +363,9 @@ def plot(arms: dict, ordered: list[str], seeds: list[int], path: Path) -> None:
     for i, arm in enumerate(others):
         common = [s for s in seeds if s in arms[arm] and s in arms["full"]]
         deltas = [arms[arm][s]["exact_match"] - arms["full"][s]["exact_match"] for s in common]
-        d = paired_delta([arms[arm][s]["exact_match"] for s in common], [arms["full"][s]["exact_match"] for s in common])
+        d = paired_delta(
+            [arms[arm][s]["exact_match"] for s in common], [arms["full"][s]["exact_match"] for s in common]
+        )
         ax.bar(i, d.mean, yerr=d.se if np.isfinite(d.se) else 0, color="tab:blue", alpha=0.6, capsize=4)
         ax.scatter(np.full(len(deltas), i) + np.linspace(-0.2, 0.2, len(deltas)), deltas, s=8, color="black")
     ax.axhline(0, color="grey", lw=0.8)
@@ -398,14 +380,6 @@ def plot(arms: dict, ordered: list[str], seeds: list[int], path: Path) -> None:
 
 
 # ----- main -----
-
-
-def influence_available() -> bool:
-    try:
-        from trl_select.config import RULE_SCORES
-    except ImportError:
-        return False
-    return "influence_band" in RULE_SCORES
 
 
 def main() -> None:
@@ -434,9 +408,6 @@ def main() -> None:
 
         tokenizer = build_char_tokenizer()
         arms = [arm for arm in ALL_ARMS if arm in options.arms]
-        if "tif" in arms and not influence_available():
-            logger.warning("no influence scorer in this checkout: the tif arm is skipped")
-            arms.remove("tif")
         for seed in seeds:
             done = {run["arm"]: run for run in load_runs(runs_path) if run["seed"] == seed}
             todo = [arm for arm in arms if arm not in done]
@@ -447,19 +418,18 @@ def main() -> None:
             if "sft" not in done:
                 _append(runs_path, {"arm": "sft", "seed": seed, "exact_match": sft_exact, "wall_seconds": sft_seconds})
             logger.info("seed %d: SFT exact-match %.3f (%.0fs)", seed, sft_exact, sft_seconds)
-            flipped = np.array([row["flipped"] for row in task["train"]])
+            # Both declare the IRM score so that their events cost what the irm_band arm's do; they ignore it.
+            flipped_by_id = {row["id"]: row["flipped"] for row in task["train"]}
+            register_rule("benchmark_oracle", scores=("irm",), overwrite=True)(oracle_rule(flipped_by_id))
             for arm in todo:
-                rule = None
-                if arm == "oracle":
-                    rule = oracle_rule(flipped)
-                elif arm == "random":
+                if arm == "random":
                     reference = done.get("lossdiff_irm")
                     if reference is None:
                         logger.warning("seed %d: random needs the lossdiff_irm run's sizes; skipped", seed)
                         continue
                     sizes = {e["epoch"]: e["num_kept"] for e in reference["epochs"] if e["epoch"] >= 1}
-                    rule = random_rule(sizes, len(flipped), seed)
-                result = run_arm(arm, seed, task, sft_state, tokenizer, options.work_dir, custom_rule=rule)
+                    register_rule("benchmark_random", scores=("irm",), overwrite=True)(random_rule(sizes))
+                result = run_arm(arm, seed, task, sft_state, tokenizer, options.work_dir)
                 done[arm] = result
                 _append(runs_path, result)
                 logger.info(

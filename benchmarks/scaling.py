@@ -42,12 +42,10 @@ MODEL = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size
 
 def time_rescoring(pool_sizes: list[int], repeats: int, work_dir: Path) -> list[dict[str, float]]:
     """In this process (1 rank or one of N under torchrun): median rescoring seconds per pool size."""
-    import torch
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer, implicit_reward_margin
-    from trl_select.rules import band_intersection
+    from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
     from trl_select.toy import build_char_tokenizer, build_tiny_llama, make_reverse_digits_pairs
 
     tokenizer = build_char_tokenizer()
@@ -75,27 +73,31 @@ def time_rescoring(pool_sizes: list[int], repeats: int, work_dir: Path) -> list[
             processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
-        callback = trainer.selection_callback
-        reference = callback.reference_log_probs()  # cached, as on every event after the first
+        reference = trainer.selection_callback.reference_log_probs()  # cached, as on every event after the first
         accelerator = trainer.accelerator
 
-        def rescore() -> float:
-            accelerator.wait_for_everyone()
-            start = time.perf_counter()
-            policy = callback.policy_log_probs()
-            irm = implicit_reward_margin(policy, reference, args.beta).double().numpy()
-            band_intersection({"irm": irm}, args.percentile_bands())
-            accelerator.wait_for_everyone()
-            return time.perf_counter() - start
-
-        rescore()  # warm-up: allocator, kernels
-        seconds = statistics.median(rescore() for _ in range(repeats))
+        rescore(trainer, reference)  # warm-up: allocator, kernels
+        seconds = statistics.median(rescore(trainer, reference) for _ in range(repeats))
         results.append({"pool": size, "seconds": seconds, "world_size": accelerator.num_processes})
         if accelerator.is_main_process:
             logger.info("pool %d, %d rank(s): %.3fs", size, accelerator.num_processes, seconds)
-        del trainer, callback
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        del trainer
     return results
+
+
+def rescore(trainer, reference) -> float:
+    """Seconds of one rescoring on every rank: policy pass over the pool, IRM, 10-90 band (reference cached)."""
+    from trl_select import implicit_reward_margin
+    from trl_select.rules import band_intersection
+
+    args, accelerator = trainer.args, trainer.accelerator
+    accelerator.wait_for_everyone()
+    start = time.perf_counter()
+    policy = trainer.selection_callback.policy_log_probs()
+    irm = implicit_reward_margin(policy, reference, args.beta).double().numpy()
+    band_intersection({"irm": irm}, args.percentile_bands())
+    accelerator.wait_for_everyone()
+    return time.perf_counter() - start
 
 
 def launch(pool_sizes: list[int], repeats: int, num_processes: int, work_dir: Path) -> list[dict[str, float]]:
