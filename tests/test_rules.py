@@ -9,7 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trl_select.rules import intersection, jaccard, overlap_coefficient, percentile_band, score_quantiles, union
+from trl_select.rules import (
+    bottom_fraction,
+    intersection,
+    jaccard,
+    overlap_coefficient,
+    percentile_band,
+    score_quantiles,
+    top_fraction,
+    union,
+)
 
 
 def _percentile_by_hand(values: list[float], q: float) -> float:
@@ -120,3 +129,36 @@ def test_band_intersection_is_the_and_of_each_band():
     keep, bands = band_intersection({"lossdiff": lossdiff, "irm": irm}, {"lossdiff": (10, 90), "irm": (10, 90)})
     assert np.flatnonzero(keep).tolist() == [1, 2, 3, 5, 6, 7, 8]
     assert set(bands) == {"lossdiff", "irm"} and bands["lossdiff"].lo == pytest.approx(0.9)
+
+
+def test_bottom_and_top_fraction_keep_exactly_k_with_ties_by_row():
+    scores = np.array([3.0, 1.0, 2.0, 1.0, 5.0, 1.0, 4.0, 0.5, 9.0, 7.0])
+    keep, band = bottom_fraction(scores, 0.3)  # k = 3: 0.5 (row 7), then the first two tied 1.0 rows (1, 3)
+    assert np.flatnonzero(keep).tolist() == [1, 3, 7]
+    assert (band.lo, band.hi, band.lo_percentile, band.hi_percentile) == (0.5, 1.0, 0.0, 30.0)
+    keep, band = top_fraction(scores, 0.2)
+    assert np.flatnonzero(keep).tolist() == [8, 9] and (band.lo, band.hi) == (7.0, 9.0)
+    assert band.lo_percentile == pytest.approx(80.0) and band.hi_percentile == 100.0
+    assert bottom_fraction(scores, 0.01)[0].sum() == 1  # at least one pair
+    assert top_fraction(scores, 1.0)[0].all()
+
+
+def test_fraction_rules_never_keep_non_finite_scores():
+    scores = np.array([np.nan, -np.inf, np.inf, 2.0, 1.0])
+    assert np.flatnonzero(bottom_fraction(scores, 0.4)[0]).tolist() == [3, 4]
+    assert np.flatnonzero(top_fraction(scores, 1.0)[0]).tolist() == [3, 4]  # k capped at the finite count
+    keep, band = top_fraction(np.full(3, np.nan), 0.5)
+    assert not keep.any() and math.isnan(band.lo)
+    for fraction in (0.0, -0.1, 1.5, True):
+        with pytest.raises(ValueError, match="`fraction` must be a fraction of the pool in \\(0, 1\\]"):
+            bottom_fraction(scores, fraction)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=40), st.floats(0.01, 1.0))
+def test_bottom_fraction_keeps_the_smallest(values, fraction):
+    scores = np.array(values)
+    keep, _ = bottom_fraction(scores, fraction)
+    assert keep.sum() == max(1, round(fraction * len(values)))
+    if not keep.all():
+        assert scores[keep].max() <= scores[~keep].min()

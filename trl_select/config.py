@@ -29,7 +29,9 @@ class SelectiveDPOConfig(DPOConfig):
         selection_rule (`str`, *optional*, defaults to `"lossdiff_irm"`):
             A rule registered in `trl_select.registry` (built-in, or your own with `register_rule`).
             `"lossdiff_irm"`: keep a pair iff it lies in the LossDiff band and in the IRM band. `"irm_band"`: IRM band
-            only. `"lossdiff_band"`: LossDiff band only. `"none"`: no selection; the trainer is exactly `DPOTrainer`.
+            only. `"lossdiff_band"`: LossDiff band only. `"tif"`: the band of the exact influence (expensive).
+            `"reward_gap"` / `"davir"`: the `selection_fraction` of pairs with the smallest implicit reward gap / the
+            largest DavIR learnability. `"none"`: no selection; the trainer is exactly `DPOTrainer`.
         lossdiff_lo_percentile / lossdiff_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
             Percentile band of LossDiff `L(z; θ_t) - L(z; θ_aux)` over the whole pool, closed on both ends.
         irm_lo_percentile / irm_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
@@ -71,7 +73,9 @@ class SelectiveDPOConfig(DPOConfig):
         metadata={
             "help": "Which pairs each epoch after warm-up trains on. `lossdiff_irm`: the pairs in both the LossDiff "
             "and the IRM percentile bands. `irm_band`: the IRM band only. `lossdiff_band`: the LossDiff band only. "
-            "`none`: every pair, exactly as `DPOTrainer`. Or any rule registered with `trl_select.register_rule`.",
+            "`tif`: the exact-influence band (expensive). `reward_gap` / `davir`: the `selection_fraction` of pairs "
+            "with the smallest implicit reward gap / largest DavIR learnability. `none`: every pair, exactly as "
+            "`DPOTrainer`. Or any rule registered with `trl_select.register_rule`.",
         },
     )
     lossdiff_lo_percentile: float = field(

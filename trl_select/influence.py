@@ -39,7 +39,7 @@ from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
 from .registry import ScoringContext
-from .scores import PairLogProbs, preference_loss, preference_loss_slope, reference_normalised_margin
+from .scores import PairLogProbs, influence_from_directional_derivatives, preference_loss
 from .scoring import NON_MODEL_KEYS, ROW_KEY, build_pass_loader
 
 
@@ -168,11 +168,12 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
             rows = batch[ROW_KEY].cpu()
             chosen, rejected = values.chunk(2)
             d_chosen, d_rejected = derivatives.chunk(2)
-            policy = PairLogProbs(chosen=chosen.double().cpu(), rejected=rejected.double().cpu())
-            reference = PairLogProbs(chosen=context.reference.chosen[rows].double(),
-                                     rejected=context.reference.rejected[rows].double())  # fmt: skip
-            slope = preference_loss_slope(reference_normalised_margin(policy, reference), beta, loss_type)
-            scores[rows] = slope * (d_chosen - d_rejected).double().cpu()
+            scores[rows] = influence_from_directional_derivatives(
+                PairLogProbs(chosen=chosen.double().cpu(), rejected=rejected.double().cpu()),
+                PairLogProbs(chosen=context.reference.chosen[rows].double(),
+                             rejected=context.reference.rejected[rows].double()),
+                d_chosen.double().cpu(), d_rejected.double().cpu(), beta, loss_type,
+            )  # fmt: skip
     if bool(scores.isnan().any()):
         raise RuntimeError(f"Influence: {int(scores.isnan().sum())} of {context.pool_size} rows were never scored.")
     return scores.numpy()

@@ -114,3 +114,20 @@ def davir(policy: PairLogProbs, reference: PairLogProbs) -> torch.Tensor:
     """
     with torch.no_grad():
         return 1.0 - policy.chosen.double() / reference.chosen.double()
+
+
+def influence_from_directional_derivatives(
+    policy: PairLogProbs,
+    reference: PairLogProbs,
+    chosen_derivative: torch.Tensor,
+    rejected_derivative: torch.Tensor,
+    beta: float,
+    loss_type: str,
+) -> torch.Tensor:
+    """`IF(z) = ⟨g, ∇θ L(z)⟩ = (dL/dh)(z) · (D_g log π(y_w|x) - D_g log π(y_l|x))` (DESIGN.md §3), loss units.
+
+    `chosen_derivative`/`rejected_derivative` are the directional derivatives `D_g log π(y|x) = ⟨∇θ log π(y|x), g⟩` of
+    the summed completion log-probs along `g` (the validation-loss gradient for the influence score).
+    """
+    slope = preference_loss_slope(reference_normalised_margin(policy, reference), beta, loss_type)
+    return slope * (chosen_derivative - rejected_derivative)

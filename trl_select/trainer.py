@@ -125,6 +125,13 @@ class SelectiveDPOTrainer(DPOTrainer):
                 f"`selection_rule={args.selection_rule!r}` needs the LossDiff aux model, which is not supported yet "
                 "for a PEFT policy under DeepSpeed ZeRO-3. Use ZeRO-2, full fine-tuning, or `selection_rule='irm_band'`."
             )
+        if "influence" in args.required_scores and self.accelerator.num_processes > 1:
+            # Fail now rather than after the warm-up epochs, at the first selection event.
+            raise NotImplementedError(
+                f"`selection_rule={args.selection_rule!r}` uses the exact influence score, which runs on one process "
+                f"only; this run has {self.accelerator.num_processes}. Use `lossdiff_irm`, or score offline on one "
+                "process with `trl-select score --scores influence` and train on `trl-select select`'s subset."
+            )
         self.pair_ids = self._stable_pair_ids(self.train_dataset)
         if validation_dataset is not None:
             if validation_dataset is eval_dataset and isinstance(self.eval_dataset, Dataset):

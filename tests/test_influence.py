@@ -1,0 +1,186 @@
+"""The `influence` scorer against independent autograd, a finite-difference SGD step, and the DPO closed form."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from trl_select import SelectiveDPOTrainer, read_history
+from trl_select.influence import influence_scores
+from trl_select.registry import ScoringContext
+from trl_select.scores import preference_loss, preference_loss_slope
+
+from .conftest import fast_config
+from .independent import pair_log_probs, token_rows
+
+
+BETA = 0.5
+
+
+def _pair_loss(model, reference, row: dict, loss_type: str) -> torch.Tensor:
+    chosen, rejected = pair_log_probs(model, row)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = pair_log_probs(reference, row)
+    return preference_loss((chosen - ref_chosen) - (rejected - ref_rejected), BETA, loss_type)
+
+
+def _validation_loss(model, reference, rows: list[dict], loss_type: str) -> torch.Tensor:
+    return torch.stack([_pair_loss(model, reference, row, loss_type) for row in rows]).mean()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer, reverse_rows):
+    """A float64 tiny model moved off its reference, and the trainer's tokenized pool/validation and collator."""
+    from datasets import Dataset
+
+    from trl_select.toy import build_tiny_llama
+
+    reference = build_tiny_llama(tokenizer, seed=0).double()
+    policy = copy.deepcopy(reference)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    pool = Dataset.from_list(reverse_rows["train"][:6])
+    validation = Dataset.from_list(reverse_rows["validation"][:6])
+    args = fast_config(tmp_path_factory.mktemp("influence"), selection_rule="tif", beta=BETA, max_length=64)
+    trainer = SelectiveDPOTrainer(
+        policy, ref_model=reference, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer
+    )
+    callback = trainer.selection_callback
+    context = ScoringContext(
+        pool_size=len(pool),
+        beta=BETA,
+        loss_type="sigmoid",
+        reference=callback.reference_log_probs(),
+        model=policy,
+        pool=trainer.train_dataset,
+        collator=trainer.data_collator,
+        accelerator=trainer.accelerator,
+        batch_size=4,  # 6 rows: a partial last batch
+        validation=callback.validation_dataset,
+        validation_reference=callback.validation_reference_log_probs(),
+    )
+    pool_rows, validation_rows = token_rows(trainer.train_dataset), token_rows(callback.validation_dataset)
+    for row in pool_rows + validation_rows:  # nothing truncated, so the plain forwards see what the trainer sees
+        assert len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= 64
+    return {"policy": policy, "reference": reference, "context": context, "pool": pool_rows, "val": validation_rows}
+
+
+def _params(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_influence_matches_autograd_and_a_finite_difference_sgd_step(setup, loss_type):
+    policy, reference = setup["policy"], setup["reference"]
+    scores = influence_scores(replace(setup["context"], loss_type=loss_type))
+
+    validation_loss = _validation_loss(policy, reference, setup["val"], loss_type)
+    validation_grad = torch.autograd.grad(validation_loss, _params(policy))
+    expected = []
+    for row in setup["pool"]:
+        grads = torch.autograd.grad(_pair_loss(policy, reference, row, loss_type), _params(policy))
+        expected.append(sum((a * b).sum() for a, b in zip(validation_grad, grads, strict=True)).item())
+    expected = np.array(expected)
+    assert np.abs(expected).max() > 1e-3  # the check has something to compare
+    # Not 1e-12: the cached reference log-probs are fp32 (as in training), and Llama's RMSNorm computes in fp32.
+    np.testing.assert_allclose(scores, expected, rtol=2e-5, atol=1e-8)
+
+    # An SGD step of size η on z changes the validation loss by -η IF(z) to first order.
+    step = 1e-5
+    for index in (int(np.argmax(scores)), int(np.argmin(scores))):
+        # In place and back: a deepcopy of a trainer's model shares TRL's patched forward with the original.
+        grads = torch.autograd.grad(_pair_loss(policy, reference, setup["pool"][index], loss_type), _params(policy))
+        with torch.no_grad():
+            for parameter, grad in zip(_params(policy), grads, strict=True):
+                parameter.sub_(step * grad)
+            change = (_validation_loss(policy, reference, setup["val"], loss_type) - validation_loss).item()
+            for parameter, grad in zip(_params(policy), grads, strict=True):
+                parameter.add_(step * grad)
+        assert np.sign(change) == -np.sign(scores[index])
+        assert -change / step == pytest.approx(scores[index], rel=1e-3)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge"])
+def test_dpo_closed_form_gradient_matches_autograd(setup, loss_type):
+    policy, reference = setup["policy"], setup["reference"]
+    for row in setup["pool"][:4]:
+        chosen, rejected = pair_log_probs(policy, row)
+        with torch.no_grad():
+            ref_chosen, ref_rejected = pair_log_probs(reference, row)
+        margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+        autograd = torch.autograd.grad(preference_loss(margin, BETA, loss_type), _params(policy), retain_graph=True)
+        grad_chosen = torch.autograd.grad(chosen, _params(policy), retain_graph=True)
+        grad_rejected = torch.autograd.grad(rejected, _params(policy))
+        slope = preference_loss_slope(margin.detach(), BETA, loss_type)
+        if loss_type == "sigmoid":
+            assert slope.item() == pytest.approx(-BETA * torch.sigmoid(-BETA * margin).item(), rel=1e-12)
+        for auto, chosen_grad, rejected_grad in zip(autograd, grad_chosen, grad_rejected, strict=True):
+            # Not 1e-12: Llama's RMSNorm computes in fp32 even in a float64 model.
+            torch.testing.assert_close(auto, slope * (chosen_grad - rejected_grad), rtol=1e-5, atol=1e-7)
+
+
+def test_slope_is_the_derivative_of_the_loss():
+    margin = torch.linspace(-6, 6, 25, dtype=torch.float64, requires_grad=True)
+    for loss_type in ("sigmoid", "hinge"):
+        (derivative,) = torch.autograd.grad(preference_loss(margin, 0.3, loss_type).sum(), margin)
+        torch.testing.assert_close(preference_loss_slope(margin.detach(), 0.3, loss_type), derivative)
+
+
+def test_influence_leaves_the_model_as_it_was(setup):
+    policy = setup["policy"]
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    attention, training = policy.config._attn_implementation, policy.training
+    influence_scores(setup["context"])
+    assert policy.config._attn_implementation == attention and policy.training == training
+    assert all(torch.equal(before[n], p) for n, p in policy.named_parameters())
+    assert all(p.grad is None for p in policy.parameters())
+
+
+def test_tif_rule_drives_a_training_run(tmp_path, tokenizer, tiny_model, pool, validation):
+    args = fast_config(tmp_path, num_train_epochs=2, selection_rule="tif")
+    trainer = SelectiveDPOTrainer(
+        tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, eval_dataset=validation,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()
+    record = read_history(tmp_path)[1]
+    assert record["rule"] == "tif" and set(record["thresholds"]) == {"influence"}
+    assert record["num_selected"] == 80  # 10-90 band of 100 distinct scores
+
+
+def test_influence_under_peft_is_over_the_lora_parameters(tmp_path, tokenizer, tiny_model, pool, validation):
+    from peft import LoraConfig
+
+    args = fast_config(tmp_path, num_train_epochs=1, selection_rule="tif", beta=BETA, learning_rate=5e-3,
+                       max_length=64)  # fmt: skip
+    trainer = SelectiveDPOTrainer(
+        tiny_model, args=args, train_dataset=pool.select(range(32)), eval_dataset=validation.select(range(8)),
+        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )  # fmt: skip
+    trainer.train()  # one warm-up epoch moves the LoRA weights off zero
+    scores = trainer.selection_callback._compute_scores(1, {}, ("influence",))["influence"]
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    def loss(row):
+        chosen, rejected = pair_log_probs(model, row)
+        with torch.no_grad(), model.disable_adapter():  # π_ref of a PEFT policy: the base model
+            ref_chosen, ref_rejected = pair_log_probs(model, row)
+        return preference_loss((chosen - ref_chosen) - (rejected - ref_rejected), BETA, "sigmoid")
+
+    validation_rows = token_rows(trainer.selection_callback.validation_dataset)
+    validation_grad = torch.autograd.grad(torch.stack([loss(r) for r in validation_rows]).mean(), lora)
+    expected = [
+        sum((a * b).sum() for a, b in zip(validation_grad, torch.autograd.grad(loss(row), lora), strict=True)).item()
+        for row in token_rows(trainer.train_dataset, 8)
+    ]
+    assert np.abs(expected).max() > 1e-4
+    np.testing.assert_allclose(scores[:8], expected, rtol=2e-3, atol=1e-6)
