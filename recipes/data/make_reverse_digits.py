@@ -33,18 +33,22 @@ NUM_TEST, TEST_SEED = 500, 2
 NUM_SFT, SFT_PROMPT_SEED, SFT_SEED = 1000, 3, 4
 
 
-def build_splits() -> dict[str, list[dict]]:
-    """Build the four splits (train, validation, test, sft) with mutually disjoint prompts."""
-    train = make_reverse_digits_pairs(NUM_TRAIN, flip_fraction=TRAIN_FLIP_FRACTION, seed=TRAIN_SEED)
+def build_splits(seed_offset: int = 0) -> dict[str, list[dict]]:
+    """Build the four splits (train, validation, test, sft) with mutually disjoint prompts.
+
+    Every split's seed is its fixed seed plus ``seed_offset``; offset 0 gives the shipped files, and
+    ``benchmarks/quality.py`` draws a fresh task per benchmark seed with offset ``1000 * seed``.
+    """
+    train = make_reverse_digits_pairs(NUM_TRAIN, flip_fraction=TRAIN_FLIP_FRACTION, seed=TRAIN_SEED + seed_offset)
     used = {row["prompt"] for row in train}
     validation = make_reverse_digits_pairs(
-        NUM_VALIDATION, flip_fraction=0.0, seed=VALIDATION_SEED, exclude_prompts=used
+        NUM_VALIDATION, flip_fraction=0.0, seed=VALIDATION_SEED + seed_offset, exclude_prompts=used
     )
     used |= {row["prompt"] for row in validation}
-    test = make_reverse_digits_pairs(NUM_TEST, flip_fraction=0.0, seed=TEST_SEED, exclude_prompts=used)
+    test = make_reverse_digits_pairs(NUM_TEST, flip_fraction=0.0, seed=TEST_SEED + seed_offset, exclude_prompts=used)
     used |= {row["prompt"] for row in test}
-    sft_prompts = sample_digit_prompts(NUM_SFT, seed=SFT_PROMPT_SEED, exclude_prompts=used)
-    sft = make_sft_texts(sft_prompts, correct_fraction=0.5, seed=SFT_SEED)
+    sft_prompts = sample_digit_prompts(NUM_SFT, seed=SFT_PROMPT_SEED + seed_offset, exclude_prompts=used)
+    sft = make_sft_texts(sft_prompts, correct_fraction=0.5, seed=SFT_SEED + seed_offset)
     return {"train": train, "validation": validation, "test": test, "sft": sft}
 
 

@@ -1,0 +1,445 @@
+"""What selection costs: rescoring time against a training epoch, and peak memory against plain DPOTrainer.
+
+    python benchmarks/overhead.py            # 10.7M-parameter Llama, 256-token pairs (~15 min on 2 busy cores)
+    python benchmarks/overhead.py --quick    # a 2.7M model and a smaller pool, to check the pipeline
+
+One run, one model, one machine:
+
+1. Time. `SelectiveDPOTrainer` (LossDiff-IRM) trains 2 epochs on the pool. Epoch 0 is a full-pool training epoch
+   (timed from after the selection hook to the epoch's end: forward + backward + optimizer step, plus TRL's per-step
+   reference forward). The selection event at the start of epoch 1 is split by the callback's own timers into the
+   reference pass (the one that the reference cache saves on every later event), the policy pass, and the aux refresh
+   (alignment on the validation pairs + one aux pass over the pool). Ratios are against the full-pool epoch 0:
+   rescoring with the reference cache = policy pass; without = policy + reference pass; aux refresh on its own.
+2. Exact influence vs LossDiff-IRM: after training, on the same policy, the two score sets of one event are timed
+   back to back (LossDiff-IRM: policy pass + aux refresh, reference cached; influence: validation gradient + JVP pass).
+3. Memory. Four arms, each in its own subprocess: plain `trl.DPOTrainer` and `SelectiveDPOTrainer` (LossDiff-IRM,
+   aux refreshed at epoch 1), without and with LoRA, the same model loaded from the same path, the same data, 2
+   epochs. Peak memory = the subprocess's peak resident set size (`getrusage(RUSAGE_SELF).ru_maxrss`), so every
+   allocation counts (torch's C++ allocator too, which `tracemalloc` does not see); the table also gives the peak minus
+   the RSS measured right before `train()` (model, reference and data already loaded), i.e. what training added.
+
+Pairs are reverse-digits pairs with 127-digit prompts (`trl_select.toy.make_reverse_digits_pairs`): with the character
+tokenizer each sequence (prompt + completion + EOS) is exactly 256 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine_description, markdown_table, peak_rss_mib  # noqa: E402
+
+
+logger = logging.getLogger("benchmarks.overhead")
+
+RESULTS = REPO / "benchmarks" / "results"
+DIGITS = 127  # prompt "d..d=" is 128 tokens, completion + EOS 128 tokens: 256-token sequences
+
+# name -> (hidden, layers, heads, intermediate)
+MODEL_SIZES = {"full": (384, 6, 6, 1024), "quick": (256, 4, 4, 512)}
+# name -> (pool pairs, validation pairs, train batch, scoring batch)
+POOL_SIZES = {"full": (32, 16, 8, 16), "quick": (24, 16, 8, 8)}
+MEMORY_POOL = (16, 16)  # memory arms: pool and validation pairs (the peak does not grow with the pool)
+
+
+def current_rss_mib() -> float:
+    """Resident set size now (VmRSS of /proc/self/status), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_model(path: Path, size: str) -> int:
+    """Build the Llama of `size` and the character tokenizer, save both to `path`; return the parameter count."""
+    from trl_select.toy import build_char_tokenizer, build_tiny_llama
+
+    hidden, layers, heads, intermediate = MODEL_SIZES[size]
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(
+        tokenizer,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=512,
+        seed=0,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())
+
+
+def pairs(num_pairs: int, num_validation: int):
+    from datasets import Dataset
+
+    from trl_select.toy import make_reverse_digits_pairs
+
+    train = make_reverse_digits_pairs(num_pairs, flip_fraction=0.3, seed=0, min_digits=DIGITS, max_digits=DIGITS)
+    validation = make_reverse_digits_pairs(
+        num_validation, flip_fraction=0.0, seed=1, min_digits=DIGITS, max_digits=DIGITS
+    )
+    return Dataset.from_list(train), Dataset.from_list(validation)
+
+
+def config(output_dir: str, selective: bool, batch: int, scoring_batch: int, **overrides: Any):
+    from trl import DPOConfig
+
+    from trl_select import SelectiveDPOConfig
+
+    settings = {
+        "output_dir": output_dir,
+        "report_to": "none",
+        "bf16": False,
+        "use_cpu": True,
+        "num_train_epochs": 2,
+        "per_device_train_batch_size": batch,
+        "per_device_eval_batch_size": scoring_batch,
+        "learning_rate": 1e-5,
+        "lr_scheduler_type": "constant",
+        "beta": 0.5,
+        "max_length": 2 * (DIGITS + 1) + 8,
+        "gradient_checkpointing": False,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "logging_steps": 1000,
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }
+    return SelectiveDPOConfig(**settings, selection_rule="lossdiff_irm") if selective else DPOConfig(**settings)
+
+
+def peft_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+# ----- 1. time -----
+
+
+def time_run(model_path: Path, size: str, work_dir: Path) -> dict[str, float]:
+    from transformers import PrinterCallback, TrainerCallback
+
+    from trl_select import SelectiveDPOTrainer
+
+    class EpochTimer(TrainerCallback):
+        """Added after the selection callback, so its on_epoch_begin runs once the selection event is over."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self._start)
+
+    num_pairs, num_validation, batch, scoring_batch = POOL_SIZES[size]
+    train, validation = pairs(num_pairs, num_validation)
+    trainer = SelectiveDPOTrainer(
+        str(model_path),
+        args=config(str(work_dir / "time"), True, batch, scoring_batch),
+        train_dataset=train,
+        validation_dataset=validation,
+    )
+    trainer.remove_callback(PrinterCallback)
+    timer = EpochTimer()
+    trainer.add_callback(timer)
+    trainer.train()
+    event = next(e for e in trainer.state.log_history if "selection/epoch" in e)
+    full_epoch = timer.seconds[0]
+
+    influence = compare_with_influence(trainer)
+    return {
+        **influence,
+        "pool_pairs": num_pairs,
+        "validation_pairs": num_validation,
+        "train_batch": batch,
+        "scoring_batch": scoring_batch,
+        "full_epoch_s": full_epoch,
+        "selected_epoch_s": timer.seconds[1],
+        "selected_pairs": event["selection/num_selected"],
+        "reference_pass_s": event["selection/seconds_reference"],
+        "policy_pass_s": event["selection/seconds_policy"],
+        "aux_refresh_s": event["selection/seconds_aux"],
+        "aux_steps": event["selection/aux/steps"],
+        "event_s": event["selection/seconds"],
+    }
+
+
+def compare_with_influence(trainer, num_backward_pairs: int = 4) -> dict[str, float]:
+    """After training, on the same policy and back to back: the cost of LossDiff-IRM's and of exact influence's scores.
+
+    LossDiff-IRM (reference cached): policy pass + aux refresh; per pair, a θ_t and a θ_aux forward (2 policy passes).
+    Exact influence (`trl_select`'s batched JVP scorer): the validation gradient (fixed) + one JVP pass over the pool.
+    Per-pair backward (the paper's TIF way): `∇L(z)` by one backward per pair, dotted with the same validation
+    gradient, on the first `num_backward_pairs` pairs; its scores are also compared with the JVP scores.
+    """
+    import trl_select.influence as influence_module
+    from trl_select.scores import PairLogProbs
+    from trl_select.scoring import build_pass_loader
+
+    callback, args = trainer.selection_callback, trainer.args
+    epoch = int(args.num_train_epochs)  # an epoch after the run, at which the aux refresh is due
+    fixed: dict[str, float] = {"validation_gradient": 0.0}
+    captured: dict[str, dict] = {}
+    validation_gradient = influence_module.validation_gradient
+
+    def timed_validation_gradient(*a, **k):
+        start = time.perf_counter()
+        captured["gradient"] = validation_gradient(*a, **k)
+        fixed["validation_gradient"] += time.perf_counter() - start
+        return captured["gradient"]
+
+    influence_module.validation_gradient = timed_validation_gradient
+    try:
+        metrics: dict[str, float] = {}
+        start = time.perf_counter()
+        callback._compute_scores(epoch, metrics, ("lossdiff", "irm"))
+        lossdiff_irm_s = time.perf_counter() - start
+        start = time.perf_counter()
+        jvp_scores = callback._compute_scores(epoch, {}, ("influence",))["influence"]
+        influence_s = time.perf_counter() - start
+    finally:
+        influence_module.validation_gradient = validation_gradient
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    reference, gradient = callback.reference_log_probs(), captured["gradient"]
+    backward_scores = []
+    start = time.perf_counter()
+    with influence_module._gradient_pass_mode(model):
+        for row in range(num_backward_pairs):
+            loader = build_pass_loader(
+                trainer.train_dataset.select([row]), trainer.data_collator, trainer.accelerator, 1
+            )
+            one = PairLogProbs(chosen=reference.chosen[row : row + 1], rejected=reference.rejected[row : row + 1])
+            pair_gradient = validation_gradient(model, parameters, loader, one, 1, args.beta, args.loss_type[0])
+            backward_scores.append(float(sum((pair_gradient[n] * gradient[n]).sum() for n in gradient)))
+    backward_s = time.perf_counter() - start
+    jvp_head = jvp_scores[:num_backward_pairs]
+    relative_error = max(abs(b - j) / max(abs(b), 1e-12) for b, j in zip(backward_scores, jvp_head, strict=True))
+    pool = len(trainer.train_dataset)
+    return {
+        "lossdiff_irm_scores_s": lossdiff_irm_s,
+        # What each pair costs: a θ_t pass and a θ_aux pass, the same forward over the same pool; the rest of the
+        # refresh (copy, alignment, validation losses) does not grow with the pool.
+        "lossdiff_irm_per_pair_s": 2 * metrics["selection/seconds_policy"] / pool,
+        "influence_scores_s": influence_s,
+        "validation_gradient_s": fixed["validation_gradient"],
+        "influence_per_pair_s": (influence_s - fixed["validation_gradient"]) / pool,
+        "backward_per_pair_s": backward_s / num_backward_pairs,
+        "backward_pairs": num_backward_pairs,
+        "backward_vs_jvp_max_relative_error": relative_error,
+    }
+
+
+# ----- 2. memory (one arm per subprocess) -----
+
+MEMORY_ARMS = ("plain", "selective", "plain+lora", "selective+lora")
+
+
+def memory_arm(arm: str, model_path: Path, work_dir: Path) -> dict[str, float]:
+    """Run one memory arm in this process and return its RSS figures (call in a fresh process)."""
+    from transformers import PrinterCallback
+    from trl import DPOTrainer
+
+    from trl_select import SelectiveDPOTrainer
+
+    selective, lora = arm.startswith("selective"), arm.endswith("+lora")
+    train, validation = pairs(*MEMORY_POOL)
+    args = config(str(work_dir / arm), selective, 8, 8)
+    kwargs: dict[str, Any] = {"peft_config": peft_config()} if lora else {}
+    if selective:
+        kwargs["validation_dataset"] = validation
+    trainer_class = SelectiveDPOTrainer if selective else DPOTrainer
+    trainer = trainer_class(str(model_path), args=args, train_dataset=train, **kwargs)
+    trainer.remove_callback(PrinterCallback)
+    before = current_rss_mib()
+    start = time.perf_counter()
+    trainer.train()
+    return {
+        "arm": arm,
+        "rss_before_train_mib": before,
+        "peak_rss_mib": peak_rss_mib(),
+        "train_s": time.perf_counter() - start,
+    }
+
+
+def run_memory_arms(model_path: Path, work_dir: Path) -> list[dict[str, float]]:
+    results = []
+    for arm in MEMORY_ARMS:
+        out = work_dir / f"memory-{arm}.json"
+        command = [sys.executable, __file__, "--memory_arm", arm, "--model_path", str(model_path),
+                   "--work_dir", str(work_dir), "--json", str(out)]  # fmt: skip
+        env = {**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory arm {arm} failed:\n{done.stderr[-4000:]}")
+        results.append(json.loads(out.read_text()))
+        logger.info("memory %s: %s", arm, results[-1])
+    return results
+
+
+# ----- report -----
+
+
+def report(size: str, num_parameters: int, timing: dict[str, float], memory: list[dict[str, float]], command: str):
+    hidden, layers, heads, intermediate = MODEL_SIZES[size]
+    full = timing["full_epoch_s"]
+    with_cache = timing["policy_pass_s"]
+    without_cache = timing["policy_pass_s"] + timing["reference_pass_s"]
+    time_rows = [
+        ["full-pool training epoch (epoch 0)", f"{full:.1f}", "1.00"],
+        ["rescoring, reference cached (policy pass)", f"{with_cache:.1f}", f"{with_cache / full:.2f}"],
+        [
+            "rescoring, no reference cache (policy + reference pass)",
+            f"{without_cache:.1f}",
+            f"{without_cache / full:.2f}",
+        ],
+        [
+            f"aux refresh ({timing['aux_steps']:.0f} alignment steps + aux pass over the pool)",
+            f"{timing['aux_refresh_s']:.1f}",
+            f"{timing['aux_refresh_s'] / full:.2f}",
+        ],
+        [
+            "whole selection event at epoch 1 (reference + policy + aux + rule)",
+            f"{timing['event_s']:.1f}",
+            f"{timing['event_s'] / full:.2f}",
+        ],
+        [
+            f"training epoch 1 on the {timing['selected_pairs']:.0f} selected pairs",
+            f"{timing['selected_epoch_s']:.1f}",
+            f"{timing['selected_epoch_s'] / full:.2f}",
+        ],
+    ]
+    cheap, pool = timing["lossdiff_irm_per_pair_s"], timing["pool_pairs"]
+    jvp = timing["influence_per_pair_s"]
+    per_pair_rows = [
+        ["LossDiff-IRM: policy pass + aux refresh (reference cached)", f"{timing['lossdiff_irm_scores_s']:.1f}",
+         f"{timing['lossdiff_irm_scores_s'] - cheap * pool:.1f}", f"{1e3 * cheap:.0f}", "1.0"],
+        ["exact influence, batched JVP (`trl_select` `influence` scorer)", f"{timing['influence_scores_s']:.1f}",
+         f"{timing['validation_gradient_s']:.1f}", f"{1e3 * jvp:.0f}", f"{jvp / cheap:.1f}"],
+        [f"exact influence, one backward per pair (paper's TIF way; {timing['backward_pairs']} pairs)", "", "",
+         f"{1e3 * timing['backward_per_pair_s']:.0f}", f"{timing['backward_per_pair_s'] / cheap:.1f}"],
+    ]  # fmt: skip
+    by_arm = {m["arm"]: m for m in memory}
+    memory_rows = []
+    for arm in MEMORY_ARMS:
+        m = by_arm[arm]
+        base = by_arm[arm.replace("selective", "plain")]
+        added = m["peak_rss_mib"] - m["rss_before_train_mib"]
+        base_added = base["peak_rss_mib"] - base["rss_before_train_mib"]
+        memory_rows.append(
+            [
+                arm,
+                f"{m['peak_rss_mib']:.0f}",
+                f"{m['peak_rss_mib'] / base['peak_rss_mib']:.2f}",
+                f"{added:.0f}",
+                f"{added / base_added:.2f}" if base_added > 0 else "-",
+                f"{m['train_s']:.0f}",
+            ]
+        )
+    text = "\n".join(
+        [
+            "# Overhead: rescoring time and peak memory of selection",
+            "",
+            f"Command: `{command}`  ",
+            f"Machine: {machine_description()}  ",
+            f"Model: Llama built locally, hidden {hidden}, {layers} layers, {heads} heads, MLP {intermediate}, "
+            f"{num_parameters / 1e6:.1f}M parameters, fp32; 256-token sequences (128-token prompt, 128-token "
+            f"completion). Pool {timing['pool_pairs']} pairs, validation {timing['validation_pairs']}, train batch "
+            f"{timing['train_batch']}, scoring batch {timing['scoring_batch']}.",
+            "",
+            "## Time (one LossDiff-IRM run, side by side)",
+            "",
+            markdown_table(["what", "seconds", "/ full-pool training epoch"], time_rows),
+            "The training epoch includes TRL's per-step reference forward (no `precompute_ref_log_probs`). The "
+            "reference pass happens once per run: every later event costs the policy pass (+ the aux refresh when "
+            "it is due, every `aux_refresh_epochs`).",
+            "",
+            "## LossDiff-IRM vs exact influence, per pair (same policy, back to back, after training)",
+            "",
+            markdown_table(
+                ["scores", "total s", "of which fixed s", "ms per pair", "per pair / LossDiff-IRM's"],
+                per_pair_rows,
+            ),
+            "Per pair = what each pool pair adds. LossDiff-IRM: a θ_t and a θ_aux forward (2 x the policy pass of this "
+            "call, per pair); its fixed part is the aux copy, alignment steps and validation losses. Influence: the "
+            "JVP pass per pair; its fixed part is the validation gradient. Fixed parts do not grow with the pool. "
+            "The backward-per-pair "
+            "scores agree with the JVP scores to a max relative error of "
+            f"{timing['backward_vs_jvp_max_relative_error']:.1e}, so both are the same exact influence.",
+            "",
+            f"## Peak memory (each arm in its own subprocess; pool {MEMORY_POOL[0]} pairs, 2 epochs, batch 8)",
+            "",
+            markdown_table(
+                ["arm", "peak RSS (MiB)", "/ plain", "peak − RSS before train() (MiB)", "/ plain", "train s"],
+                memory_rows,
+            ),
+            "Peak RSS = `ru_maxrss` of the arm's process (all allocations, torch's included). LoRA: r 16 on "
+            "q/k/v/o projections; the selective LoRA arm's aux model is a second adapter on the same base.",
+            "",
+        ]
+    )
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller model and pool, to check the pipeline")
+    parser.add_argument("--output", type=Path, default=None, help="Markdown output (default results/overhead.md)")
+    parser.add_argument("--memory_arm", choices=MEMORY_ARMS, help=argparse.SUPPRESS)
+    parser.add_argument("--model_path", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work_dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+
+    if options.memory_arm:  # a child process: one memory arm
+        result = memory_arm(options.memory_arm, options.model_path, options.work_dir)
+        options.json.write_text(json.dumps(result))
+        return
+
+    size = "quick" if options.quick else "full"
+    output = options.output or RESULTS / ("overhead_quick.md" if options.quick else "overhead.md")
+    command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
+    with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
+        work_dir = Path(tmp)
+        model_path = work_dir / "model"
+        num_parameters = build_model(model_path, size)
+        logger.info("model: %.1fM parameters", num_parameters / 1e6)
+        memory = run_memory_arms(model_path, work_dir)
+        timing = time_run(model_path, size, work_dir)
+        logger.info("timing: %s", timing)
+    text = report(size, num_parameters, timing, memory, command)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    (output.with_suffix(".json")).write_text(json.dumps({"timing": timing, "memory": memory}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for name in ("trl_select", "transformers", "accelerate", "trl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    main()
