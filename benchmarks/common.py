@@ -102,7 +102,7 @@ def machine_description(threads: int | None = None) -> str:
         pass
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
-        f"{model}, {cpus} logical CPUs (shared with other jobs), torch {torch.__version__} "
+        f"{model}, {cpus} logical CPUs (1-min load average {os.getloadavg()[0]:.1f} at start), torch {torch.__version__} "
         f"({threads or torch.get_num_threads()} threads per process), Python {platform.python_version()}"
     )
 

@@ -175,7 +175,7 @@ def report(
             f"2 ranks / 1 rank wall time = {ranks[2]['seconds'] / ranks[1]['seconds']:.2f} (0.50 = perfect "
             f"scaling); rank 0's CPU time = {ranks[2]['cpu_seconds'] / ranks[1]['cpu_seconds']:.2f} of the 1-rank "
             "run's (0.50 = the work splits evenly; the rest is the per-batch gather). The wall time needs 2 free "
-            "cores, which the shared machine did not have.",
+            "cores.",
             "",
         ]
     )
