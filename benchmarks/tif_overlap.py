@@ -115,15 +115,12 @@ def main() -> None:
             scores, seconds = score_all(trainer)
         size = len(pool)
         masks = {
-            name: band_intersection(scores, dict.fromkeys(needed, BANDS))[0]
-            for name, needed in SELECTORS.items()
+            name: band_intersection(scores, dict.fromkeys(needed, BANDS))[0] for name, needed in SELECTORS.items()
         }
         tif = set(np.flatnonzero(masks["TIF"]).tolist())
         for name, mask in masks.items():
             kept = set(np.flatnonzero(mask).tolist())
-            correlation = {
-                score: spearmanr(scores[score], scores["influence"]).statistic for score in SELECTORS[name]
-            }
+            correlation = {score: spearmanr(scores[score], scores["influence"]).statistic for score in SELECTORS[name]}
             rows.append(
                 {
                     "seed": seed,

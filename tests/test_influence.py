@@ -48,7 +48,11 @@ def setup(tmp_path_factory, tokenizer, reverse_rows):
     pool = Dataset.from_list(reverse_rows["train"][:6])
     validation = Dataset.from_list(reverse_rows["validation"][:6])
     args = fast_config(
-        tmp_path_factory.mktemp("influence"), selection_rule="tif", beta=BETA, max_length=64, per_device_train_batch_size=2
+        tmp_path_factory.mktemp("influence"),
+        selection_rule="tif",
+        beta=BETA,
+        max_length=64,
+        per_device_train_batch_size=2,
     )
     trainer = SelectiveDPOTrainer(
         policy, ref_model=reference, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer
