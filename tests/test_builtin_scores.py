@@ -38,10 +38,8 @@ def test_reward_gap_and_davir_match_per_pair_forwards(moved_trainer):
     expected_gap, expected_davir = [], []
     with torch.no_grad():
         for row in token_rows(trainer.train_dataset):
-            (chosen, rejected), (ref_chosen, ref_rejected) = (
-                pair_log_probs(policy, row),
-                pair_log_probs(reference, row),
-            )
+            chosen, rejected = pair_log_probs(policy, row)
+            ref_chosen, ref_rejected = pair_log_probs(reference, row)
             expected_gap.append(BETA * ((chosen - ref_chosen) - (rejected - ref_rejected)).item())
             # DavIR as the paper states it: mean per-token NLL of the chosen completion, relative reduction.
             num_tokens = len(row["chosen_ids"])
