@@ -88,7 +88,7 @@ def peak_rss_mib() -> float:
 
 
 def machine_description(threads: int | None = None) -> str:
-    """CPU model (from `lscpu`), logical CPUs, torch threads and versions, for the header of every results table.
+    """CPU model (from `lscpu`), logical CPUs, load, torch threads and versions, for the header of every results table.
 
     `threads` is the number of torch threads the measured processes used (default: this process's).
     """
@@ -101,8 +101,10 @@ def machine_description(threads: int | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # Other jobs on shared cores inflate wall times; the load average says whether a run had the machine to itself.
+    load = f"1-min load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else "load unknown"
     return (
-        f"{model}, {cpus} logical CPUs (1-min load average {os.getloadavg()[0]:.1f} at start), torch {torch.__version__} "
+        f"{model}, {cpus} logical CPUs ({load}), torch {torch.__version__} "
         f"({threads or torch.get_num_threads()} threads per process), Python {platform.python_version()}"
     )
 
