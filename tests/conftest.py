@@ -21,7 +21,8 @@ from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  #
 
 
 DEMO_DATA = REPO / "recipes" / "data" / "reverse_digits"
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The first 72 pairs of Anthropic HH-RLHF (harmless-base, test split), MIT; see tests/data/hh_rlhf/README.md.
+HH_RLHF_SLICE = REPO / "tests" / "data" / "hh_rlhf" / "harmless-base-test.first72.jsonl"
 
 
 @pytest.fixture(scope="session")

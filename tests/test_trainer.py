@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import gzip
 import inspect
 import json
 import math
@@ -20,7 +19,7 @@ from trl_select.auxiliary import AUX_ADAPTER
 from trl_select.scores import implicit_reward_margin
 from trl_select.toy import build_tiny_llama
 
-from .conftest import SHARED_DATA, fast_config
+from .conftest import HH_RLHF_SLICE, fast_config
 from .recording import RecordingTrainer
 
 
@@ -214,8 +213,8 @@ def test_peft_selection_run(tmp_path, tokenizer, tiny_model, pool, validation):
 
 
 def test_real_hh_rlhf_pairs_train_with_their_original_row_ids(tmp_path, tokenizer):
-    with gzip.open(SHARED_DATA / "hh-rlhf-harmless-base-test.jsonl.gz", "rt") as f:
-        rows = [json.loads(line) for _, line in zip(range(72), f, strict=False)]
+    rows = [json.loads(line) for line in HH_RLHF_SLICE.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 72
     train, validation = Dataset.from_list(rows[:56]), Dataset.from_list(rows[56:])
     model = build_tiny_llama(tokenizer, seed=0)
     # aux_batch_size=4: TRL keeps 7 of the 16 validation pairs (long prompts), fewer than one batch of 8
