@@ -9,6 +9,7 @@ from trl import DPOConfig
 
 from .registry import get_rule, scorer_needs
 from .rules import check_fraction, check_percentile_band
+from .validation import check_distributed_setup_supported
 
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ class SelectiveDPOConfig(DPOConfig):
         super().__post_init__()
         self._validate_selection_fields()
         _check_deepspeed_agrees(self)
+        # FSDP, tensor/context/sequence parallelism: refused here, before any model is loaded (selection only).
+        check_distributed_setup_supported(self)
 
     @property
     def selection_enabled(self) -> bool:

@@ -48,6 +48,7 @@ from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
 from .validation import (
     FRACTION_RULES,
     check_bands_can_fill_a_batch,
+    check_distributed_setup_supported,
     check_enough_validation_pairs,
     check_fraction_can_fill_a_batch,
     check_preference_rows,
@@ -109,6 +110,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         validation_dataset: Dataset | None = None,
     ) -> None:
         args = self._check_args(model, args)
+        # Again here: the environment (`accelerate launch --use_fsdp`) or the model (`tp_plan`) may say what the
+        # config could not.
+        check_distributed_setup_supported(args, model)
         _check_precomputed_reference_is_shared(args, {"train_dataset": train_dataset, "eval_dataset": eval_dataset})
         if args.selection_enabled:
             train_dataset = self._check_train_dataset(train_dataset)
@@ -141,6 +145,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         self._resumed_selection: tuple[SelectionState, dict[str, torch.Tensor], str] | None = None
         if not args.selection_enabled:
             return
+        # A pre-configured accelerate state can turn FSDP or a parallelism config on with no argument showing it.
+        check_distributed_setup_supported(args, self.model, accelerator=self.accelerator)
         if "influence" in args.required_scores and self.accelerator.num_processes > 1:
             # Fail now rather than after the warm-up epochs, at the first selection event.
             raise NotImplementedError(

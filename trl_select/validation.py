@@ -164,3 +164,90 @@ def check_fraction_can_fill_a_batch(pool_size: int, fraction: float, minimum: in
             f"`selection_fraction={fraction}` keeps {kept} of the {pool_size} training pairs, fewer than one batch per "
             f"rank ({minimum}). Raise `selection_fraction` to at least {minimum / pool_size:.3g} or add training pairs."
         )
+
+
+# ----- distributed setups selection does not support -----
+
+SUPPORTED_DISTRIBUTED = (
+    "Supported with selection: one process, DDP (`accelerate launch --multi_gpu`, recipes/accelerate_configs/"
+    "multi_gpu.yaml) or DeepSpeed ZeRO-2 or ZeRO-3 (deepspeed_zero2.yaml / deepspeed_zero3.yaml); or set "
+    "`selection_rule='none'` to train as plain `DPOTrainer`."
+)
+_TRUE_FLAGS = ("1", "true", "yes", "y", "on")
+
+
+def _as_size(value: Any) -> int:
+    """A parallel size as an int; unset (`None`) or `"auto"` count as 1 (no splitting was asked for)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 1
+
+
+def unsupported_distributed_settings(
+    args: Any, model: Any = None, environ: Any = None, accelerator: Any = None
+) -> list[str]:
+    """Every setting that shards the model or splits a sequence across ranks, each as "`setting` (what it is)".
+
+    Selection scores every pair with per-rank forwards whose summed log-probs are gathered pair by pair (scoring.py),
+    builds the auxiliary model as a second adapter or a plain copy with its own optimizer (auxiliary.py), and gives
+    each data-parallel rank an equal share of the selected pairs (sampler.py). Under FSDP the parameters are sharded
+    flat tensors that the copy and the adapter swap do not handle; under tensor, context or sequence parallelism a
+    rank sees only part of a layer or of a sequence, so its log-probs are partial and ranks are not data-parallel
+    replicas. None of that is implemented or tested, so these setups are refused rather than left to fail mid-run.
+
+    `accelerator`, once the Trainer has built it, is checked too: an `AcceleratorState` configured before the trainer
+    (`use_configured_state`) can carry an FSDP plugin or a parallelism config that no argument shows.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    found: list[str] = []
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp:
+        found.append(f"`fsdp={fsdp!r}` (Fully Sharded Data Parallel)")
+    flag = environ.get("ACCELERATE_USE_FSDP", "")
+    if flag.strip().lower() in _TRUE_FLAGS:
+        found.append(f"`ACCELERATE_USE_FSDP={flag}` (FSDP from `accelerate launch --use_fsdp` or an FSDP config)")
+    if accelerator is not None and getattr(accelerator.state, "fsdp_plugin", None) is not None and not found:
+        found.append("the Accelerator's FSDP plugin (FSDP configured in the accelerate state)")
+    parallelism = getattr(args, "parallelism_config", None)
+    if parallelism is None and accelerator is not None:
+        parallelism = getattr(accelerator, "parallelism_config", None)
+    if parallelism is not None:
+        for name, what in (
+            ("dp_shard_size", "FSDP sharding"),
+            ("tp_size", "tensor parallelism"),
+            ("cp_size", "context parallelism"),
+            ("sp_size", "sequence parallelism"),
+        ):
+            size = _as_size(getattr(parallelism, name, None))
+            if size > 1:
+                found.append(f"`parallelism_config.{name}={size}` ({what})")
+    deepspeed = getattr(getattr(args, "hf_deepspeed_config", None), "config", None) or {}
+    autotp = _as_size((deepspeed.get("tensor_parallel") or {}).get("autotp_size"))
+    if autotp > 1:
+        found.append(f"DeepSpeed `tensor_parallel.autotp_size={autotp}` (DeepSpeed AutoTP tensor parallelism)")
+    tp_plan = (getattr(args, "model_init_kwargs", None) or {}).get("tp_plan")
+    if isinstance(model, str) and tp_plan is not None:
+        found.append(f"`model_init_kwargs['tp_plan']={tp_plan!r}` (loads the model tensor-parallel)")
+    if model is not None and not isinstance(model, str):
+        model_tp = max(_as_size(getattr(model, "_tp_size", None)), _as_size(getattr(model, "tp_size", None)))
+        if model_tp > 1:
+            found.append(f"the model is tensor-parallel (`tp_size={model_tp}`: loaded with `tp_plan`)")
+    return found
+
+
+def check_distributed_setup_supported(
+    args: Any, model: Any = None, environ: Any = None, accelerator: Any = None
+) -> None:
+    """Raise a `ValueError` naming each FSDP / tensor / context / sequence parallel setting, when selection is on."""
+    if getattr(args, "selection_rule", "none") == "none":
+        return  # the trainer is exactly DPOTrainer: whatever TRL supports
+    found = unsupported_distributed_settings(args, model, environ, accelerator)
+    if found:
+        raise ValueError(
+            f"{'; '.join(found)}: not supported with `selection_rule={args.selection_rule!r}`. Selection gathers "
+            "whole-sequence log-probs per pair from data-parallel replicas and copies the policy into an auxiliary "
+            "model, which sharded or split models do not provide. " + SUPPORTED_DISTRIBUTED
+        )

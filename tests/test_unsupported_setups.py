@@ -1,0 +1,102 @@
+"""Setups selection cannot run are refused when the config or trainer is built, naming the setting and what to use.
+
+Issue 11: FSDP and tensor/context/sequence parallelism were neither supported nor refused, and a vision-language
+dataset trained its warm-up epoch, then crashed at the first selection (TRL leaves it untokenized). Each refusal here
+fires before any model forward, so a user learns it in seconds rather than after an epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from accelerate import ParallelismConfig
+from trl import DPOTrainer
+
+from trl_select import SelectiveDPOTrainer
+
+from .conftest import fast_config
+
+
+@pytest.fixture
+def no_parent_init(monkeypatch):
+    """Make reaching `DPOTrainer.__init__` an error: a refusal must come before TRL loads or prepares anything."""
+
+    def reached(*args, **kwargs):
+        raise AssertionError("DPOTrainer.__init__ was reached: the refusal came after the expensive work")
+
+    monkeypatch.setattr(DPOTrainer, "__init__", reached)
+
+
+# ----- FSDP and tensor / context / sequence parallelism -----
+
+SUPPORTED = "DDP.*DeepSpeed ZeRO-2 or ZeRO-3"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"fsdp": True}, r"`fsdp=True`"),
+        ({"fsdp": "full_shard auto_wrap"}, r"`fsdp=True`"),  # transformers turns the legacy string into True
+        ({"parallelism_config": ParallelismConfig(tp_size=2)}, r"`parallelism_config.tp_size=2`.*tensor parallelism"),
+        ({"parallelism_config": ParallelismConfig(cp_size=2)}, r"`parallelism_config.cp_size=2`.*context parallelism"),
+        ({"parallelism_config": ParallelismConfig(sp_size=2)}, r"`parallelism_config.sp_size=2`.*sequence paral"),
+        ({"parallelism_config": ParallelismConfig(dp_shard_size=2)}, r"`parallelism_config.dp_shard_size=2`.*FSDP"),
+        ({"deepspeed": {"tensor_parallel": {"autotp_size": 2}, "zero_optimization": {"stage": 2},
+                        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}},
+         r"`tensor_parallel.autotp_size=2`"),
+    ],
+    ids=["fsdp", "fsdp_legacy_string", "tp", "cp", "sp", "dp_shard", "deepspeed_autotp"],
+)  # fmt: skip
+def test_sharded_and_model_parallel_setups_are_refused_by_the_config(tmp_path, settings, message):
+    with pytest.raises(
+        ValueError, match=f"{message}.*not supported with `selection_rule='lossdiff_irm'`.*{SUPPORTED}"
+    ):
+        fast_config(tmp_path, **settings)
+    # Without selection the trainer is exactly DPOTrainer, so the setting stays the user's business
+    fast_config(tmp_path, selection_rule="none", **settings)
+
+
+def test_plain_data_parallel_settings_pass(tmp_path):
+    config = fast_config(tmp_path, parallelism_config=ParallelismConfig(dp_replicate_size=1), fsdp_config={})
+    assert config.parallelism_config.tp_size == 1 and not config.fsdp
+
+
+def test_fsdp_from_accelerate_launch_is_refused(tmp_path, monkeypatch):
+    # `accelerate launch --use_fsdp` (or an FSDP accelerate config) reaches the trainer only as this variable
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=f"`ACCELERATE_USE_FSDP=true`.*{SUPPORTED}"):
+        fast_config(tmp_path)
+    fast_config(tmp_path, selection_rule="none")
+
+
+def test_fsdp_switched_on_after_the_config_is_refused_by_the_trainer(
+    tmp_path, monkeypatch, tokenizer, tiny_model, pool, validation, no_parent_init
+):
+    args = fast_config(tmp_path)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "1")
+    with pytest.raises(ValueError, match="`ACCELERATE_USE_FSDP=1`"):
+        SelectiveDPOTrainer(tiny_model, args=args, train_dataset=pool, eval_dataset=validation,
+                            processing_class=tokenizer)  # fmt: skip
+
+
+def test_a_tensor_parallel_model_is_refused(tmp_path, tokenizer, tiny_model, pool, validation, no_parent_init):
+    tiny_model._tp_size = 2  # what `from_pretrained(..., tp_plan="auto")` sets on 2 ranks
+    with pytest.raises(ValueError, match=f"tensor-parallel.*`tp_plan`.*{SUPPORTED}"):
+        SelectiveDPOTrainer(tiny_model, args=fast_config(tmp_path), train_dataset=pool, eval_dataset=validation,
+                            processing_class=tokenizer)  # fmt: skip
+
+
+def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(tmp_path, monkeypatch, tokenizer, tiny_model, pool,
+                                                             validation):  # fmt: skip
+    # `use_configured_state=True` reuses an AcceleratorState whose FSDP plugin no argument shows; stand one in
+    original = DPOTrainer.__init__
+
+    def with_fsdp_plugin(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        monkeypatch.setattr(type(self.accelerator.state), "fsdp_plugin", object(), raising=False)
+
+    monkeypatch.setattr(DPOTrainer, "__init__", with_fsdp_plugin)
+    with pytest.raises(ValueError, match=f"Accelerator's FSDP plugin.*{SUPPORTED}"):
+        SelectiveDPOTrainer(tiny_model, ref_model=copy.deepcopy(tiny_model), args=fast_config(tmp_path),
+                            train_dataset=pool, eval_dataset=validation, processing_class=tokenizer)  # fmt: skip
