@@ -11,6 +11,8 @@ import copy
 
 import pytest
 from accelerate import ParallelismConfig
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from trl import DPOTrainer
 
 from trl_select import SelectiveDPOTrainer
@@ -100,3 +102,67 @@ def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(tmp_path, monkeypat
     with pytest.raises(ValueError, match=f"Accelerator's FSDP plugin.*{SUPPORTED}"):
         SelectiveDPOTrainer(tiny_model, ref_model=copy.deepcopy(tiny_model), args=fast_config(tmp_path),
                             train_dataset=pool, eval_dataset=validation, processing_class=tokenizer)  # fmt: skip
+
+
+# ----- vision-language datasets -----
+
+
+class TextOnlyProcessor(ProcessorMixin):
+    """The cheapest `ProcessorMixin` TRL accepts: the char tokenizer, images ignored (the rows below carry none).
+
+    With it and an `images` column, TRL takes its vision path (no tokenization up front, the vision collator) and the
+    tiny Llama trains on the text; on the old code that warm-up epoch ran and the first selection then failed with
+    "The dataset has no ['prompt_ids', 'chosen_ids', 'rejected_ids'] column(s)".
+    """
+
+    attributes = ["tokenizer"]
+    tokenizer_class = "PreTrainedTokenizerFast"
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__(tokenizer)
+
+    def __call__(self, images=None, text=None, **kwargs):
+        return self.tokenizer(text, **kwargs)
+
+
+def _with_images(dataset: Dataset, column: str = "images") -> Dataset:
+    return dataset.add_column(column, [[] if column == "images" else None] * len(dataset))
+
+
+def _build_vision(tmp_path, model, processor, train, validation, **overrides):
+    return SelectiveDPOTrainer(
+        model, ref_model=copy.deepcopy(model), args=fast_config(tmp_path, **overrides), train_dataset=train,
+        eval_dataset=validation, processing_class=processor,
+    )  # fmt: skip
+
+
+VISION_FIX = r"selection rescores the pool from tokenized text pairs.*`selection_rule='none'`"
+
+
+def test_a_vision_dataset_is_refused_before_trl_runs(tmp_path, tokenizer, tiny_model, pool, validation,
+                                                     no_parent_init):  # fmt: skip
+    with pytest.raises(ValueError, match=f"`train_dataset` has an `images` column.*{VISION_FIX}"):
+        _build_vision(tmp_path, tiny_model, TextOnlyProcessor(tokenizer), _with_images(pool), validation)
+    # TRL's other spelling, a single `image`, and with a plain tokenizer (TRL would blame the model instead)
+    with pytest.raises(ValueError, match=f"`train_dataset` has an `image` column.*{VISION_FIX}"):
+        _build_vision(tmp_path, tiny_model, tokenizer, _with_images(pool, "image"), validation)
+    with pytest.raises(ValueError, match=f"`validation_dataset` has an `images` column.*{VISION_FIX}"):
+        _build_vision(tmp_path, tiny_model, tokenizer, pool, _with_images(validation))
+
+
+def test_a_vision_dataset_without_selection_is_left_to_trl(tmp_path, tokenizer, tiny_model, pool, no_parent_init):
+    with pytest.raises(AssertionError, match="DPOTrainer.__init__ was reached"):
+        _build_vision(tmp_path, tiny_model, TextOnlyProcessor(tokenizer), _with_images(pool), None,
+                      selection_rule="none")  # fmt: skip
+
+
+def test_the_vision_dataset_that_crashed_after_warm_up_now_fails_at_construction(tmp_path, tokenizer, tiny_model,
+                                                                                 pool, validation):  # fmt: skip
+    """End to end, no patching: the exact setup that trained one epoch and then crashed at the first selection."""
+    train = _with_images(pool.select(range(48)))
+    with pytest.raises(ValueError, match=f"`train_dataset` has an `images` column.*{VISION_FIX}"):
+        trainer = _build_vision(tmp_path, tiny_model, TextOnlyProcessor(tokenizer), train,
+                                _with_images(validation.select(range(16))), num_train_epochs=2,
+                                per_device_train_batch_size=8, aux_max_steps=1)  # fmt: skip
+        trainer.train()  # the old code got here, trained the warm-up epoch, then failed
+    assert not (tmp_path / "selection_history.jsonl").exists()  # nothing trained

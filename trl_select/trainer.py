@@ -51,6 +51,7 @@ from .validation import (
     check_distributed_setup_supported,
     check_enough_validation_pairs,
     check_fraction_can_fill_a_batch,
+    check_not_vision,
     check_preference_rows,
     min_selection_size,
 )
@@ -205,6 +206,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         if len(train_dataset) == 0:
             raise ValueError("`train_dataset` is empty: selection needs at least one preference pair.")
+        check_not_vision(train_dataset, "train_dataset")
         check_preference_rows(train_dataset, "train_dataset")
         if ROW_INDEX_COLUMN in train_dataset.column_names:
             train_dataset = train_dataset.remove_columns(ROW_INDEX_COLUMN)
@@ -227,6 +229,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         if len(validation_dataset) == 0:
             raise ValueError("`validation_dataset` is empty: the auxiliary model needs validation pairs to align on.")
+        check_not_vision(validation_dataset, "validation_dataset")
         check_preference_rows(validation_dataset, "validation_dataset")
         if args.needs_auxiliary:  # the aux stage trains on whole batches; influence reads any number of pairs
             check_enough_validation_pairs(

@@ -6,7 +6,11 @@ a bad row fails in seconds instead of as a NaN or a crash an epoch later.
 Accepted, as in TRL's `DPOTrainer`: `chosen`/`rejected` as strings or conversations (lists of `{"role", "content"}`
 messages), `prompt` likewise or absent (TRL then extracts the shared prefix of `chosen` and `rejected`); a dataset
 already tokenized (`prompt_ids`, `chosen_ids`, `rejected_ids`) is not checked here. Empty prompts are allowed (a
-preference between two unconditioned completions is valid data); empty completions are not.
+preference between two unconditioned completions is valid data); empty completions are not. Vision-language datasets
+(an `images`/`image` column) are refused: TRL does not tokenize them, and selection scores tokenized text pairs.
+
+Also here: `check_distributed_setup_supported`, which refuses FSDP and tensor/context/sequence parallelism with
+selection, from the config and again when the trainer is built.
 """
 
 from __future__ import annotations
@@ -38,6 +42,29 @@ def _is_empty(value: Any) -> bool:
     if isinstance(value, str):
         return not value.strip()
     return not value or all(not str(message["content"]).strip() for message in value)
+
+
+# The columns by which TRL's DPOTrainer recognises a vision-language dataset (`_is_vision_dataset`).
+VISION_COLUMNS = ("images", "image")
+
+
+def check_not_vision(dataset: Dataset, name: str) -> None:
+    """Refuse a vision-language dataset (an `images` or `image` column), naming the column and the way out.
+
+    TRL's `DPOTrainer` treats a dataset whose first row has such a key as vision data: it skips tokenization up front
+    and processes images and text per batch in its vision collator. Selection rescores the whole pool from the
+    tokenized `prompt_ids`/`chosen_ids`/`rejected_ids`, which such a dataset never gets, so without this check the
+    warm-up epoch trains and the run then fails at the first selection event.
+    """
+    column = next((c for c in VISION_COLUMNS if c in dataset.column_names), None)
+    if column is not None:
+        raise ValueError(
+            f"`{name}` has an `{column}` column, so TRL treats it as vision-language data and does not tokenize it "
+            "up front; selection rescores the pool from tokenized text pairs (`prompt_ids`/`chosen_ids`/"
+            "`rejected_ids`), so selection on vision-language data is not supported. Set `selection_rule='none'` to "
+            f"train it as plain DPO, or, if the text alone is what you mean to train on, drop the column with "
+            f"`dataset.remove_columns({column!r})`."
+        )
 
 
 def check_preference_rows(dataset: Dataset, name: str) -> None:
