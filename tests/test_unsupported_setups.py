@@ -87,6 +87,10 @@ def test_a_tensor_parallel_model_is_refused(tmp_path, tokenizer, tiny_model, poo
     with pytest.raises(ValueError, match=f"tensor-parallel.*`tp_plan`.*{SUPPORTED}"):
         SelectiveDPOTrainer(tiny_model, args=fast_config(tmp_path), train_dataset=pool, eval_dataset=validation,
                             processing_class=tokenizer)  # fmt: skip
+    # ... and a model TRL would load tensor-parallel from its path
+    with pytest.raises(ValueError, match=f"`model_init_kwargs\\['tp_plan'\\]='auto'`.*{SUPPORTED}"):
+        SelectiveDPOTrainer("local/checkpoint", args=fast_config(tmp_path, model_init_kwargs={"tp_plan": "auto"}),
+                            train_dataset=pool, eval_dataset=validation, processing_class=tokenizer)  # fmt: skip
 
 
 def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(tmp_path, monkeypatch, tokenizer, tiny_model, pool,

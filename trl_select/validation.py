@@ -15,6 +15,7 @@ selection, from the config and again when the trainer is built.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -226,8 +227,6 @@ def unsupported_distributed_settings(
     `accelerator`, once the Trainer has built it, is checked too: an `AcceleratorState` configured before the trainer
     (`use_configured_state`) can carry an FSDP plugin or a parallelism config that no argument shows.
     """
-    import os
-
     environ = os.environ if environ is None else environ
     found: list[str] = []
     fsdp = getattr(args, "fsdp", None)
