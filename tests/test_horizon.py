@@ -11,6 +11,7 @@ import copy
 import inspect
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -207,3 +208,28 @@ def test_transformers_internals_the_horizon_relies_on():
     assert "num_samples=num_train_samples * num_steps_trained / max(self.state.max_steps, 1)" in finalize
     assert "num_steps_trained = self.state.global_step - self._initial_global_step" in finalize
     assert "state.compute_steps(self.args, max_steps)" in inspect.getsource(transformers.Trainer._init_training_state)
+
+
+def test_set_horizon_resizes_every_kind_of_progress_bar():
+    """The tqdm bar, the notebook tracker and TRL's rich task all take their total from `state.max_steps` once."""
+    from rich.progress import Progress
+    from tqdm.auto import tqdm
+    from transformers import TrainerState
+    from transformers.utils.notebook import NotebookProgressCallback, NotebookTrainingTracker
+    from trl.trainer.callbacks import RichProgressCallback
+
+    from trl_select import SelectiveDPOTrainer
+
+    plain, notebook, rich = ProgressCallback(), NotebookProgressCallback(), RichProgressCallback()
+    plain.training_bar = tqdm(total=FULL_HORIZON, disable=True)
+    notebook.training_tracker = NotebookTrainingTracker(FULL_HORIZON)
+    rich.training_bar = Progress()
+    rich.training_task = rich.training_bar.add_task("Training", total=FULL_HORIZON)
+    trainer = SimpleNamespace(
+        state=TrainerState(max_steps=FULL_HORIZON), callback_handler=SimpleNamespace(callbacks=[plain, notebook, rich])
+    )
+    SelectiveDPOTrainer.set_horizon(trainer, 15)
+
+    assert trainer.state.max_steps == 15
+    assert plain.training_bar.total == notebook.training_tracker.total == 15
+    assert rich.training_bar.tasks[rich.training_task].total == 15

@@ -295,13 +295,16 @@ class SelectiveDPOTrainer(DPOTrainer):
         """
         self.state.max_steps = max_steps
         for callback in self.callback_handler.callbacks:
-            # `ProgressCallback`'s tqdm and `NotebookProgressCallback`'s tracker, both sized from `state.max_steps`
+            # The bars that size themselves from `state.max_steps` at `on_train_begin`: transformers' `ProgressCallback`
+            # (tqdm) and `NotebookProgressCallback` (tracker), TRL's `RichProgressCallback` (a rich task).
             for name in ("training_bar", "training_tracker"):
                 bar = getattr(callback, name, None)
                 if bar is not None and hasattr(bar, "total"):
                     bar.total = max_steps
                     if callable(getattr(bar, "refresh", None)):
                         bar.refresh()
+                elif bar is not None and getattr(callback, "training_task", None) is not None:
+                    bar.update(callback.training_task, total=max_steps)
 
     def _inner_training_loop(
         self,
