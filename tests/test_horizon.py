@@ -127,7 +127,7 @@ def test_second_train_call_runs_the_whole_schedule_again(tmp_path, tokenizer, ti
 def test_oom_retry_restarts_from_the_full_pool_at_the_smaller_batch(
     tmp_path, tokenizer, tiny_model, pool, validation, where
 ):
-    # Step 2 is inside the warm-up epoch; step 8 is the first step of epoch 1, after its selection was made.
+    # Optimizer step 3 is inside the warm-up epoch; step 9 is the second of epoch 1, after its selection was made.
     fail_at_step = {"epoch0": 2, "after_selection": FULL_STEPS_PER_EPOCH + 1}[where]
     trainer = _trainer(
         OOMOnceTrainer, tmp_path, tokenizer, tiny_model, pool, validation, auto_find_batch_size=True,
