@@ -126,6 +126,7 @@ def test_resume_continues_the_same_run(tmp_path, tokenizer, small_pool, uninterr
         assert resumed_steps[s][0] == expected[s][0], f"step {s} trained other pairs"
         assert resumed_steps[s][1] == pytest.approx(expected[s][1], rel=1e-12), f"step {s} has another LR"
     assert trainer.state.global_step == reference_trainer.state.global_step
+    assert trainer.state.max_steps == trainer.state.global_step  # the resumed run's horizon is the selective one
     reference_losses = {h["step"]: h["loss"] for h in reference_trainer.state.log_history if "loss" in h}
     resumed_losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
     assert resumed_losses == pytest.approx({s: reference_losses[s] for s in resumed_losses}, rel=1e-5)

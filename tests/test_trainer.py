@@ -59,7 +59,8 @@ def test_each_epoch_trains_exactly_its_selection(tmp_path, tokenizer, tiny_model
     # The LR schedule ends on the last real step, however short the epochs became
     assert trainer.lr_scheduler.last_epoch == trainer.state.global_step
     assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
-    assert trainer.state.global_step < trainer.state.max_steps  # max_steps is left alone: lowering it stops early
+    # max_steps follows the selection, so the last step is the last (final save/eval), and no step is lost
+    assert trainer.state.max_steps == trainer.state.global_step == sum(trainer.steps_per_epoch.values())
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from .checkpoint import SelectionState
 from .history import SelectionHistory
 from .registry import ScoringContext, SelectionContext, apply_rule, run_scorer, scorer_needs
 from .rules import Band, jaccard, score_quantiles
-from .schedule import RetimedLR, update_steps_per_epoch
+from .schedule import RetimedLR, selective_horizon
 from .scores import PairLogProbs
 from .scoring import build_pass_loader, check_same_on_all_ranks, inference_mode, run_log_prob_pass, sequence_log_probs
 from .validation import min_selection_size
@@ -66,7 +66,8 @@ class SelectionCallback(TrainerCallback):
 
     The event, on every rank: score the whole pool with θ_t (and π_ref once, cached; θ_aux at each refresh, cached),
     compute the rule's scores and keep-mask, replace the sampler's selection (the epoch's iterator is created after
-    this hook, so the new selection applies to this very epoch), and retime the LR schedule to the new epoch length.
+    this hook, so the new selection applies to this very epoch), and move the run's horizon (`state.max_steps`) and
+    the LR schedule's end to the new epoch length.
     The main process appends the event to `selection_history.jsonl`. Metrics go into the trainer's metric buffer under
     `selection/`, so the next log carries them to every `report_to` backend.
 
@@ -411,6 +412,26 @@ class SelectionCallback(TrainerCallback):
                 tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = log_probs.chosen, log_probs.rejected
         return state, tensors
 
+    def start_from_full_pool(self) -> None:
+        """Forget the previous training loop: the next epoch 0 trains, and records, the full pool again.
+
+        The trainer calls this at the start of every training loop (each `train()`, and each retry of
+        `auto_find_batch_size` after an out-of-memory error, which restarts the loop from step 0), before the Trainer
+        sizes the run from the sampler's length: a sampler still holding the last selection would make `max_steps`
+        too short, and a remembered epoch would skip the new loop's warm-up event. π_ref's cached log-probs stay (π_ref
+        never changes); θ_aux's are dropped and its shuffle seeds restart, as in a new run. A resume then restores its
+        checkpoint's selection over this.
+        """
+        self.sampler.set_selection(range(self.sampler.pool_size))
+        self.sampler.set_epoch(0)
+        self._previous_selection = None
+        self._last_epoch_handled = None
+        self._epoch_start_step = 0
+        self._auxiliary_log_probs = None
+        self._restored_aux_num_refreshes = 0
+        if self._auxiliary is not None:
+            self._auxiliary.num_refreshes = 0
+
     def restore_selection_state(self, state: SelectionState, tensors: dict[str, torch.Tensor]) -> None:
         """Continue from a checkpoint: its selection, its cached log-probs, and no second event for its epoch."""
         self.sampler.set_selection(state.selected_rows)
@@ -419,6 +440,8 @@ class SelectionCallback(TrainerCallback):
         self._last_epoch_handled = state.epoch
         self._epoch_start_step = state.epoch_start_step
         self._restored_aux_num_refreshes = state.aux_num_refreshes
+        if self._auxiliary is not None:  # built by an earlier `train()` of this trainer
+            self._auxiliary.num_refreshes = state.aux_num_refreshes
         if "reference.chosen" in tensors:
             self._reference = PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"])
         if "auxiliary.chosen" in tensors:
@@ -437,6 +460,20 @@ class SelectionCallback(TrainerCallback):
         return [self.pair_ids[row] for row in sorted(self.sampler.trimmed_rows())]
 
     def _retime_schedule(self, epoch: int, state: TrainerState, train_dataloader) -> None:
+        """Move the run's horizon (`state.max_steps`, the progress bar) and the LR schedule's end to this selection.
+
+        The later epochs are counted at this selection's length (`selective_horizon`); the next selection moves the
+        horizon again, and the last one makes it exact, so transformers' `global_step >= max_steps` fires on the real
+        last step (final save and evaluation) and never before it.
+        """
+        horizon = selective_horizon(
+            state.global_step,
+            epoch,
+            state.num_train_epochs,
+            len(train_dataloader),
+            self.trainer.args.gradient_accumulation_steps,
+        )
+        self.trainer.set_horizon(horizon)
         scheduler = self.trainer.lr_scheduler
         if not isinstance(scheduler, RetimedLR):
             logger.warning(
@@ -445,9 +482,7 @@ class SelectionCallback(TrainerCallback):
                 type(scheduler).__name__,
             )
             return
-        steps_per_epoch = update_steps_per_epoch(len(train_dataloader), self.trainer.args.gradient_accumulation_steps)
-        remaining = (state.num_train_epochs - epoch) * steps_per_epoch
-        scheduler.retarget(state.global_step, remaining)
+        scheduler.retarget(state.global_step, horizon - state.global_step)
 
     def _publish(self, metrics: dict[str, float]) -> None:
         # Not `trainer.log`: DPOTrainer.log picks train/eval from `model.training` and clears its buffer. The buffer

@@ -52,7 +52,8 @@ class SelectionSampler(BatchRebalanceSampler):
 
     Args:
         pool_size: Number of rows in the training pool; the initial selection is all of them.
-        max_batch_size: Largest batch a rank gets (`per_device_train_batch_size`).
+        max_batch_size: Largest batch a rank gets (`per_device_train_batch_size`). The trainer sets it again to its
+            live batch size each time it builds the training dataloader (`auto_find_batch_size` lowers it).
         seed: Base seed of the per-epoch permutations.
         world_size: Number of data-parallel ranks.
         rank: This rank.
@@ -77,6 +78,11 @@ class SelectionSampler(BatchRebalanceSampler):
     def rows(self) -> list[int]:
         """The pool rows of the current selection, in ascending order."""
         return self._rows.tolist()
+
+    @property
+    def epoch_size(self) -> int:
+        """Pairs an epoch trains over all ranks: the selection less the `trimmed_rows()`."""
+        return len(self._rows) - len(self._rows) % self.world_size
 
     def set_selection(self, rows: Sequence[int]) -> None:
         """Replace the selection; takes effect at the next `iter()`."""

@@ -2,8 +2,9 @@
 
 The HF `Trainer` freezes the steps per epoch and the scheduler horizon from the full pool before the first epoch.
 With selection, epochs get shorter, so (1) the per-epoch step counts are recomputed from the live dataloader at the
-start of every epoch (see `SelectiveDPOTrainer._run_epoch`), and (2) the LR schedule is re-timed at every selection so
-that it reaches its end exactly on the last real step.
+start of every epoch (see `SelectiveDPOTrainer._run_epoch`), (2) the run's horizon, `state.max_steps`, is re-estimated
+at every selection (`selective_horizon`), so that transformers stops, saves and evaluates on the real last step, and
+(3) the LR schedule is re-timed to that horizon, so that it reaches its end exactly on the last real step.
 
 The re-timing maps the real optimizer step `s` to a "virtual" step `v(s)` of the original schedule, piecewise
 linearly: at each retarget the current point `(s0, v(s0))` is kept and the rest of the original horizon `[v(s0), H]`
@@ -23,6 +24,20 @@ from torch.optim.lr_scheduler import LambdaLR
 def update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
     """Optimizer steps in an epoch of `num_batches` batches; a trailing partial accumulation is one more step."""
     return math.ceil(num_batches / gradient_accumulation_steps)
+
+
+def selective_horizon(
+    epoch_start_step: int, epoch: int, num_train_epochs: int, num_batches: int, gradient_accumulation_steps: int
+) -> int:
+    """The run's last optimizer step, estimated as epoch `epoch` (`num_batches` batches) begins at `epoch_start_step`.
+
+    This epoch and every later one are counted at this epoch's length: the later selections are not known yet. The
+    estimate never ends the run early (the epoch under way always fits in it), and it is exact from the last epoch's
+    selection on, so the run's last step is the horizon's.
+    """
+    return epoch_start_step + (num_train_epochs - epoch) * update_steps_per_epoch(
+        num_batches, gradient_accumulation_steps
+    )
 
 
 class RetimedSchedule:

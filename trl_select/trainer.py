@@ -1,8 +1,10 @@
 """`SelectiveDPOTrainer` and `SelectiveSLiCTrainer`: `DPOTrainer` whose epochs train only on the selected pairs.
 
-The trainer itself stays thin: it wires the selection callback and sampler in, makes the per-epoch step counts and the
-LR horizon follow the live selection, and knows how to get reference log-probs. The selection event is in
-`callback.py`, the math in `scores.py`/`rules.py`, the passes over the pool in `scoring.py`/`auxiliary.py`.
+The trainer itself stays thin: it wires the selection callback and sampler in, makes the per-epoch step counts, the
+run's horizon (`state.max_steps`) and the LR horizon follow the live selection, starts every training loop (each
+`train()`, each `auto_find_batch_size` retry) from the full pool, and knows how to get reference log-probs. The
+selection event is in `callback.py`, the math in `scores.py`/`rules.py`, the passes over the pool in
+`scoring.py`/`auxiliary.py`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from .config import SelectiveDPOConfig, SelectiveSLiCConfig
 from .history import HISTORY_FILENAME
 from .reporting import default_reporters
 from .sampler import SelectionSampler
-from .schedule import RetimedLR, update_steps_per_epoch
+from .schedule import RetimedLR, selective_horizon, update_steps_per_epoch
 from .scores import PairLogProbs
 from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
 from .validation import (
@@ -144,6 +146,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         self.selection_callback: SelectionCallback | None = None
         self._pool_fingerprint: dict[str, Any] | None = None
         self._resumed_selection: tuple[SelectionState, dict[str, torch.Tensor], str] | None = None
+        self._pairs_trained = 0.0  # pairs the current training loop trained, for `train()`'s speed metrics
         if not args.selection_enabled:
             return
         # A pre-configured accelerate state can turn FSDP or a parallelism config on with no argument showing it.
@@ -276,6 +279,9 @@ class SelectiveDPOTrainer(DPOTrainer):
     def _get_train_sampler(self, train_dataset=None):
         if self.selection_sampler is None:
             return super()._get_train_sampler(train_dataset)
+        # `get_train_dataloader` asks for the sampler at the start of every training loop, after `auto_find_batch_size`
+        # has set the loop's batch size: batch at that live size, as the Trainer's own DataLoader would.
+        self.selection_sampler.max_batch_size = self._train_batch_size
         return self.selection_sampler
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
@@ -288,16 +294,75 @@ class SelectiveDPOTrainer(DPOTrainer):
             )
         return self.lr_scheduler
 
+    def set_horizon(self, max_steps: int) -> None:
+        """Make `max_steps` the run's last optimizer step: `state.max_steps` and the progress bar's total.
+
+        transformers stops training, and forces the final save (`save_strategy="steps"`) and evaluation
+        (`eval_strategy="steps"`), on the step where `global_step >= state.max_steps`; `load_best_model_at_end` needs
+        that last evaluation. Fractional `logging_steps`/`eval_steps`/`save_steps` are not moved: transformers resolved
+        them once, against the full-pool horizon, when the loop began.
+        """
+        self.state.max_steps = max_steps
+        for callback in self.callback_handler.callbacks:
+            # The bars that size themselves from `state.max_steps` at `on_train_begin`: transformers' `ProgressCallback`
+            # (tqdm) and `NotebookProgressCallback` (tracker), TRL's `RichProgressCallback` (a rich task).
+            for name in ("training_bar", "training_tracker"):
+                bar = getattr(callback, name, None)
+                if bar is not None and hasattr(bar, "total"):
+                    bar.total = max_steps
+                    if callable(getattr(bar, "refresh", None)):
+                        bar.refresh()
+                elif bar is not None and getattr(callback, "training_task", None) is not None:
+                    bar.update(callback.training_task, total=max_steps)
+
+    def _inner_training_loop(
+        self,
+        batch_size: int | None = None,
+        args: SelectiveDPOConfig | None = None,
+        resume_from_checkpoint: str | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ):
+        """Every training loop starts at step 0 of the selection schedule, on the full pool.
+
+        `train()` runs this loop once, and again from step 0 at a smaller batch size after each out-of-memory error
+        with `auto_find_batch_size`; a second `train()` runs it again too. The Trainer sizes the loop (steps per epoch,
+        `max_steps`, the LR horizon, fractional `*_steps`) from the training dataloader's length before the first
+        epoch, so the sampler must hold the full pool by then, not the previous loop's last selection.
+        """
+        if self.selection_callback is not None:
+            self.selection_callback.start_from_full_pool()
+        self._pairs_trained = 0.0
+        return super()._inner_training_loop(
+            batch_size,
+            args=args,
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+        )
+
     def _run_epoch(self, *args: Any, **kwargs: Any):
         # The Trainer passes step counts frozen from the full pool; recount them from the live selection so the epoch
         # ends, steps its last partial accumulation and sets `state.epoch` where the selection really ends.
+        if self.selection_sampler is None:
+            return super()._run_epoch(*args, **kwargs)
+        num_batches = len(kwargs["train_dataloader"])
+        num_steps = update_steps_per_epoch(num_batches, self.args.gradient_accumulation_steps)
+        kwargs["steps_in_epoch"] = num_batches
+        kwargs["num_update_steps_per_epoch"] = num_steps
+        epoch_size, start_step = self.selection_sampler.epoch_size, self.state.global_step
+        result = super()._run_epoch(*args, **kwargs)
+        # A resumed or stopped epoch ran only part of its steps; the balanced batches make each step's share equal.
+        self._pairs_trained += epoch_size * (self.state.global_step - start_step) / num_steps
+        return result
+
+    def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float):
         if self.selection_sampler is not None:
-            num_batches = len(kwargs["train_dataloader"])
-            kwargs["steps_in_epoch"] = num_batches
-            kwargs["num_update_steps_per_epoch"] = update_steps_per_epoch(
-                num_batches, self.args.gradient_accumulation_steps
-            )
-        return super()._run_epoch(*args, **kwargs)
+            # transformers reports `num_train_samples * steps run / state.max_steps` samples (full-pool epochs); hand
+            # it the figure that makes this the pairs this loop really trained, for `train_samples_per_second`.
+            steps_run = self.state.global_step - self._initial_global_step
+            num_train_samples = self._pairs_trained * max(self.state.max_steps, 1) / steps_run if steps_run else 0
+        return super()._finalize_training(trial, num_train_samples, start_time)
 
     # ----- checkpoints and resume -----
 
@@ -343,6 +408,16 @@ class SelectiveDPOTrainer(DPOTrainer):
             self.selection_callback.history.rewrite(history.read_bytes() if history.is_file() else b"")
         epochs_trained, batches_trained = resume_position(
             state, self.state.global_step, self.args.gradient_accumulation_steps
+        )
+        # The Trainer has just reset `state.max_steps` to the full-pool horizon; the run being resumed had moved it.
+        self.set_horizon(
+            selective_horizon(
+                state.epoch_start_step,
+                state.epoch,
+                num_train_epochs,
+                state.batches_in_epoch,
+                self.args.gradient_accumulation_steps,
+            )
         )
         logger.info(
             "Resuming selection from %s: epoch %d, %d of its batches already trained, %d pairs selected.",
