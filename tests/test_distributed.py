@@ -143,9 +143,14 @@ def test_zero3_precomputed_reference_without_ref_model_for_a_separate_validation
     training (TRL's engine over the ZeRO-3 shards, its cache file shared by the ranks), not taken from the policy at
     the first selection, so the run selects what the run with a live `ref_model` selects."""
     apart, live = deepspeed_runs("zero3-precompute-apart"), deepspeed_runs("zero3")
-    # The policy as its own reference would make every validation margin 0 and the aux loss before alignment log 2
-    assert all(abs(before - math.log(2)) > 1e-3 for r in apart for before, _ in r["aux_losses"])
-    assert apart[0]["aux_losses"][0][0] == pytest.approx(live[0]["aux_losses"][0][0], abs=1e-4)
+    # The policy at the first selection as its own reference makes every validation margin 0: a loss of exactly log 2
+    # (fp32: 0.6931472) before alignment. π_ref is one warm-up epoch behind the policy here: 0.6924.
+    assert all(abs(r["aux_losses"][0][0] - math.log(2)) > 1e-4 for r in apart)
+    for (apart_before, apart_after), (live_before, live_after) in zip(
+        apart[0]["aux_losses"], live[0]["aux_losses"], strict=True
+    ):
+        assert apart_before == pytest.approx(live_before, abs=1e-5)
+        assert apart_after == pytest.approx(live_after, abs=1e-5)
     history, reference = apart[0]["history"], live[0]["history"]
     assert [r["selected_ids"] for r in history] == [r["selected_ids"] for r in reference]
     for name, band in reference[1]["thresholds"].items():
