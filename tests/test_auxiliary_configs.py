@@ -70,6 +70,11 @@ def test_precomputed_reference_of_a_separate_validation_set_is_the_initial_polic
     # With the policy as its own reference every margin is 0 and the loss exactly log 2
     assert abs(result.validation_loss_before - math.log(2)) > 1e-3
     assert result.validation_loss_before == pytest.approx(expected, abs=1e-5)
+    # Precomputing keeps no reference copy: a dataset without the columns has no reference to be scored with
+    bare = validation_set.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    loader = build_pass_loader(bare, trainer.data_collator, trainer.accelerator, 32)
+    with pytest.raises(RuntimeError, match="No reference model to score with"):
+        trainer.reference_log_probs(bare, loader)
 
 
 def test_reference_columns_are_read_only_when_precomputing(tmp_path, tokenizer, pool, validation):
@@ -164,6 +169,8 @@ def test_fp16_aux_stage_scales_its_loss_and_skips_non_finite_steps(tmp_path, tok
     assert metrics["selection/aux/skipped_steps"] == 1.0
     assert bool(torch.isfinite(aux_log_probs.chosen).all() and torch.isfinite(aux_log_probs.rejected).all())
     assert metrics["selection/aux/val_loss_after"] < metrics["selection/aux/val_loss_before"]
+    # The next refresh starts from the lowered scale instead of finding it again
+    assert callback.auxiliary().grad_scaler_state["scale"] == 2.0**15
 
 
 def test_fp16_loss_scaling_leaves_finite_steps_unchanged(tmp_path, tokenizer, pool, validation):

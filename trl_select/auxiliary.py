@@ -145,6 +145,9 @@ class AuxiliaryModel:
         self.settings = settings
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
         self.num_refreshes = 0
+        # The fp16 loss scale carries over from one alignment stage to the next, so each refresh does not spend its
+        # first steps finding it again (GradScaler starts at 2^16 and halves on every overflow).
+        self.grad_scaler_state: dict | None = None
 
     def batches_per_pass(self) -> int:
         """Batches each rank runs in one pass over the validation pairs."""
@@ -232,7 +235,11 @@ class AuxiliaryModel:
         # fp16 gradients underflow without a loss scale and overflow now and then with one; the scaler finds the
         # overflows and skips those steps. The scale is a power of two, so a finite step is exactly the unscaled one.
         # Gradients are averaged over ranks before the inf check, so every rank skips the same steps.
-        scaler = torch.amp.GradScaler(self.accelerator.device.type) if self.settings.loss_scaling else None
+        scaler = None
+        if self.settings.loss_scaling:
+            scaler = torch.amp.GradScaler(self.accelerator.device.type)
+            if self.grad_scaler_state is not None:
+                scaler.load_state_dict(self.grad_scaler_state)
 
         def step(loss: torch.Tensor) -> bool:
             if scaler is None:
@@ -252,6 +259,7 @@ class AuxiliaryModel:
             scaler.step(optimizer)  # skipped when the unscaled gradients hold an inf or a NaN
             scaler.update()  # ... and then the scale is lowered
             optimizer.zero_grad(set_to_none=True)
+            self.grad_scaler_state = scaler.state_dict()
             return scaler.get_scale() < scale
 
         return _AuxHandle(module, activate, step)
