@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -78,10 +79,12 @@ def _check_disjoint_shards_of_one_selection(ranks: list[dict]) -> None:
 # one rank skips would hang, and every parameter must be gathered to be used.
 DEEPSPEED_RUNS = {
     "zero2": ("zero2.json", []),
+    "zero2-offload": ("zero2_offload.json", []),
     "zero3": ("zero3.json", []),
     "zero2-lora": ("zero2.json", ["--peft"]),
     "zero3-lora": ("zero3.json", ["--peft"]),
     "zero3-precompute": ("zero3.json", ["--precompute_ref"]),
+    "zero3-precompute-apart": ("zero3.json", ["--precompute_ref", "--validation_apart"]),
 }
 
 
@@ -135,6 +138,26 @@ def test_precomputed_reference_on_in_memory_data_is_refused_before_any_forward()
     )
 
 
+def test_zero3_precomputed_reference_without_ref_model_for_a_separate_validation_set(deepspeed_runs):
+    """No `ref_model`, validation pairs apart from the eval set: π_ref's validation log-probs are precomputed before
+    training (TRL's engine over the ZeRO-3 shards, its cache file shared by the ranks), not taken from the policy at
+    the first selection, so the run selects what the run with a live `ref_model` selects."""
+    apart, live = deepspeed_runs("zero3-precompute-apart"), deepspeed_runs("zero3")
+    # The policy at the first selection as its own reference makes every validation margin 0: a loss of exactly log 2
+    # (fp32: 0.6931472) before alignment. π_ref is one warm-up epoch behind the policy here: 0.6924.
+    assert all(abs(r["aux_losses"][0][0] - math.log(2)) > 1e-4 for r in apart)
+    for (apart_before, apart_after), (live_before, live_after) in zip(
+        apart[0]["aux_losses"], live[0]["aux_losses"], strict=True
+    ):
+        assert apart_before == pytest.approx(live_before, abs=1e-5)
+        assert apart_after == pytest.approx(live_after, abs=1e-5)
+    history, reference = apart[0]["history"], live[0]["history"]
+    assert [r["selected_ids"] for r in history] == [r["selected_ids"] for r in reference]
+    for name, band in reference[1]["thresholds"].items():
+        assert history[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
+        assert history[1]["thresholds"][name]["hi"] == pytest.approx(band["hi"], abs=1e-4)
+
+
 @pytest.mark.parametrize("variant", ["", "-lora"], ids=["full", "lora"])
 def test_zero3_selects_what_zero2_selects(deepspeed_runs, variant):
     """Same seed, fp32: sharding the parameters changes nothing the scores can see.
@@ -145,6 +168,24 @@ def test_zero3_selects_what_zero2_selects(deepspeed_runs, variant):
     assert zero3[1]["selected_ids"] == zero2[1]["selected_ids"]
     for name, band in zero2[1]["thresholds"].items():
         assert zero3[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
+
+
+def test_zero2_offload_aux_engine_uses_deepspeed_cpu_adam(deepspeed_runs):
+    """`offload_optimizer` without PEFT: the aux engine gets DeepSpeedCPUAdam (a torch AdamW is refused by DeepSpeed).
+
+    Its stage aligns (validation loss falls), leaves the policy alone, and selects what the same run without offload
+    selects: CPU Adam and torch AdamW agree to rounding, so the first selection's bands agree to well below 1e-3.
+    """
+    offload, plain = deepspeed_runs("zero2-offload"), deepspeed_runs("zero2")
+    assert all(r["aux_optimizers"] == ["DeepSpeedCPUAdam"] * 2 for r in offload)
+    assert all(r["aux_optimizers"] == ["AdamW"] * 2 for r in plain)
+    for before, after in offload[0]["aux_losses"]:
+        assert after < before
+    history, reference = offload[0]["history"], plain[0]["history"]
+    assert overlap_coefficient(history[1]["selected_ids"], reference[1]["selected_ids"]) >= 0.95
+    for name, band in reference[1]["thresholds"].items():
+        assert history[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-3)
+        assert history[1]["thresholds"][name]["hi"] == pytest.approx(band["hi"], abs=1e-3)
 
 
 def test_ddp_selection_matches_the_single_process_run(tmp_path):

@@ -11,6 +11,11 @@ then discarded: LossDiff only needs its pool log-probabilities, which are cached
 Either way it has its own AdamW optimizer (constant LR), and the policy's weights, gradients, optimizer state and LR
 scheduler are not touched. Gradients are averaged over ranks after every backward, so θ_aux stays identical on every
 rank.
+
+Precision follows the policy: the aux adapter is created in the policy adapter's dtype (so θ_aux = θ_t exactly before
+alignment, and LossDiff carries no dtype offset), an fp16 run scales the aux loss (a `GradScaler`, or DeepSpeed's own
+loss scaler) and skips steps whose gradients overflow, and a DeepSpeed config that offloads the optimizer gets
+DeepSpeed's CPU Adam, as accelerate gives the policy.
 """
 
 from __future__ import annotations
@@ -54,25 +59,34 @@ class AlignmentSettings:
     max_grad_norm: float
     seed: int
     deepspeed_config: dict | None = None  # the run's DeepSpeed config (auto values filled), if DeepSpeed is on
+    # fp16 without DeepSpeed: scale the aux loss and skip non-finite steps (DeepSpeed fp16 has its own loss scaler)
+    loss_scaling: bool = False
 
 
 @dataclass(frozen=True)
 class AlignmentResult:
-    """The outcome of one refresh: θ_aux's pool log-probs and its validation loss before and after alignment."""
+    """The outcome of one refresh: θ_aux's pool log-probs and its validation loss before and after alignment.
+
+    `skipped_steps` of the `num_steps` were not applied because their gradients were not finite (fp16 loss scaling).
+    """
 
     pool_log_probs: PairLogProbs
     validation_loss_before: float
     validation_loss_after: float
     num_steps: int
+    skipped_steps: int = 0
 
 
 @dataclass
 class _AuxHandle:
-    """θ_aux while it exists: what to call forward on, the context that makes it active, and one optimizer step."""
+    """θ_aux while it exists: what to call forward on, the context that makes it active, and one optimizer step.
+
+    `step` returns True when it skipped the update (non-finite gradients under loss scaling).
+    """
 
     module: torch.nn.Module
     activate: Callable[[], contextlib.AbstractContextManager]
-    step: Callable[[torch.Tensor], None]
+    step: Callable[[torch.Tensor], bool]
 
 
 def _gathered(parameters: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
@@ -92,6 +106,12 @@ def _average_gradients_across_ranks(parameters: list[torch.nn.Parameter], accele
             parameter.grad = torch.zeros_like(parameter)
         torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
         parameter.grad.div_(accelerator.num_processes)
+
+
+def _offloads_optimizer(config: dict) -> bool:
+    """Whether a DeepSpeed config offloads the optimizer and DeepSpeed insists on its own CPU optimizer for that."""
+    device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True)
 
 
 class AuxiliaryModel:
@@ -125,6 +145,9 @@ class AuxiliaryModel:
         self.settings = settings
         self.gradient_checkpointing_kwargs = gradient_checkpointing_kwargs
         self.num_refreshes = 0
+        # The fp16 loss scale carries over from one alignment stage to the next, so each refresh does not spend its
+        # first steps finding it again (GradScaler starts at 2^16 and halves on every overflow).
+        self.grad_scaler_state: dict | None = None
 
     def batches_per_pass(self) -> int:
         """Batches each rank runs in one pass over the validation pairs."""
@@ -144,7 +167,7 @@ class AuxiliaryModel:
             )
             with aux.activate():
                 loss_before = self._validation_loss(aux.module, validation_loader)
-                num_steps = self._align(aux)
+                num_steps, skipped_steps = self._align(aux)
                 loss_after = self._validation_loss(aux.module, validation_loader)
                 with inference_mode(aux.module, self.gradient_checkpointing_kwargs):
                     pool = run_log_prob_pass(
@@ -155,7 +178,13 @@ class AuxiliaryModel:
                         desc="Scoring pool with aux model",
                     )
         self.num_refreshes += 1
-        return AlignmentResult(pool, loss_before, loss_after, num_steps)
+        if skipped_steps:
+            logger.warning(
+                "Aux alignment skipped %d of %d steps: their gradients were not finite (fp16 overflow).",
+                skipped_steps,
+                num_steps,
+            )
+        return AlignmentResult(pool, loss_before, loss_after, num_steps, skipped_steps)
 
     @contextlib.contextmanager
     def _build(self) -> Iterator[_AuxHandle]:
@@ -180,9 +209,13 @@ class AuxiliaryModel:
         policy_adapter = {name: p for name, p in policy.named_parameters() if source in name}
         # Under ZeRO-3 the policy adapter is partitioned; the aux adapter, added after partitioning, is whole on
         # every rank (a few MB) and its gradients are averaged by hand, like any plain torch parameter.
+        # PEFT creates the new adapter in fp32 (`autocast_adapter_dtype`); a bf16 policy adapter (ZeRO-3 + LoRA, QLoRA)
+        # would then differ from its fp32 copy by rounding, a per-pair LossDiff offset with no validation signal. So
+        # each aux parameter takes its policy twin's dtype, and θ_aux equals θ_t bit for bit before alignment.
         with _gathered(list(policy_adapter.values())), torch.no_grad():
             for name, parameter in policy_adapter.items():
-                policy.get_parameter(name.replace(source, f".{AUX_ADAPTER}.")).copy_(parameter)
+                twin = policy.get_parameter(name.replace(source, f".{AUX_ADAPTER}."))
+                twin.data = parameter.detach().to(device=twin.device, dtype=parameter.dtype, copy=True)
         parameters = [p for n, p in policy.named_parameters() if f".{AUX_ADAPTER}." in n]
         try:
             # `use_adapter` makes the aux adapter the only trainable one, and restores the policy adapter after
@@ -190,18 +223,44 @@ class AuxiliaryModel:
         finally:
             policy.delete_adapter(AUX_ADAPTER)
 
-    def _torch_handle(self, module, parameters, activate) -> _AuxHandle:
+    def _torch_handle(
+        self,
+        module: torch.nn.Module,
+        parameters: list[torch.nn.Parameter],
+        activate: Callable[[], contextlib.AbstractContextManager],
+    ) -> _AuxHandle:
         optimizer = torch.optim.AdamW(
             parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
         )
+        # fp16 gradients underflow without a loss scale and overflow now and then with one; the scaler finds the
+        # overflows and skips those steps. The scale is a power of two, so a finite step is exactly the unscaled one.
+        # Gradients are averaged over ranks before the inf check, so every rank skips the same steps.
+        scaler = None
+        if self.settings.loss_scaling:
+            scaler = torch.amp.GradScaler(self.accelerator.device.type)
+            if self.grad_scaler_state is not None:
+                scaler.load_state_dict(self.grad_scaler_state)
 
-        def step(loss: torch.Tensor) -> None:
-            loss.backward()
+        def step(loss: torch.Tensor) -> bool:
+            if scaler is None:
+                loss.backward()
+                _average_gradients_across_ranks(parameters, self.accelerator)
+                if self.settings.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return False
+            scaler.scale(loss).backward()
             _average_gradients_across_ranks(parameters, self.accelerator)
+            scaler.unscale_(optimizer)
             if self.settings.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
-            optimizer.step()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)  # skipped when the unscaled gradients hold an inf or a NaN
+            scaler.update()  # ... and then the scale is lowered
             optimizer.zero_grad(set_to_none=True)
+            self.grad_scaler_state = scaler.state_dict()
+            return scaler.get_scale() < scale
 
         return _AuxHandle(module, activate, step)
 
@@ -221,11 +280,20 @@ class AuxiliaryModel:
         optimizer = torch.optim.AdamW(
             parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
         )
-        engine, *_ = deepspeed.initialize(model=aux, optimizer=optimizer, config=self._engine_config())
+        config = self._engine_config()
+        if _offloads_optimizer(config):
+            # DeepSpeed refuses a torch optimizer with ZeRO-Offload (`zero_force_ds_cpu_optimizer`, on by default);
+            # accelerate maps the policy's the same way: same lr and weight decay, AdamW mode, DeepSpeedCPUAdam.
+            from accelerate.utils import map_pytorch_optim_to_deepspeed
 
-        def step(loss: torch.Tensor) -> None:
+            optimizer = map_pytorch_optim_to_deepspeed(optimizer)
+        engine, *_ = deepspeed.initialize(model=aux, optimizer=optimizer, config=config)
+
+        def step(loss: torch.Tensor) -> bool:
+            skipped = engine.skipped_steps
             engine.backward(loss)
-            engine.step()  # clips to `gradient_clipping`, steps, zeroes the gradients
+            engine.step()  # clips to `gradient_clipping`, steps, zeroes the gradients; fp16: skips an overflow
+            return engine.skipped_steps > skipped
 
         try:
             yield _AuxHandle(engine, contextlib.nullcontext, step)
@@ -260,7 +328,8 @@ class AuxiliaryModel:
         margin = reference_normalised_margin(PairLogProbs(chosen.float(), rejected.float()), reference)
         return preference_loss(margin, self.settings.beta, self.settings.loss_type)
 
-    def _align(self, aux: _AuxHandle) -> int:
+    def _align(self, aux: _AuxHandle) -> tuple[int, int]:
+        """Run one alignment stage; returns the number of steps and how many of them were skipped."""
         num_steps = self.steps_per_stage()
         # A fresh shuffle per pass and per refresh, the same on every rank; each step's rows are split evenly over
         # the ranks (no padding duplicates), so the aux stage equals one process with world_size times the batch.
@@ -284,10 +353,11 @@ class AuxiliaryModel:
             disable=not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
             leave=False,
         )
+        skipped_steps = 0
         for _ in progress:
-            aux.step(self._batch_loss(module, next(batches)).mean())
+            skipped_steps += bool(aux.step(self._batch_loss(module, next(batches)).mean()))
         module.train(was_training)
-        return num_steps
+        return num_steps, skipped_steps
 
     def _validation_loss(self, module: torch.nn.Module, loader) -> float:
         with inference_mode(module, self.gradient_checkpointing_kwargs):

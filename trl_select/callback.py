@@ -280,6 +280,7 @@ class SelectionCallback(TrainerCallback):
             metrics["selection/aux/val_loss_before"] = result.validation_loss_before
             metrics["selection/aux/val_loss_after"] = result.validation_loss_after
             metrics["selection/aux/steps"] = float(result.num_steps)
+            metrics["selection/aux/skipped_steps"] = float(result.skipped_steps)
             logger.info(
                 "Aux model refreshed at epoch %d: validation loss %.4f -> %.4f in %d steps",
                 epoch,
@@ -342,7 +343,11 @@ class SelectionCallback(TrainerCallback):
         return self._reference
 
     def validation_reference_log_probs(self) -> PairLogProbs:
-        """π_ref's log-probs over the validation pairs: computed once and cached."""
+        """π_ref's log-probs over the validation pairs: computed once and cached.
+
+        With `precompute_ref_log_probs=True` they were computed before training began (the trainer adds the columns
+        to the validation set as TRL does to `eval_dataset`): without a `ref_model`, π_ref is only available then.
+        """
         if self._validation_reference is None:
             trainer = self.trainer
             self._validation_reference = trainer.reference_log_probs(
@@ -378,6 +383,8 @@ class SelectionCallback(TrainerCallback):
                         if trainer.is_deepspeed_enabled
                         else None
                     ),
+                    # DeepSpeed's fp16 block brings its own loss scaler; the plain torch path needs one
+                    loss_scaling=trainer.accelerator.mixed_precision == "fp16" and not trainer.is_deepspeed_enabled,
                 ),
                 gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             )

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import (
@@ -116,7 +117,10 @@ class SelectiveDPOTrainer(DPOTrainer):
         # Again here: the environment (`accelerate launch --use_fsdp`) or the model (`tp_plan`) may say what the
         # config could not.
         check_distributed_setup_supported(args, model)
-        _check_precomputed_reference_is_shared(args, {"train_dataset": train_dataset, "eval_dataset": eval_dataset})
+        _check_precomputed_reference_is_shared(
+            args,
+            {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "validation_dataset": validation_dataset},
+        )
         if args.selection_enabled:
             train_dataset = self._check_train_dataset(train_dataset)
             if validation_dataset is None:
@@ -166,6 +170,7 @@ class SelectiveDPOTrainer(DPOTrainer):
                 validation_dataset = self._prepare_dataset(
                     validation_dataset, self.processing_class, self.args, "validation"
                 )
+                validation_dataset = self._precompute_validation_reference(validation_dataset)
         if validation_dataset is not None:
             check_enough_validation_pairs(
                 len(validation_dataset),
@@ -256,17 +261,39 @@ class SelectiveDPOTrainer(DPOTrainer):
     def scoring_batch_size(self) -> int:
         return self.args.scoring_batch_size or self.args.per_device_eval_batch_size
 
+    def _precompute_validation_reference(self, validation_dataset: Dataset) -> Dataset:
+        """Add π_ref's log-probs to a separately passed validation set now, before any training step.
+
+        TRL precomputes `train_dataset` and `eval_dataset` in `__init__`; a `validation_dataset` that is not the eval
+        set would otherwise be scored at the first selection, and with no `ref_model` on a full model (TRL keeps no
+        reference copy when precomputing) the reference forward would run the policy as trained so far. TRL's own
+        precompute pass (its DeepSpeed inference engine, its dataset cache file shared by the ranks) does it here, at
+        the one time the untrained policy is π_ref: one no-grad forward over the validation pairs.
+        """
+        if not self.args.precompute_ref_log_probs or _has_reference_columns(validation_dataset):
+            return validation_dataset
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        return self._precompute_ref_logps(validation_dataset, "validation", batch_size)
+
     def reference_log_probs(self, dataset: Dataset, loader) -> PairLogProbs:
         """π_ref's summed completion log-probs over `dataset`, in row order.
 
-        Reuses TRL's precomputed `ref_chosen_logps`/`ref_rejected_logps` columns when present
-        (`precompute_ref_log_probs=True`); otherwise runs TRL's own reference forward (`compute_ref_log_probs`, which
-        disables the adapters for a PEFT policy) over `loader` on every rank.
+        With `precompute_ref_log_probs=True`, reads TRL's precomputed `ref_chosen_logps`/`ref_rejected_logps` columns
+        (also added to a separate validation set at construction). Otherwise, whatever columns the data carries, runs
+        the live reference (`compute_ref_log_probs`: the `ref_model`, or the base with adapters disabled for a PEFT
+        policy) over `loader` on every rank, as TRL's loss does.
         """
-        if {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names):
+        if self.args.precompute_ref_log_probs and _has_reference_columns(dataset):
             return PairLogProbs(
                 chosen=torch.tensor(dataset["ref_chosen_logps"], dtype=torch.float32),
                 rejected=torch.tensor(dataset["ref_rejected_logps"], dtype=torch.float32),
+            )
+        if self.ref_model is None and not is_peft_model(self.accelerator.unwrap_model(self.model)):
+            # Only reachable with precompute on and no columns: the policy is no longer π_ref once training started.
+            raise RuntimeError(
+                "No reference model to score with: `precompute_ref_log_probs=True` without a `ref_model` keeps no copy "
+                "of the initial model, and this dataset has no precomputed `ref_chosen_logps`/`ref_rejected_logps`. "
+                "Pass `ref_model=`, or set `precompute_ref_log_probs=False`."
             )
         model = self.ref_model if self.ref_model is not None else self.model
 
@@ -465,6 +492,10 @@ class SelectiveSLiCTrainer(SelectiveDPOTrainer):
 
 
 __all__ = ["ROW_INDEX_COLUMN", "SelectiveDPOTrainer", "SelectiveSLiCTrainer"]
+
+
+def _has_reference_columns(dataset: Dataset) -> bool:
+    return {"ref_chosen_logps", "ref_rejected_logps"} <= set(dataset.column_names)
 
 
 def _check_precomputed_reference_is_shared(args: SelectiveDPOConfig, datasets: dict[str, Any]) -> None:

@@ -58,6 +58,11 @@ def main() -> None:
     parser.add_argument("--rule", default="lossdiff_irm")
     parser.add_argument("--precompute_ref", action="store_true", help="TRL's precompute_ref_log_probs=True.")
     parser.add_argument(
+        "--validation_apart",
+        action="store_true",
+        help="Pass the validation pairs as `validation_dataset` (no eval set) and no `ref_model` (π_ref is precomputed).",
+    )
+    parser.add_argument(
         "--break_rank1_scoring", action="store_true", help="A deliberately broken variant: rank 1 skips a batch."
     )
     parser.add_argument("--save_steps", type=int, default=0, help="Checkpoint every this many steps (0: never).")
@@ -66,10 +71,13 @@ def main() -> None:
     out = Path(options.out)
 
     aux_hashes: list[str] = []
+    aux_optimizers: list[str | None] = []  # the DeepSpeed aux engine's optimizer class (None: plain torch path)
     align = trl_select.auxiliary.AuxiliaryModel._align
 
     def recording_align(self, aux):
         steps = align(self, aux)
+        basic_optimizer = getattr(aux.module, "basic_optimizer", None)
+        aux_optimizers.append(None if basic_optimizer is None else type(basic_optimizer).__name__)
         parameters = [p for p in aux.module.parameters() if p.requires_grad]
         if hasattr(parameters[0], "ds_id"):  # ZeRO-3: hash the whole parameters, not this rank's partition
             import deepspeed
@@ -85,12 +93,14 @@ def main() -> None:
 
     # The policy's own weights (this rank's shards), optimizer state and LR schedule, before and after each refresh
     untouched: list[bool] = []
+    aux_losses: list[list[float]] = []  # aux validation loss before and after each alignment stage
     refresh = trl_select.auxiliary.AuxiliaryModel.refresh
 
     def checked_refresh(self, *args, **kwargs):
         before = _policy_fingerprint(trainer)
         result = refresh(self, *args, **kwargs)
         untouched.append(_policy_fingerprint(trainer) == before)
+        aux_losses.append([result.validation_loss_before, result.validation_loss_after])
         return result
 
     trl_select.auxiliary.AuxiliaryModel.refresh = checked_refresh
@@ -140,13 +150,18 @@ def main() -> None:
         accelerator_config={"use_configured_state": options.deepspeed is not None},
         **({"save_strategy": "steps", "save_steps": options.save_steps} if options.save_steps else {}),
     )
-    extra = {"ref_model": copy.deepcopy(model)}
+    extra = {} if options.validation_apart else {"ref_model": copy.deepcopy(model)}
     if options.peft:
         from peft import LoraConfig
 
         extra = {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])}
     trainer = RecordingTrainer(
-        model, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer, **extra
+        model,
+        args=args,
+        train_dataset=pool,
+        processing_class=tokenizer,
+        **({"validation_dataset": validation} if options.validation_apart else {"eval_dataset": validation}),
+        **extra,
     )
     trainer.train(resume_from_checkpoint=options.resume)
 
@@ -162,6 +177,8 @@ def main() -> None:
         "step_lr": trainer.step_lr,
         "aux_hashes": aux_hashes,
         "policy_untouched_by_aux": untouched,
+        "aux_optimizers": aux_optimizers,
+        "aux_losses": aux_losses,
         "history": read_history(out / "run") if state.is_main_process else None,
     }
     (out / f"rank{state.process_index}.json").write_text(json.dumps(result))
