@@ -1,0 +1,126 @@
+"""Scoring passes leave activation checkpointing exactly as the trainer set it, through transformers' current API.
+
+The observable state is on the decoder layers: `gradient_checkpointing` (which layers recompute) and
+`_gradient_checkpointing_func` (a `functools.partial` of `torch.utils.checkpoint.checkpoint` carrying the kwargs).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import traceback
+import warnings
+from collections.abc import Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+from torch.utils.data import DataLoader
+
+from trl_select import SelectiveDPOTrainer, read_history
+from trl_select.sampler import SelectionSampler
+from trl_select.scoring import inference_mode
+
+from .conftest import fast_config
+
+
+def _layer_state(model: torch.nn.Module) -> list[tuple[bool, dict]]:
+    """(checkpointed?, checkpoint kwargs) of every decoder layer."""
+    return [
+        (layer.gradient_checkpointing, dict(getattr(layer._gradient_checkpointing_func, "keywords", {})))
+        for layer in model.model.layers
+    ]
+
+
+def _deprecated_checkpointing_calls_from_trl_select(run: Callable[[], object]) -> list[str]:
+    """Run `run` and return `file:line` of every trl_select frame that called a deprecated checkpointing API.
+
+    transformers attributes these warnings to its own line, so TRL's calls (`trl.models.utils`, upstream, also made by
+    plain `DPOTrainer`) and ours print the same text; the caller is told apart by the first frame outside transformers.
+    """
+    callers: list[str] = []
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, FutureWarning) and "checkpointing" in str(message):
+            frames = [
+                f for f in traceback.extract_stack()[:-1]
+                if "/transformers/" not in f.filename and not f.filename.endswith("warnings.py")
+            ]  # fmt: skip
+            if "/trl_select/" in frames[-1].filename:
+                callers.append(f"{frames[-1].filename}:{frames[-1].lineno}: {message}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record  # restored by catch_warnings
+        run()
+    return callers
+
+
+def test_inference_mode_restores_every_n_layers_and_checkpoint_kwargs_without_deprecated_calls(tiny_model):
+    """`every_n_layers`/`offload` are arguments of `activation_checkpointing_enable`, not `checkpoint` kwargs."""
+    trainer_kwargs = {"use_reentrant": True, "every_n_layers": 2}
+    tiny_model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": True}, every_n_layers=2
+    )
+    before = _layer_state(tiny_model)
+    assert before == [(True, {"use_reentrant": True}), (False, {"use_reentrant": True})]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers 5.23 deprecates the gradient_checkpointing_* API
+        with inference_mode(tiny_model, trainer_kwargs):
+            assert not tiny_model.is_activation_checkpointing
+    assert _layer_state(tiny_model) == before
+
+
+def test_influence_pass_restores_the_trainers_checkpoint_kwargs(tmp_path, tokenizer, tiny_model, pool, validation):
+    """The `influence` scorer turns checkpointing off for its JVPs and back on with the trainer's kwargs."""
+    args = fast_config(
+        tmp_path, num_train_epochs=1, selection_rule="tif", activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )  # fmt: skip
+    trainer = SelectiveDPOTrainer(
+        tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool.select(range(32)),
+        eval_dataset=validation.select(range(16)), processing_class=tokenizer,
+    )  # fmt: skip
+    trainer.train()  # the Trainer enables checkpointing with the kwargs; one warm-up epoch
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    before = _layer_state(model)
+    assert before == [(True, {"use_reentrant": True})] * 2
+    scores = {}
+
+    def score() -> None:
+        scores.update(trainer.selection_callback._compute_scores(1, {}, ("influence",)))
+
+    assert _deprecated_checkpointing_calls_from_trl_select(score) == []
+    assert scores["influence"].shape == (32,)
+    assert _layer_state(model) == before
+
+
+def test_selection_loader_gathers_metrics_without_accelerate_remainder_message(caplog):
+    """TRL gathers its metrics with `gather_for_metrics`; on the last batch of an epoch accelerate asks the loader
+    for its padding remainder, and a batch sampler without `batch_size` made it log "The used dataset had no length"
+    once per metric. The selection sampler pads nothing, so the remainder is 0 and nothing is cut or logged."""
+    accelerator = Accelerator(cpu=True)
+    sampler = SelectionSampler(10, max_batch_size=4, seed=0)
+    loader = prepare_data_loader(
+        DataLoader(list(range(10)), batch_sampler=sampler), device=accelerator.device, put_on_device=True
+    )
+    caplog.set_level(logging.INFO, logger="accelerate")
+    gathered = [accelerator.gather_for_metrics(batch) for batch in loader]
+    assert sorted(torch.cat(gathered).tolist()) == list(range(10))  # nothing dropped from the last batch
+    assert "had no length" not in caplog.text
+
+
+def test_short_selective_train_with_checkpointing_causes_no_deprecation_or_remainder_message(
+    tmp_path, tokenizer, tiny_model, pool, validation, caplog
+):
+    """Every pass of a selection event (reference, policy, auxiliary) toggles checkpointing through the current API,
+    and TRL's metric gathers on the last step of an epoch log nothing about a missing dataset length."""
+    args = fast_config(tmp_path, num_train_epochs=2, activation_checkpointing=True)
+    trainer = SelectiveDPOTrainer(
+        tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, eval_dataset=validation,
+        processing_class=tokenizer,
+    )  # fmt: skip
+    caplog.set_level(logging.INFO, logger="accelerate")
+    assert _deprecated_checkpointing_calls_from_trl_select(trainer.train) == []
+    assert [record["event"] for record in read_history(tmp_path)] == ["warmup", "selection"]  # the passes ran
+    assert "had no length" not in caplog.text
