@@ -6,6 +6,7 @@ DPO with in-loop LossDiff-IRM selection: TRL's `trl/scripts/dpo.py`, with `Selec
 # trained with DPO on 2,000 pairs of which 30% have their labels flipped. It prints what selection did.
 ```bash
 accelerate launch recipes/dpo_lossdiff_irm.py
+accelerate launch recipes/dpo_lossdiff_irm.py --selection_rule none   # the baseline: plain DPO on the full pool
 ```
 
 # A real model on a real dataset, exactly like TRL's script (every DPOConfig flag works, plus the selection flags)
@@ -13,7 +14,6 @@ accelerate launch recipes/dpo_lossdiff_irm.py
 accelerate launch recipes/dpo_lossdiff_irm.py \
     --model_name_or_path Qwen/Qwen2-0.5B-Instruct \
     --dataset_name trl-lib/ultrafeedback_binarized \
-    --dataset_validation_split test \
     --learning_rate 5.0e-7 \
     --num_train_epochs 3 \
     --per_device_train_batch_size 2 \
@@ -22,6 +22,8 @@ accelerate launch recipes/dpo_lossdiff_irm.py \
     --output_dir Qwen2-0.5B-DPO-LossDiff-IRM
 ```
 Add `--use_peft --lora_r 32 --lora_alpha 16` for LoRA (the aux model is then a second adapter on the same base).
+The auxiliary model aligns on the `validation` split, or on the test split (`--dataset_test_split`, default `test`) when
+there is none; `--dataset_validation_split NAME` picks another.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ DEMO_DEFAULTS = {
     "lr_scheduler_type": "constant",
     "beta": 0.5,
     "max_length": 64,
-    "gradient_checkpointing": False,
+    # Off by leaving both names unset: a `False` under the deprecated name makes transformers 5.23 warn on every run.
+    "gradient_checkpointing": None,
     "logging_steps": 10,
     "eval_strategy": "epoch",
     "save_strategy": "no",
@@ -279,8 +282,22 @@ def make_parser(
     if not torch.cuda.is_available():
         parser.set_defaults(bf16=False)  # DPOConfig defaults to bf16, which a CPU-only run cannot use
     if not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv):
-        parser.set_defaults(**DEMO_DEFAULTS)
+        defaults = dict(DEMO_DEFAULTS)
+        if _flag_value(argv, "--selection_rule") == "none":
+            # The baseline gets its own folder and wandb run, next to the selective demo's rather than over it.
+            defaults.update(output_dir=f"{defaults['output_dir']}-none", run_name=f"{defaults['run_name']}-none")
+        parser.set_defaults(**defaults)
     return parser
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to `flag` on the command line (`--flag value` or `--flag=value`), or `None`."""
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 if __name__ == "__main__":

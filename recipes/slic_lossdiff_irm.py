@@ -4,6 +4,7 @@ SLiC (the reference-normalised hinge loss) with in-loop LossDiff-IRM selection: 
 
 ```bash
 accelerate launch recipes/slic_lossdiff_irm.py                      # the embedded demo
+accelerate launch recipes/slic_lossdiff_irm.py --selection_rule none   # its baseline: SLiC on the full pool
 accelerate launch recipes/slic_lossdiff_irm.py --model_name_or_path ... --dataset_name ...   # like TRL's dpo.py
 ```
 """

@@ -124,3 +124,21 @@ def test_short_selective_train_with_checkpointing_causes_no_deprecation_or_remai
     assert _deprecated_checkpointing_calls_from_trl_select(trainer.train) == []
     assert [record["event"] for record in read_history(tmp_path)] == ["warmup", "selection"]  # the passes ran
     assert "had no length" not in caplog.text
+
+
+def test_inference_mode_on_a_peft_model_uses_the_current_api_through_the_wrapper(tiny_model):
+    """PEFT's wrappers forward attribute lookups to the transformers model, so the new names reach it through them."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    base = model.get_base_model()
+    before = _layer_state(base)
+    assert before == [(True, {"use_reentrant": True})] * 2
+
+    def score() -> None:
+        with inference_mode(model, {"use_reentrant": True}):
+            assert not base.is_activation_checkpointing
+
+    assert _deprecated_checkpointing_calls_from_trl_select(score) == []
+    assert _layer_state(base) == before

@@ -97,3 +97,15 @@ def test_selection_rule_none_prints_the_baseline_summary(tmp_path, script):
     assert 0.0 <= float(match[1]) <= 1.0 and 0.0 <= float(match[2]) <= 1.0
     assert not (tmp_path / "none" / "selection_history.jsonl").exists()
     assert (tmp_path / "none" / "model.safetensors").exists()
+
+
+def test_demo_baseline_defaults_to_its_own_output_dir():
+    """`--selection_rule none` on the demo writes next to the selective demo's model, not over it."""
+    recipe = _load_recipe()
+    for argv in (["--selection_rule", "none"], ["--selection_rule=none"]):
+        _, training_args, _ = recipe.make_parser(argv=argv).parse_args_and_config(args=argv)
+        assert training_args.output_dir == "outputs/dpo-lossdiff-irm-demo-none"
+        assert training_args.run_name == "dpo-lossdiff-irm-demo-none"
+    _, training_args, _ = recipe.make_parser(argv=[]).parse_args_and_config(args=[])
+    assert training_args.output_dir == "outputs/dpo-lossdiff-irm-demo"
+    assert not training_args.activation_checkpointing  # off without a deprecated-name default that warns
