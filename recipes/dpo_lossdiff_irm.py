@@ -274,6 +274,18 @@ def _wandb_offline_unless_logged_in(output_dir: str) -> None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
 
 
+def configure_logging() -> None:
+    """INFO from the recipe and trl_select (one line per selection event), WARNING and up from every other library.
+
+    A root logger at INFO would print the libraries' informational chatter too, e.g. accelerate's "The used dataset
+    had no length, returning gathered tensors" for each metric TRL gathers on the last step of every epoch: the
+    selection sampler is a batch sampler, which accelerate cannot count the padding of (there is none to drop).
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("__main__", __name__, "trl_select"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def make_parser(
     config_class: type[SelectiveDPOConfig] = SelectiveDPOConfig, argv: list[str] | None = None
 ) -> TrlParser:
@@ -301,6 +313,6 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     script_args, training_args, model_args = make_parser().parse_args_and_config()
     main(script_args, training_args, model_args)

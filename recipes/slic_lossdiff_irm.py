@@ -9,9 +9,7 @@ accelerate launch recipes/slic_lossdiff_irm.py --model_name_or_path ... --datase
 ```
 """
 
-import logging
-
-from dpo_lossdiff_irm import DEMO_DEFAULTS, main, make_parser
+from dpo_lossdiff_irm import DEMO_DEFAULTS, configure_logging, main, make_parser
 
 from trl_select import SelectiveSLiCConfig, SelectiveSLiCTrainer
 
@@ -19,6 +17,6 @@ from trl_select import SelectiveSLiCConfig, SelectiveSLiCTrainer
 DEMO_DEFAULTS.update(output_dir="outputs/slic-lossdiff-irm-demo", run_name="slic-lossdiff-irm-demo")
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     script_args, training_args, model_args = make_parser(SelectiveSLiCConfig).parse_args_and_config()
     main(script_args, training_args, model_args, trainer_class=SelectiveSLiCTrainer)

@@ -112,11 +112,3 @@ class SelectionSampler(BatchRebalanceSampler):
 
     def __len__(self) -> int:
         return num_rank_batches(len(self._rows), self.world_size, self.max_batch_size)
-
-    @property
-    def batch_size(self) -> int:
-        """1, for accelerate only: it computes a loader's padded `remainder` as `len(dataset) % batch_size`, and
-        `gather_for_metrics` (TRL's metric gathers) cuts the last batch to it. This sampler pads nothing (rows are cut
-        to a multiple of the world size), so the remainder must be 0; without the attribute accelerate found none and
-        logged "The used dataset had no length" for every metric of an epoch's last step."""
-        return 1
