@@ -6,6 +6,7 @@ DPO with in-loop LossDiff-IRM selection: TRL's `trl/scripts/dpo.py`, with `Selec
 # trained with DPO on 2,000 pairs of which 30% have their labels flipped. It prints what selection did.
 ```bash
 accelerate launch recipes/dpo_lossdiff_irm.py
+accelerate launch recipes/dpo_lossdiff_irm.py --selection_rule none   # the baseline: plain DPO on the full pool
 ```
 
 # A real model on a real dataset, exactly like TRL's script (every DPOConfig flag works, plus the selection flags)
@@ -13,7 +14,6 @@ accelerate launch recipes/dpo_lossdiff_irm.py
 accelerate launch recipes/dpo_lossdiff_irm.py \
     --model_name_or_path Qwen/Qwen2-0.5B-Instruct \
     --dataset_name trl-lib/ultrafeedback_binarized \
-    --dataset_validation_split test \
     --learning_rate 5.0e-7 \
     --num_train_epochs 3 \
     --per_device_train_batch_size 2 \
@@ -22,6 +22,8 @@ accelerate launch recipes/dpo_lossdiff_irm.py \
     --output_dir Qwen2-0.5B-DPO-LossDiff-IRM
 ```
 Add `--use_peft --lora_r 32 --lora_alpha 16` for LoRA (the aux model is then a second adapter on the same base).
+The auxiliary model aligns on the `validation` split, or on the test split (`--dataset_test_split`, default `test`) when
+there is none; `--dataset_validation_split NAME` picks another.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ DEMO_DEFAULTS = {
     "lr_scheduler_type": "constant",
     "beta": 0.5,
     "max_length": 64,
-    "gradient_checkpointing": False,
+    # Off by leaving both names unset: a `False` under the deprecated name makes transformers 5.23 warn on every run.
+    "gradient_checkpointing": None,
     "logging_steps": 10,
     "eval_strategy": "epoch",
     "save_strategy": "no",
@@ -69,9 +72,12 @@ DEMO_DEFAULTS = {
 class RecipeArguments(ScriptArguments):
     """`ScriptArguments` of TRL's scripts, plus the validation split the auxiliary model is aligned on."""
 
-    dataset_validation_split: str = field(
-        default="validation",
-        metadata={"help": "Split that aligns the auxiliary model (LossDiff) and is evaluated on."},
+    dataset_validation_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split that aligns the auxiliary model (LossDiff) and is evaluated on. Default: `validation` if "
+            "the dataset has one, else the test split (`--dataset_test_split`)."
+        },
     )
     demo_sft_epochs: int = field(
         default=20,
@@ -105,31 +111,79 @@ def load_demo_dataset() -> DatasetDict:
 
 
 def report_demo(trainer: SelectiveDPOTrainer, train: Dataset, test: Dataset, sft_path: str) -> None:
-    """Print what selection did to the known-flipped pairs, and greedy exact-match before and after."""
+    """Print what selection did to the known-flipped pairs, and greedy exact-match before and after.
+
+    With `--selection_rule none` there is no selection history: the table says the whole pool was trained every
+    epoch, and the exact-match line is the baseline a selective run is compared with.
+    """
     from transformers import AutoModelForCausalLM
 
     from trl_select.toy import greedy_exact_match
 
     flipped = dict(zip(train["id"], train["flipped"], strict=True))
+    selecting = trainer.args.selection_enabled
     print("\nSelection on the demo pool (30% of pairs have flipped labels):")
-    print(f"{'epoch':>5} {'event':>9} {'kept':>11} {'flipped in kept':>16} {'flipped in dropped':>19}")
-    for record in read_history(trainer.args.output_dir):
-        kept = set(record["selected_ids"])
-        dropped = set(flipped) - kept
-        kept_share = sum(flipped[i] for i in kept) / max(len(kept), 1)
-        dropped_share = sum(flipped[i] for i in dropped) / len(dropped) if dropped else float("nan")
+    if selecting:
+        print(f"{'epoch':>5} {'event':>9} {'kept':>11} {'flipped in kept':>16} {'flipped in dropped':>19}")
+        for record in read_history(trainer.args.output_dir):
+            kept = set(record["selected_ids"])
+            dropped = set(flipped) - kept
+            kept_share = sum(flipped[i] for i in kept) / max(len(kept), 1)
+            dropped_share = sum(flipped[i] for i in dropped) / len(dropped) if dropped else float("nan")
+            print(
+                f"{record['epoch']:>5} {record['event']:>9} {len(kept):>5}/{record['pool_size']:<5} "
+                f"{kept_share:>16.3f} {dropped_share:>19.3f}"
+            )
+    else:
         print(
-            f"{record['epoch']:>5} {record['event']:>9} {len(kept):>5}/{record['pool_size']:<5} "
-            f"{kept_share:>16.3f} {dropped_share:>19.3f}"
+            f"  no selection (--selection_rule none): all {len(flipped)} pairs trained every epoch, "
+            f"{sum(flipped.values()) / len(flipped):.3f} of them flipped"
         )
     tokenizer = trainer.processing_class
     prompts = test["prompt"]
     sft = AutoModelForCausalLM.from_pretrained(sft_path)
     policy = trainer.accelerator.unwrap_model(trainer.model)
+    method = f"{trainer._name} {'with' if selecting else 'without'} selection"
     print(
         f"Greedy exact-match on {len(prompts)} unseen test prompts: SFT {greedy_exact_match(sft, tokenizer, prompts):.3f}"
-        f" -> after DPO with selection {greedy_exact_match(policy, tokenizer, prompts):.3f}\n"
+        f" -> after {method} {greedy_exact_match(policy, tokenizer, prompts):.3f}\n"
     )
+
+
+def validation_split(dataset: DatasetDict, script_args: RecipeArguments, needs_validation: bool) -> str | None:
+    """The split whose pairs align the auxiliary model and are evaluated on; `None` when there is none to use.
+
+    `--dataset_validation_split` when given (it must exist). Otherwise `validation` if the dataset has one, else TRL's
+    test split (`--dataset_test_split`, default `test`), logged: TRL's own scripts evaluate on the test split, and
+    many preference datasets ship only `train`/`test`. Errors name the flags, since that is what a user of the
+    recipe sets (the trainer's own error would name its Python argument).
+    """
+    splits = sorted(dataset)
+    chosen = script_args.dataset_validation_split
+    if chosen is not None:
+        if chosen not in dataset:
+            raise ValueError(
+                f"`--dataset_validation_split {chosen}`: the dataset has no such split (it has {splits})."
+            )
+        return chosen
+    if "validation" in dataset:
+        return "validation"
+    test = script_args.dataset_test_split
+    if test in dataset:
+        logger.info(
+            "No `validation` split: aligning on the test split `%s` (%d pairs) (`--dataset_test_split`); "
+            "`--dataset_validation_split` picks another.",
+            test,
+            len(dataset[test]),
+        )
+        return test
+    if needs_validation:
+        raise ValueError(
+            f"The selection rule needs validation pairs, and the dataset has neither a `validation` split nor the "
+            f"test split `{test}` (it has {splits}): name one with `--dataset_validation_split` (or "
+            "`--dataset_test_split`), or use `--selection_rule irm_band`, which needs none."
+        )
+    return None
 
 
 def main(
@@ -175,7 +229,8 @@ def main(
     model_init_kwargs.update(training_args.model_init_kwargs or {})
     training_args.model_init_kwargs = model_init_kwargs
 
-    validation = dataset.get(script_args.dataset_validation_split, None)
+    split = validation_split(dataset, script_args, training_args.selection_enabled and training_args.needs_validation)
+    validation = None if split is None else dataset[split]
     trainer = trainer_class(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -189,11 +244,13 @@ def main(
     trainer.save_model(training_args.output_dir)
     if demo and trainer.accelerator.is_main_process:
         report_demo(trainer, dataset["train"], dataset["test"], model_args.model_name_or_path)
-        from trl_select.plots import plot_selection
+        if training_args.selection_enabled:
+            from trl_select.plots import plot_selection
 
-        plots = plot_selection(training_args.output_dir)
-        print(f"Selection plots (`trl-select plot OUTPUT_DIR` redraws them): {', '.join(map(str, plots))}")
-    trainer.accelerator.print(f"Model and selection_history.jsonl saved to {training_args.output_dir}.")
+            plots = plot_selection(training_args.output_dir)
+            print(f"Selection plots (`trl-select plot OUTPUT_DIR` redraws them): {', '.join(map(str, plots))}")
+    saved = "Model and selection_history.jsonl" if training_args.selection_enabled else "Model"
+    trainer.accelerator.print(f"{saved} saved to {training_args.output_dir}.")
     trainer.end()
     return trainer
 
@@ -217,6 +274,18 @@ def _wandb_offline_unless_logged_in(output_dir: str) -> None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
 
 
+def configure_logging() -> None:
+    """INFO from the recipe and trl_select (one line per selection event), WARNING and up from every other library.
+
+    A root logger at INFO would print the libraries' informational chatter too, e.g. accelerate's "The used dataset
+    had no length, returning gathered tensors" for each metric TRL gathers on the last step of every epoch: the
+    selection sampler is a batch sampler, which accelerate cannot count the padding of (there is none to drop).
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("__main__", __name__, "trl_select"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
 def make_parser(
     config_class: type[SelectiveDPOConfig] = SelectiveDPOConfig, argv: list[str] | None = None
 ) -> TrlParser:
@@ -225,11 +294,25 @@ def make_parser(
     if not torch.cuda.is_available():
         parser.set_defaults(bf16=False)  # DPOConfig defaults to bf16, which a CPU-only run cannot use
     if not any(arg.split("=")[0] == "--model_name_or_path" for arg in argv):
-        parser.set_defaults(**DEMO_DEFAULTS)
+        defaults = dict(DEMO_DEFAULTS)
+        if _flag_value(argv, "--selection_rule") == "none":
+            # The baseline gets its own folder and wandb run, next to the selective demo's rather than over it.
+            defaults.update(output_dir=f"{defaults['output_dir']}-none", run_name=f"{defaults['run_name']}-none")
+        parser.set_defaults(**defaults)
     return parser
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to `flag` on the command line (`--flag value` or `--flag=value`), or `None`."""
+    for index, arg in enumerate(argv):
+        if arg == flag and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     script_args, training_args, model_args = make_parser().parse_args_and_config()
     main(script_args, training_args, model_args)

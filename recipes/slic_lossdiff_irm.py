@@ -4,13 +4,12 @@ SLiC (the reference-normalised hinge loss) with in-loop LossDiff-IRM selection: 
 
 ```bash
 accelerate launch recipes/slic_lossdiff_irm.py                      # the embedded demo
+accelerate launch recipes/slic_lossdiff_irm.py --selection_rule none   # its baseline: SLiC on the full pool
 accelerate launch recipes/slic_lossdiff_irm.py --model_name_or_path ... --dataset_name ...   # like TRL's dpo.py
 ```
 """
 
-import logging
-
-from dpo_lossdiff_irm import DEMO_DEFAULTS, main, make_parser
+from dpo_lossdiff_irm import DEMO_DEFAULTS, configure_logging, main, make_parser
 
 from trl_select import SelectiveSLiCConfig, SelectiveSLiCTrainer
 
@@ -18,6 +17,6 @@ from trl_select import SelectiveSLiCConfig, SelectiveSLiCTrainer
 DEMO_DEFAULTS.update(output_dir="outputs/slic-lossdiff-irm-demo", run_name="slic-lossdiff-irm-demo")
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     script_args, training_args, model_args = make_parser(SelectiveSLiCConfig).parse_args_and_config()
     main(script_args, training_args, model_args, trainer_class=SelectiveSLiCTrainer)

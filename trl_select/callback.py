@@ -255,6 +255,7 @@ class SelectionCallback(TrainerCallback):
                 collator=trainer.data_collator,
                 accelerator=trainer.accelerator,
                 batch_size=trainer.scoring_batch_size,
+                checkpointing_kwargs=args.gradient_checkpointing_kwargs,
             )
         if "validation" in needs:
             inputs.update(

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .registry import ScoringContext
 from .scores import PairLogProbs, influence_from_directional_derivatives, preference_loss
-from .scoring import NON_MODEL_KEYS, ROW_KEY, build_pass_loader
+from .scoring import NON_MODEL_KEYS, ROW_KEY, activation_checkpointing_off, build_pass_loader
 
 
 def completion_log_probs(
@@ -68,26 +68,48 @@ def completion_log_probs(
 
 
 @contextlib.contextmanager
-def _gradient_pass_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout), gradient checkpointing off, eager attention; the previous state is restored on exit."""
-    was_training = model.training
-    checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    config = getattr(model, "config", None)
-    attention = getattr(config, "_attn_implementation", None)
-    switch_attention = attention not in (None, "eager") and hasattr(model, "set_attn_implementation")
-    if checkpointing:
-        model.gradient_checkpointing_disable()
-    if switch_attention:
-        model.set_attn_implementation("eager")
-    model.eval()
+def _input_requires_grad_hooks_lifted(model: torch.nn.Module) -> Iterator[None]:
+    """Detach the `make_inputs_require_grad(s)` forward hooks from every module for the pass, then put them back.
+
+    Enabling activation checkpointing (transformers), and PEFT with it, hook the input embeddings to call
+    `output.requires_grad_(True)`, and `jvp` refuses an in-place `requires_grad_` inside its transform. Neither the
+    validation backward nor the JVPs need the hook once checkpointing is off. The very hooks are restored rather than
+    re-created: transformers' `enable_input_require_grads` forgets earlier handles, so no API removes them all.
+    """
+    lifted: list[tuple[dict, int, Any]] = []
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "").startswith("make_inputs_require_grad"):
+                lifted.append((module._forward_hooks, key, hook))
+                del module._forward_hooks[key]
     try:
         yield
     finally:
+        for hooks, key, hook in lifted:
+            hooks[key] = hook
+
+
+@contextlib.contextmanager
+def _gradient_pass_mode(model: torch.nn.Module, checkpointing_kwargs: dict[str, Any] | None = None) -> Iterator[None]:
+    """Eval mode (no dropout), activation checkpointing off, eager attention; the previous state is restored on exit.
+
+    Checkpointing comes back through `scoring.activation_checkpointing_off`, with the trainer's `checkpointing_kwargs`,
+    as after every other scoring pass (not with transformers' defaults).
+    """
+    was_training = model.training
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    switch_attention = attention not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    with activation_checkpointing_off(model, checkpointing_kwargs), _input_requires_grad_hooks_lifted(model):
         if switch_attention:
-            model.set_attn_implementation(attention)
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        model.train(was_training)
+            model.set_attn_implementation("eager")
+        model.eval()
+        try:
+            yield
+        finally:
+            if switch_attention:
+                model.set_attn_implementation(attention)
+            model.train(was_training)
 
 
 def _check_supported(context: ScoringContext, parameters: dict[str, torch.nn.Parameter]) -> None:
@@ -148,7 +170,7 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
     )
     pool_loader = build_pass_loader(context.pool, context.collator, context.accelerator, context.batch_size)
     scores = torch.full((context.pool_size,), float("nan"), dtype=torch.float64)
-    with _gradient_pass_mode(model):
+    with _gradient_pass_mode(model, context.checkpointing_kwargs):
         tangent = validation_gradient(
             model, parameters, validation_loader, context.validation_reference, len(context.validation), beta,
             loss_type,

@@ -89,6 +89,7 @@ class ScoringContext:
     batch_size: int = 8
     validation: Dataset | None = None
     validation_reference: PairLogProbs | None = None
+    checkpointing_kwargs: dict | None = None  # the trainer's, so a pass that turns checkpointing off restores it
 
 
 RuleFn = Callable[[dict[str, np.ndarray], SelectionContext], "np.ndarray | tuple[np.ndarray, dict[str, Band]]"]

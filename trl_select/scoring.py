@@ -164,20 +164,77 @@ def sequence_log_probs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[t
     return chosen, rejected
 
 
-@contextlib.contextmanager
-def inference_mode(model: torch.nn.Module, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
-    """No grad, eval mode (no dropout) and gradient checkpointing off; the previous state is restored on exit."""
-    was_training = model.training
-    checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if checkpointing:
+def is_activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether any module of `model` recomputes activations in backward.
+
+    transformers 5.23 renamed `is_gradient_checkpointing` to `is_activation_checkpointing` and warns on the old name;
+    PEFT and DeepSpeed wrappers forward attribute lookups to the wrapped model, so the new name reaches it through
+    them. The old name is read only for models that lack the new one (remote code, older transformers).
+    """
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, checkpointing_kwargs: dict[str, Any] | None) -> None:
+    """Turn activation checkpointing on as `transformers.Trainer.train` does with the trainer's kwargs.
+
+    `every_n_layers` and `offload` of `activation_checkpointing_kwargs` are arguments of
+    `activation_checkpointing_enable` itself, the other keys go to `torch.utils.checkpoint.checkpoint`; passing the
+    whole dict through would checkpoint every layer and hand `checkpoint` keys it does not know.
+    """
+    kwargs = dict(checkpointing_kwargs or {})
+    every_n_layers = kwargs.pop("every_n_layers", 1)
+    offload = kwargs.pop("offload", False)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload)
+    else:  # models that only define the pre-5.23 name
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
+
+
+def disable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Turn activation checkpointing off through the non-deprecated API where the model has it."""
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    if disable is not None:
+        disable()
+    else:  # models that only define the pre-5.23 name
         model.gradient_checkpointing_disable()
-    model.eval()
+
+
+@contextlib.contextmanager
+def activation_checkpointing_off(
+    model: torch.nn.Module, checkpointing_kwargs: dict[str, Any] | None = None
+) -> Iterator[None]:
+    """Activation checkpointing off for a pass, back on afterwards with the trainer's `checkpointing_kwargs`.
+
+    Every pass that switches checkpointing off (no-grad scoring, the influence JVPs) goes through here, so they all
+    restore the same state the Trainer set: the same recomputed layers and the same `checkpoint` kwargs.
+    """
+    checkpointing = is_activation_checkpointing(model)
+    if checkpointing:
+        disable_activation_checkpointing(model)
     try:
-        with torch.no_grad():
-            yield
+        yield
     finally:
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+            enable_activation_checkpointing(model, checkpointing_kwargs)
+
+
+@contextlib.contextmanager
+def inference_mode(model: torch.nn.Module, gradient_checkpointing_kwargs: dict | None = None) -> Iterator[None]:
+    """No grad, eval mode (no dropout) and activation checkpointing off; the previous state is restored on exit.
+
+    `gradient_checkpointing_kwargs`: the trainer's (`args.activation_checkpointing_kwargs`), to restore checkpointing
+    as the Trainer enabled it.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with activation_checkpointing_off(model, gradient_checkpointing_kwargs), torch.no_grad():
+            yield
+    finally:
         model.train(was_training)
 
 
