@@ -85,6 +85,9 @@ DEEPSPEED_RUNS = {
     "zero3-lora": ("zero3.json", ["--peft"]),
     "zero3-precompute": ("zero3.json", ["--precompute_ref"]),
     "zero3-precompute-apart": ("zero3.json", ["--precompute_ref", "--validation_apart"]),
+    "zero2-bf16-checkpointing": ("zero2_bf16.json", ["--bf16", "--gradient_checkpointing"]),
+    "zero3-bf16-checkpointing": ("zero3_bf16.json", ["--bf16", "--gradient_checkpointing"]),
+    "zero3-gathered-copy": ("zero3.json", ["--gather_aux_copy"]),
 }
 
 
@@ -113,6 +116,55 @@ def test_deepspeed_ranks_agree_and_never_hang(deepspeed_runs, name):
     assert len(ranks[0]["aux_hashes"]) == 2 and ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
     # The aux engine (or adapter) leaves this rank's policy shards, its optimizer state and its LR schedule alone
     assert all(r["policy_untouched_by_aux"] == [True, True] for r in ranks)
+
+
+FULL_COPY_RUNS = [name for name in DEEPSPEED_RUNS if "lora" not in name]
+
+
+@pytest.mark.parametrize("name", FULL_COPY_RUNS)
+def test_deepspeed_aux_is_built_sharded_in_the_policy_dtype(deepspeed_runs, name):
+    """What the full-copy aux build hands to `deepspeed.initialize`, recorded from inside the build on every rank.
+
+    Never an unsharded copy: no `GatheredParameters` call covers all the parameters (the old build gathered them all
+    at once, then built a whole fp32 model); under ZeRO-3 the model arrives already partitioned (this rank holds about
+    1/2 of the elements) and, as the partitions match the policy's, without a single gather. It holds exactly the
+    policy's weights, in the policy's dtype (bf16 under bf16), and recomputes activations when the policy does.
+    """
+    ranks = deepspeed_runs(name)
+    zero3 = name.startswith("zero3")
+    for rank in ranks:
+        builds = rank["aux_builds"]
+        assert len(builds) == 2  # one per refresh
+        for build in builds:
+            assert build["equals_policy"]
+            assert (
+                build["dtypes"]
+                == build["policy_dtypes"]
+                == (["torch.bfloat16"] if "bf16" in name else ["torch.float32"])
+            )
+            assert build["full_numel"] == build["policy_numel"]
+            assert max(build["gathers"], default=0) < build["policy_numel"]
+            assert build["checkpointing"] == build["policy_checkpointing"] == ("checkpointing" in name)
+            if zero3:
+                assert all(build["partitioned"])
+                # each parameter padded to a multiple of 2, then halved
+                assert build["local_numel"] <= (build["full_numel"] + len(build["partitioned"])) // 2
+            else:
+                assert not any(build["partitioned"]) and build["local_numel"] == build["full_numel"]
+            if name == "zero3-gathered-copy":  # one parameter at a time: the policy's, then its aux twin
+                gathers = build["gathers"]
+                assert len(gathers) == 2 * len(build["partitioned"]) and gathers[0::2] == gathers[1::2]
+                assert sum(gathers) == 2 * build["full_numel"]
+            elif zero3:
+                assert build["gathers"] == []  # each rank copied its own partitions
+
+
+def test_zero3_aux_copied_by_partition_equals_the_gathered_copy(deepspeed_runs):
+    """The partition-wise copy and the parameter-by-parameter gathered copy build the same aux: same aligned weights
+    after every refresh, same selection."""
+    direct, gathered = deepspeed_runs("zero3"), deepspeed_runs("zero3-gathered-copy")
+    assert direct[0]["aux_hashes"] == gathered[0]["aux_hashes"]
+    assert [r["selected_ids"] for r in direct[0]["history"]] == [r["selected_ids"] for r in gathered[0]["history"]]
 
 
 def test_zero3_with_trl_precomputed_reference_selects_the_same(deepspeed_runs):

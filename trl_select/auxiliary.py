@@ -37,7 +37,15 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, use_a
 
 from .sampler import num_rank_batches, shard_batches
 from .scores import PairLogProbs, preference_loss, reference_normalised_margin
-from .scoring import ROW_KEY, build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
+from .scoring import (
+    ROW_KEY,
+    build_pass_loader,
+    enable_activation_checkpointing,
+    inference_mode,
+    is_activation_checkpointing,
+    run_log_prob_pass,
+    sequence_log_probs,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -112,6 +120,177 @@ def _offloads_optimizer(config: dict) -> bool:
     """Whether a DeepSpeed config offloads the optimizer and DeepSpeed insists on its own CPU optimizer for that."""
     device = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     return device not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True)
+
+
+# ----- building the full-copy aux under DeepSpeed without an unsharded copy (issue 12) -----
+
+
+def _is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions `module`'s parameters (they carry a DeepSpeed id)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _parameter_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of most of `module`'s floating-point parameter elements (counting whole parameters under ZeRO-3).
+
+    The aux model is built in this dtype: the policy's compute dtype (bf16 under DeepSpeed bf16, whose fp32 master
+    weights live in the optimizer, not the module), never a default fp32.
+    """
+    counts: dict[torch.dtype, int] = {}
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            numel = getattr(parameter, "ds_numel", parameter.numel())
+            counts[parameter.dtype] = counts.get(parameter.dtype, 0) + numel
+    return max(counts, key=counts.get) if counts else torch.get_default_dtype()
+
+
+def _construct_on_meta(policy: torch.nn.Module) -> torch.nn.Module:
+    """`type(policy)(policy.config)` with every parameter and buffer on the `meta` device: no memory, no init."""
+    from transformers import initialization
+
+    with torch.device("meta"), initialization.no_init_weights(), initialization.meta_device_safe_creation_ops():
+        aux = type(policy)(policy.config)
+    _tie_like(aux)
+    return aux
+
+
+def _construct_partitioned(policy: torch.nn.Module, config: dict, dtype: torch.dtype) -> torch.nn.Module:
+    """`type(policy)(policy.config)` under `deepspeed.zero.Init`, as transformers' `from_config` does under ZeRO-3.
+
+    Each module's parameters are partitioned as soon as that module is constructed, so a rank holds at most one
+    module's parameters whole (transiently) plus its own partitions (numel / world size each), in `dtype`. Weight
+    initialisation is skipped: every parameter is overwritten by the policy's.
+    """
+    import deepspeed
+    from transformers import initialization
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    # `prevent_arange_dtype_change` keeps RoPE buffers' explicit fp32 (it must be entered before zero.Init)
+    with (
+        initialization.no_init_weights(),
+        prevent_arange_dtype_change(),
+        deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype),
+    ):
+        aux = type(policy)(policy.config)
+    _tie_like(aux)
+    return aux
+
+
+def _tie_like(aux: torch.nn.Module) -> None:
+    """Tie the aux's embeddings as the config says, as `from_config` does after construction (a no-op when untied)."""
+    tie_weights = getattr(aux, "tie_weights", None)
+    if tie_weights is not None:
+        tie_weights()
+
+
+def _check_same_parameters(policy: torch.nn.Module, aux: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The policy's parameters by name; fails when the rebuilt aux does not have exactly the same names and shapes."""
+    source = dict(policy.named_parameters())
+    target = dict(aux.named_parameters())
+    if source.keys() != target.keys():
+        raise RuntimeError(
+            "The aux model rebuilt from the policy's config has other parameters than the policy: "
+            f"missing {sorted(source.keys() - target.keys())[:5]}, extra {sorted(target.keys() - source.keys())[:5]}."
+        )
+    for name, parameter in source.items():
+        shape = getattr(parameter, "ds_shape", parameter.shape)
+        if tuple(getattr(target[name], "ds_shape", target[name].shape)) != tuple(shape):
+            raise RuntimeError(f"The aux model's {name} has shape {target[name].shape}, the policy's {shape}.")
+    return source
+
+
+def _copy_buffers(policy: torch.nn.Module, aux: torch.nn.Module) -> None:
+    """Every aux buffer (never partitioned; rotary frequencies and the like) becomes a clone of the policy's."""
+    policy_buffers = dict(policy.named_buffers())
+    for name, _ in list(aux.named_buffers()):
+        module_name, _, leaf = name.rpartition(".")
+        module = aux.get_submodule(module_name)
+        source = policy_buffers.get(name)
+        if source is None:
+            raise RuntimeError(f"The policy has no buffer {name} for the aux model's.")
+        module._buffers[leaf] = source.detach().clone()
+
+
+@torch.no_grad()
+def _materialise_from(aux: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Give a `meta`-device `aux` clones of the policy's parameters and buffers: same device, dtype and values.
+
+    ZeRO-1/2 keep the module's weights whole on every rank in the compute dtype (the fp32 masters live in the
+    optimizer), so the aux costs exactly one more copy of them on the device (2 bytes/parameter under bf16), and
+    nothing on the host. Tied parameters stay tied: each distinct parameter is cloned once.
+    """
+    sources = _check_same_parameters(policy, aux)
+    clones: dict[int, torch.nn.Parameter] = {}
+    for module_name, module in aux.named_modules():
+        for leaf, parameter in list(module._parameters.items()):
+            if parameter is None:
+                continue
+            if id(parameter) not in clones:
+                source = sources[f"{module_name}.{leaf}" if module_name else leaf]
+                clones[id(parameter)] = torch.nn.Parameter(source.detach().clone(), requires_grad=source.requires_grad)
+            module._parameters[leaf] = clones[id(parameter)]
+    _copy_buffers(policy, aux)
+
+
+def _same_partitioning(source: torch.nn.Parameter, target: torch.nn.Parameter) -> bool:
+    """Whether this rank's partition of `source` covers exactly the elements this rank's partition of `target` does.
+
+    ZeRO-3 flattens each parameter, pads it to a multiple of the partition group's size and gives rank r the r-th
+    slice; so the partitions correspond one to one when the shapes, partition sizes, dtypes and partition groups
+    (same ranks, same order) agree, and neither side uses a secondary (hpZ) copy, quantised or swapped-out partitions.
+    """
+    import torch.distributed as dist
+    from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+
+    a, b = source.ds_tensor, target.ds_tensor
+    if a is None or b is None or tuple(source.ds_shape) != tuple(target.ds_shape):
+        return False
+    if a.dtype != b.dtype or a.numel() != b.numel() or a.ds_numel != b.ds_numel:
+        return False
+    if any(getattr(t, "status", PartitionedParamStatus.AVAILABLE) != PartitionedParamStatus.AVAILABLE for t in (a, b)):
+        return False
+    if any(hasattr(t, "ds_quant_scale") for t in (a, b)):
+        return False
+    if (
+        getattr(source, "ds_secondary_tensor", None) is not None
+        or getattr(target, "ds_secondary_tensor", None) is not None
+    ):
+        return False
+    try:
+        return dist.get_process_group_ranks(source.ds_process_group) == dist.get_process_group_ranks(
+            target.ds_process_group
+        )
+    except (AttributeError, RuntimeError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def _copy_partitions(policy: torch.nn.Module, aux: torch.nn.Module) -> None:
+    """Copy the ZeRO-3 policy's weights into the ZeRO-3 aux, partition by partition.
+
+    Where the two partitionings match (`_same_partitioning`: the usual case, both built over the same ranks), each
+    rank copies its own policy partition into its aux partition: no communication and no whole parameter anywhere.
+    Otherwise that one parameter is gathered on both sides and copied (at most one parameter whole at a time).
+    """
+    import deepspeed
+
+    sources = _check_same_parameters(policy, aux)
+    gathered = 0
+    for name, target in aux.named_parameters():
+        source = sources[name]
+        if _same_partitioning(source, target):
+            target.ds_tensor.copy_(source.ds_tensor)
+            continue
+        gathered += 1
+        # The policy's copy is discarded on exit (its partition is not rewritten); the aux's is re-partitioned
+        with (
+            deepspeed.zero.GatheredParameters([source], modifier_rank=None),
+            deepspeed.zero.GatheredParameters([target], modifier_rank=0),
+        ):
+            target.data.copy_(source.data)
+    if gathered:
+        logger.info("Aux build: %d parameters partitioned differently from the policy's were gathered.", gathered)
+    _copy_buffers(policy, aux)
 
 
 class AuxiliaryModel:
@@ -265,22 +444,33 @@ class AuxiliaryModel:
         return _AuxHandle(module, activate, step)
 
     def _build_engine(self) -> Iterator[_AuxHandle]:
-        """θ_aux in its own DeepSpeed engine, built from the policy's gathered weights (works for ZeRO-1/2/3)."""
+        """θ_aux in its own DeepSpeed engine, built as sharded as the policy is (ZeRO-1/2/3).
+
+        ZeRO-3: the aux model is constructed inside `deepspeed.zero.Init` with the aux engine's config, in the
+        policy's dtype, so each rank allocates only its partitions; each rank then copies its policy partitions into
+        its aux partitions (`_copy_partitions`), so no rank ever holds a whole copy of the weights. ZeRO-1/2 (weights
+        not partitioned): constructed on the `meta` device and materialised as clones of the policy's tensors, on
+        their device and in their dtype (`_materialise_from`). Either way no fp32 model is built on the host, and the
+        aux recomputes activations in backward when the policy does, with the trainer's checkpointing kwargs.
+        """
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None):
-            state = {name: parameter.detach().clone() for name, parameter in self.policy.named_parameters()}
-        aux = type(self.policy)(self.policy.config)
-        aux.load_state_dict(state, strict=False)  # buffers (e.g. rotary frequencies) come from the config
-        del state
+        config = self._engine_config()
+        policy = self.policy
+        if _is_partitioned(policy):
+            aux = _construct_partitioned(policy, config, _parameter_dtype(policy))
+            _copy_partitions(policy, aux)
+        else:
+            aux = _construct_on_meta(policy)
+            _materialise_from(aux, policy)
         add_fused_lm_head(aux)
         disable_dropout_in_model(aux)
-        aux.to(self.accelerator.device)
+        if is_activation_checkpointing(policy):
+            enable_activation_checkpointing(aux, self.gradient_checkpointing_kwargs)
         parameters = [p for p in aux.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
         )
-        config = self._engine_config()
         if _offloads_optimizer(config):
             # DeepSpeed refuses a torch optimizer with ZeRO-Offload (`zero_force_ds_cpu_optimizer`, on by default);
             # accelerate maps the policy's the same way: same lr and weight decay, AdamW mode, DeepSpeedCPUAdam.

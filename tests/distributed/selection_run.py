@@ -33,19 +33,44 @@ import trl_select.callback  # noqa: E402
 from tests.conftest import DEMO_DATA, fast_config  # noqa: E402
 from tests.recording import RecordingTrainer  # noqa: E402
 from trl_select import read_history  # noqa: E402
+from trl_select.scoring import is_activation_checkpointing  # noqa: E402
 from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of `tensor` (numpy has no bf16, so they are read as uint8)."""
+    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _policy_fingerprint(trainer) -> str:
     digest = hashlib.sha256()
     for parameter in trainer.model.parameters():
         local = parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter  # ZeRO-3: this rank's shard
-        digest.update(local.detach().cpu().numpy().tobytes())
+        digest.update(_bytes(local))
     for state in (trainer.optimizer.state_dict(), trainer.lr_scheduler.state_dict()):
         buffer = io.BytesIO()
         torch.save(state, buffer)
         digest.update(buffer.getvalue())
     return digest.hexdigest()
+
+
+def _same_weights(aux: torch.nn.Module, policy: torch.nn.Module) -> bool:
+    """Whether the aux model, as handed to its engine, holds exactly the policy's weights (gathered under ZeRO-3).
+
+    Gathers one parameter pair at a time with the unspied `GatheredParameters`, after the build's calls were counted.
+    """
+    import deepspeed
+
+    gathered = deepspeed.runtime.zero.partition_parameters.GatheredParameters
+    sources = dict(policy.named_parameters())
+    for name, target in aux.named_parameters():
+        source = sources[name]
+        with gathered([source, target], modifier_rank=None):
+            if not torch.equal(source.detach().cpu(), target.detach().cpu().to(source.dtype)):
+                return False
+            if source.dtype != target.dtype:
+                return False
+    return True
 
 
 def main() -> None:
@@ -67,6 +92,15 @@ def main() -> None:
     )
     parser.add_argument("--save_steps", type=int, default=0, help="Checkpoint every this many steps (0: never).")
     parser.add_argument("--resume", default=None, help="A checkpoint to resume from.")
+    parser.add_argument(
+        "--gather_aux_copy",
+        action="store_true",
+        help="Treat the aux's ZeRO-3 partitions as unlike the policy's, so its build gathers each parameter pair.",
+    )
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (the DeepSpeed config must agree).")
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="The trainer's activation checkpointing."
+    )
     options = parser.parse_args()
     out = Path(options.out)
 
@@ -86,10 +120,57 @@ def main() -> None:
                 flat = torch.cat([p.detach().reshape(-1).cpu() for p in parameters])
         else:
             flat = torch.cat([p.detach().reshape(-1).cpu() for p in parameters])
-        aux_hashes.append(hashlib.sha256(flat.numpy().tobytes()).hexdigest())
+        aux_hashes.append(hashlib.sha256(_bytes(flat)).hexdigest())
         return steps
 
     trl_select.auxiliary.AuxiliaryModel._align = recording_align
+    if options.gather_aux_copy:
+        trl_select.auxiliary._same_partitioning = lambda source, target: False
+
+    # What the aux build did, from inside it: every `GatheredParameters` call (elements gathered at once) and the
+    # model handed to `deepspeed.initialize` (its dtypes, and this rank's vs the full number of elements).
+    in_refresh = {"on": False}
+    build_gathers: list[int] = []
+    aux_builds: list[dict] = []
+    if options.deepspeed:
+        import deepspeed
+
+        gathered_parameters = deepspeed.zero.GatheredParameters
+
+        def spying_gathered_parameters(params, *args, **kwargs):
+            params = list(params) if isinstance(params, (list, tuple)) else [params]
+            if in_refresh["on"]:
+                build_gathers.append(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+            return gathered_parameters(params, *args, **kwargs)
+
+        deepspeed.zero.GatheredParameters = spying_gathered_parameters
+        initialize = deepspeed.initialize
+
+        def recording_initialize(*args, **kwargs):
+            model = kwargs.get("model")
+            if in_refresh["on"] and model is not None:
+                parameters = list(model.parameters())
+                policy = trainer.accelerator.unwrap_model(trainer.model)
+                aux_builds.append(
+                    {
+                        "dtypes": sorted({str(p.dtype) for p in parameters}),
+                        "policy_dtypes": sorted({str(p.dtype) for p in policy.parameters()}),
+                        "devices": sorted({str(p.device) for p in parameters}),
+                        "partitioned": [hasattr(p, "ds_id") for p in parameters],
+                        "local_numel": sum(
+                            p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel() for p in parameters
+                        ),
+                        "full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in parameters),
+                        "policy_numel": sum(getattr(p, "ds_numel", p.numel()) for p in policy.parameters()),
+                        "checkpointing": is_activation_checkpointing(model),
+                        "policy_checkpointing": is_activation_checkpointing(policy),
+                        "gathers": list(build_gathers),
+                        "equals_policy": _same_weights(model, policy),
+                    }
+                )
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = recording_initialize
 
     # The policy's own weights (this rank's shards), optimizer state and LR schedule, before and after each refresh
     untouched: list[bool] = []
@@ -98,7 +179,12 @@ def main() -> None:
 
     def checked_refresh(self, *args, **kwargs):
         before = _policy_fingerprint(trainer)
-        result = refresh(self, *args, **kwargs)
+        build_gathers.clear()
+        in_refresh["on"] = True
+        try:
+            result = refresh(self, *args, **kwargs)
+        finally:
+            in_refresh["on"] = False
         untouched.append(_policy_fingerprint(trainer) == before)
         aux_losses.append([result.validation_loss_before, result.validation_loss_after])
         return result
@@ -144,10 +230,12 @@ def main() -> None:
         per_device_train_batch_size=options.per_device_batch,
         ddp_timeout=int(timedelta(seconds=60).seconds),
         deepspeed=options.deepspeed,
-        use_cpu=options.deepspeed is None,
+        use_cpu=options.deepspeed is None or options.bf16,  # TrainingArguments refuses bf16 on the CPU otherwise
         selection_rule=options.rule,
         precompute_ref_log_probs=options.precompute_ref,
         accelerator_config={"use_configured_state": options.deepspeed is not None},
+        bf16=options.bf16,
+        gradient_checkpointing=options.gradient_checkpointing,
         **({"save_strategy": "steps", "save_steps": options.save_steps} if options.save_steps else {}),
     )
     extra = {} if options.validation_apart else {"ref_model": copy.deepcopy(model)}
@@ -179,6 +267,7 @@ def main() -> None:
         "policy_untouched_by_aux": untouched,
         "aux_optimizers": aux_optimizers,
         "aux_losses": aux_losses,
+        "aux_builds": aux_builds,
         "history": read_history(out / "run") if state.is_main_process else None,
     }
     (out / f"rank{state.process_index}.json").write_text(json.dumps(result))
