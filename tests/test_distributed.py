@@ -136,15 +136,15 @@ def test_deepspeed_aux_is_built_sharded_in_the_policy_dtype(deepspeed_runs, name
         builds = rank["aux_builds"]
         assert len(builds) == 2  # one per refresh
         for build in builds:
-            assert build["equals_policy"]
+            assert max(build["gathers"], default=0) < build["policy_numel"]
             assert (
                 build["dtypes"]
                 == build["policy_dtypes"]
                 == (["torch.bfloat16"] if "bf16" in name else ["torch.float32"])
             )
-            assert build["full_numel"] == build["policy_numel"]
-            assert max(build["gathers"], default=0) < build["policy_numel"]
             assert build["checkpointing"] == build["policy_checkpointing"] == ("checkpointing" in name)
+            assert build["full_numel"] == build["policy_numel"]
+            assert build["equals_policy"]
             if zero3:
                 assert all(build["partitioned"])
                 # each parameter padded to a multiple of 2, then halved
