@@ -6,11 +6,19 @@ the ZeRO-1/2 construction itself in one process: dtype, device, values, ties, bu
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import transformers
 
-from trl_select.auxiliary import _check_same_parameters, _construct_on_meta, _materialise_from, _parameter_dtype
+from trl_select.auxiliary import (
+    _check_same_parameters,
+    _construct_on_meta,
+    _materialise_from,
+    _parameter_dtype,
+    _same_partitioning,
+)
 
 
 def _tiny(tie: bool, dtype: torch.dtype = torch.bfloat16) -> transformers.LlamaForCausalLM:
@@ -59,3 +67,32 @@ def test_parameter_dtype_is_the_dtype_of_most_elements():
     policy.model.norm.float()  # a few fp32 elements (keep-in-fp32 modules) do not change the build dtype
     assert _parameter_dtype(policy) == torch.bfloat16
     assert _parameter_dtype(_tiny(False, torch.float32)) == torch.float32
+
+
+def _zero3_param(
+    shape: tuple[int, ...], partition: int, dtype: torch.dtype = torch.bfloat16, group: str = "world", **extra
+) -> SimpleNamespace:
+    """The ZeRO-3 attributes `_same_partitioning` reads: whole shape, this rank's partition (`ds_tensor`)."""
+    ds_tensor = torch.empty(partition, dtype=dtype)
+    ds_tensor.ds_numel = partition
+    return SimpleNamespace(ds_shape=torch.Size(shape), ds_tensor=ds_tensor, ds_process_group=group, **extra)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        _zero3_param((8, 4), 16, torch.float32),  # another dtype
+        _zero3_param((4, 8), 16),  # another shape, same numel
+        _zero3_param((8, 4), 8),  # partitioned over another number of ranks
+        _zero3_param((8, 4), 16, ds_secondary_tensor=torch.empty(8)),  # hpZ keeps a second copy to fill
+        _zero3_param((8, 4), 16, group="reversed"),  # the same ranks in another order
+    ],
+    ids=["dtype", "shape", "world-size", "secondary", "group"],
+)
+def test_partitions_that_may_not_correspond_are_not_copied_directly(target, monkeypatch):
+    """Anything that could make this rank's policy partition cover other elements than its aux partition: gather."""
+    ranks = {"world": [0, 1], "reversed": [1, 0]}
+    monkeypatch.setattr(torch.distributed, "get_process_group_ranks", ranks.__getitem__)
+    source = _zero3_param((8, 4), 16)
+    assert _same_partitioning(source, _zero3_param((8, 4), 16))  # the control: same layout, copied directly
+    assert not _same_partitioning(source, target)

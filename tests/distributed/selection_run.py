@@ -1,7 +1,8 @@
 """One selective DPO run on the reverse-digits pool, for 1 process or under `torchrun --nproc_per_node N`.
 
 Each rank writes `OUT/rank{r}.json`: the world size it saw, the pair ids it really trained on per epoch, the hash of
-the aux model's weights after every alignment stage, and (rank 0) the selection history. Usage:
+the aux model's weights after every alignment stage, what each full-copy DeepSpeed aux build handed to
+`deepspeed.initialize` (`aux_builds`), and (rank 0) the selection history. Usage:
 
     torchrun --nproc_per_node 2 tests/distributed/selection_run.py OUT [--per_device_batch 16] [--peft]
 """
@@ -63,14 +64,12 @@ def _same_weights(aux: torch.nn.Module, policy: torch.nn.Module) -> bool:
 
     gathered = deepspeed.runtime.zero.partition_parameters.GatheredParameters
     sources = dict(policy.named_parameters())
-    for name, target in aux.named_parameters():
+    same = True
+    for name, target in aux.named_parameters():  # no early exit: every rank must join every gather
         source = sources[name]
         with gathered([source, target], modifier_rank=None):
-            if not torch.equal(source.detach().cpu(), target.detach().cpu().to(source.dtype)):
-                return False
-            if source.dtype != target.dtype:
-                return False
-    return True
+            same &= source.dtype == target.dtype and torch.equal(source.detach().cpu(), target.detach().cpu())
+    return same
 
 
 def main() -> None:
