@@ -75,6 +75,8 @@ def _zero3_param(
     """The ZeRO-3 attributes `_same_partitioning` reads: whole shape, this rank's partition (`ds_tensor`)."""
     ds_tensor = torch.empty(partition, dtype=dtype)
     ds_tensor.ds_numel = partition
+    if "final_location" in extra:
+        ds_tensor.final_location = extra.pop("final_location")
     return SimpleNamespace(ds_shape=torch.Size(shape), ds_tensor=ds_tensor, ds_process_group=group, **extra)
 
 
@@ -86,13 +88,14 @@ def _zero3_param(
         _zero3_param((8, 4), 8),  # partitioned over another number of ranks
         _zero3_param((8, 4), 16, ds_secondary_tensor=torch.empty(8)),  # hpZ keeps a second copy to fill
         _zero3_param((8, 4), 16, group="reversed"),  # the same ranks in another order
+        _zero3_param((8, 4), 16, final_location="nvme"),  # swapped to NVMe (set on the partition itself, below)
     ],
-    ids=["dtype", "shape", "world-size", "secondary", "group"],
+    ids=["dtype", "shape", "world-size", "secondary", "group", "nvme"],
 )
 def test_partitions_that_may_not_correspond_are_not_copied_directly(target, monkeypatch):
     """Anything that could make this rank's policy partition cover other elements than its aux partition: gather."""
     ranks = {"world": [0, 1], "reversed": [1, 0]}
     monkeypatch.setattr(torch.distributed, "get_process_group_ranks", ranks.__getitem__)
-    source = _zero3_param((8, 4), 16)
+    source = _zero3_param((8, 4), 16, final_location="not-nvme")  # as the policy's ZeRO-3 optimizer marks them
     assert _same_partitioning(source, _zero3_param((8, 4), 16))  # the control: same layout, copied directly
     assert not _same_partitioning(source, target)

@@ -237,10 +237,11 @@ def _same_partitioning(source: torch.nn.Parameter, target: torch.nn.Parameter) -
 
     ZeRO-3 flattens each parameter, pads it to a multiple of the partition group's size and gives rank r the r-th
     slice; so the partitions correspond one to one when the shapes, partition sizes, dtypes and partition groups
-    (same ranks, same order) agree, and neither side uses a secondary (hpZ) copy, quantised or swapped-out partitions.
+    (same ranks, same order) agree, and neither side uses a secondary (hpZ) copy, quantised or NVMe-swapped partitions.
     """
     import torch.distributed as dist
     from deepspeed.runtime.swap_tensor.partitioned_param_swapper import PartitionedParamStatus
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
 
     a, b = source.ds_tensor, target.ds_tensor
     if a is None or b is None or tuple(source.ds_shape) != tuple(target.ds_shape):
@@ -250,6 +251,10 @@ def _same_partitioning(source: torch.nn.Parameter, target: torch.nn.Parameter) -
     if any(getattr(t, "status", PartitionedParamStatus.AVAILABLE) != PartitionedParamStatus.AVAILABLE for t in (a, b)):
         return False
     if any(hasattr(t, "ds_quant_scale") for t in (a, b)):
+        return False
+    # A partition whose home is NVMe is a swap buffer: a write to it might never reach the file. (The ZeRO-3 optimizer
+    # marks the partitions it moved into its flat buffers "not-nvme"; zero.Init leaves None.)
+    if any(getattr(t, "final_location", None) == OffloadDeviceEnum.nvme for t in (a, b)):
         return False
     if (
         getattr(source, "ds_secondary_tensor", None) is not None
