@@ -69,7 +69,7 @@ class AlignmentSettings:
     seed: int
     deepspeed_config: dict | None = None  # the run's DeepSpeed config (auto values filled), if DeepSpeed is on
     # Without PEFT: "lora" (θ_t + an injected low-rank update) or "full" (a copy of the policy); see `SelectiveDPOConfig`
-    mode: str = "full"
+    mode: str = "lora"
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_target_modules: str | tuple[str, ...] = "all-linear"

@@ -59,13 +59,14 @@ class SelectiveDPOConfig(DPOConfig):
             Learning rate of the aux alignment stage (AdamW, constant). Defaults to `learning_rate`.
         aux_batch_size (`int`, *optional*):
             Per-device batch size of the aux alignment stage. Defaults to `per_device_train_batch_size`.
-        aux_mode (`str`, *optional*, defaults to `"full"`):
-            How θ_aux is built for a policy that is fully fine-tuned (no PEFT). `"full"`: a copy of the policy with its
-            own AdamW (under DeepSpeed, its own engine): about 16 more bytes per policy parameter at each refresh.
-            `"lora"`: θ_t plus a low-rank update, LoRA layers injected into the policy for the alignment stage (the
-            policy's weights frozen meanwhile) and removed after it: no second copy of the weights, no second full
-            optimizer state, only the adapter and its AdamW. With a PEFT policy this field has no effect: θ_aux is
-            then a second adapter on the same base weights.
+        aux_mode (`str`, *optional*, defaults to `"lora"`):
+            How θ_aux is built for a policy that is fully fine-tuned (no PEFT). `"lora"`: θ_t plus a low-rank update,
+            LoRA layers injected into the policy for the alignment stage (the policy's weights frozen meanwhile) and
+            removed after it: no second copy of the weights, no second full optimizer state, only the adapter and its
+            AdamW (about 0.3 GB at 7B with r 16). `"full"`: a copy of the policy with its own AdamW (under DeepSpeed,
+            its own engine): 8-16 more bytes per policy parameter at each refresh. On the reverse-digits benchmark the
+            two select alike (`benchmarks/results/aux_fidelity.md`). With a PEFT policy this field has no effect:
+            θ_aux is then a second adapter on the same base weights.
         aux_lora_r (`int`, *optional*, defaults to `16`):
             Rank of the low-rank update of `aux_mode="lora"`.
         aux_lora_alpha (`float`, *optional*, defaults to `32.0`):
@@ -164,12 +165,12 @@ class SelectiveDPOConfig(DPOConfig):
         },
     )
     aux_mode: str = field(
-        default="full",
+        default="lora",
         metadata={
             "help": "How the aux model is built for a fully fine-tuned policy (ignored with PEFT, where it is a second "
-            "adapter). `full`: a copy of the policy with its own AdamW (about 16 more bytes per parameter at each "
-            "refresh). `lora`: the policy plus a LoRA update injected for the alignment stage and removed after it "
-            "(no second copy of the weights, no second full optimizer state).",
+            "adapter). `lora`: the policy plus a LoRA update injected for the alignment stage and removed after it "
+            "(no second copy of the weights, no second full optimizer state). `full`: a copy of the policy with its "
+            "own AdamW (8-16 more bytes per parameter at each refresh).",
             "choices": ["full", "lora"],
         },
     )
