@@ -18,9 +18,11 @@ scheduler are not touched. Gradients are averaged over ranks after every backwar
 rank.
 
 Precision follows the policy: the aux adapter is created in the policy adapter's dtype (so θ_aux = θ_t exactly before
-alignment, and LossDiff carries no dtype offset), an fp16 run scales the aux loss (a `GradScaler`, or DeepSpeed's own
-loss scaler) and skips steps whose gradients overflow, and a DeepSpeed config that offloads the optimizer gets
-DeepSpeed's CPU Adam, as accelerate gives the policy.
+alignment, and LossDiff carries no dtype offset), the injected LoRA update takes the dtype of the weights it adapts
+(B = 0, so θ_aux = θ_t exactly before alignment in any dtype), an fp16 run scales the aux loss (a `GradScaler`, or the
+full-copy engine's DeepSpeed loss scaler; the adapters under DeepSpeed fp16 are not scaled) and skips steps whose
+gradients overflow, and a DeepSpeed config that offloads the optimizer gives the full-copy engine DeepSpeed's CPU Adam,
+as accelerate gives the policy (the adapters, a few MB to a few hundred MB, keep a torch AdamW on the device).
 """
 
 from __future__ import annotations
