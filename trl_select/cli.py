@@ -144,6 +144,12 @@ def _add_score_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="Per-device batch size of the passes.")
     parser.add_argument("--aux_max_steps", type=int, default=-1, help="Aux alignment steps (default: one epoch).")
     parser.add_argument("--aux_learning_rate", type=float, default=1e-6, help="Aux alignment learning rate.")
+    parser.add_argument(
+        "--aux_mode",
+        choices=["lora", "full"],
+        default="lora",
+        help="Aux model of a fully fine-tuned model: a LoRA update injected for the stage, or a full copy.",
+    )
     parser.add_argument("--seed", type=int, default=42, help="Seed of the aux alignment.")
     parser.add_argument("--use_cpu", action="store_true", help="Run on the CPU even if an accelerator is present.")
     parser.add_argument("--bf16", action="store_true", help="Run the passes in bf16 autocast.")
@@ -180,6 +186,7 @@ def _score(args: argparse.Namespace) -> int:
             per_device_train_batch_size=args.batch_size,
             aux_max_steps=args.aux_max_steps,
             aux_learning_rate=args.aux_learning_rate,
+            aux_mode=args.aux_mode,
             seed=args.seed,
             use_cpu=args.use_cpu,
             bf16=args.bf16,

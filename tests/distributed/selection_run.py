@@ -45,9 +45,12 @@ def _bytes(tensor: torch.Tensor) -> bytes:
 
 def _policy_fingerprint(trainer) -> str:
     digest = hashlib.sha256()
-    for parameter in trainer.model.parameters():
+    for name, parameter in trainer.model.named_parameters():
         local = parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter  # ZeRO-3: this rank's shard
+        digest.update(f"{name}:{parameter.requires_grad}".encode())
         digest.update(_bytes(local))
+        if parameter.grad is not None:
+            digest.update(_bytes(parameter.grad))
     for state in (trainer.optimizer.state_dict(), trainer.lr_scheduler.state_dict()):
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -99,6 +102,13 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (the DeepSpeed config must agree).")
     parser.add_argument(
         "--gradient_checkpointing", action="store_true", help="The trainer's activation checkpointing."
+    )
+    parser.add_argument("--aux_mode", default="full", choices=["full", "lora"], help="`aux_mode` of the config.")
+    parser.add_argument(
+        "--check_aux_identity",
+        action="store_true",
+        help="After training, refresh θ_aux once more with learning rate 0 and record how far its pool log-probs are "
+        "from the policy's (0 when θ_aux = θ_t before any step).",
     )
     options = parser.parse_args()
     out = Path(options.out)
@@ -173,6 +183,7 @@ def main() -> None:
 
     # The policy's own weights (this rank's shards), optimizer state and LR schedule, before and after each refresh
     untouched: list[bool] = []
+    lora_left: list[bool] = []  # whether a LoRA layer was left in the policy after each refresh
     aux_losses: list[list[float]] = []  # aux validation loss before and after each alignment stage
     refresh = trl_select.auxiliary.AuxiliaryModel.refresh
 
@@ -185,6 +196,11 @@ def main() -> None:
         finally:
             in_refresh["on"] = False
         untouched.append(_policy_fingerprint(trainer) == before)
+        from peft.tuners.lora import LoraLayer
+
+        lora_left.append(
+            any(isinstance(m, LoraLayer) for m in trainer.accelerator.unwrap_model(trainer.model).modules())
+        )
         aux_losses.append([result.validation_loss_before, result.validation_loss_after])
         return result
 
@@ -231,6 +247,7 @@ def main() -> None:
         deepspeed=options.deepspeed,
         use_cpu=options.deepspeed is None or options.bf16,  # TrainingArguments refuses bf16 on the CPU otherwise
         selection_rule=options.rule,
+        aux_mode=options.aux_mode,
         precompute_ref_log_probs=options.precompute_ref,
         accelerator_config={"use_configured_state": options.deepspeed is not None},
         bf16=options.bf16,
@@ -251,6 +268,18 @@ def main() -> None:
         **extra,
     )
     trainer.train(resume_from_checkpoint=options.resume)
+    aux_identity_gap = None
+    if options.check_aux_identity:
+        import dataclasses
+
+        callback = trainer.selection_callback
+        auxiliary = callback.auxiliary()
+        auxiliary.settings = dataclasses.replace(auxiliary.settings, learning_rate=0.0)
+        aux = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size).pool_log_probs
+        policy = callback.policy_log_probs()
+        aux_identity_gap = max(
+            float((aux.chosen - policy.chosen).abs().max()), float((aux.rejected - policy.rejected).abs().max())
+        )
 
     id_of_prompt = dict(zip(pool["prompt"], pool["id"], strict=True))
     state = trainer.accelerator.state
@@ -267,6 +296,8 @@ def main() -> None:
         "aux_optimizers": aux_optimizers,
         "aux_losses": aux_losses,
         "aux_builds": aux_builds,
+        "lora_left": lora_left,
+        "aux_identity_gap": aux_identity_gap,
         "history": read_history(out / "run") if state.is_main_process else None,
     }
     (out / f"rank{state.process_index}.json").write_text(json.dumps(result))
