@@ -85,6 +85,9 @@ DEEPSPEED_RUNS = {
     "zero3-lora": ("zero3.json", ["--peft"]),
     "zero3-precompute": ("zero3.json", ["--precompute_ref"]),
     "zero3-precompute-apart": ("zero3.json", ["--precompute_ref", "--validation_apart"]),
+    # aux_mode="lora": LoRA layers injected into the (ZeRO-3: partitioned) policy for the aux stage, removed after
+    "zero2-loraaux": ("zero2.json", ["--aux_mode", "lora", "--check_aux_identity"]),
+    "zero3-loraaux": ("zero3.json", ["--aux_mode", "lora", "--check_aux_identity"]),
 }
 
 
@@ -110,9 +113,10 @@ def test_deepspeed_ranks_agree_and_never_hang(deepspeed_runs, name):
         ("DistributedType.DEEPSPEED", stage, 2)
     ] * 2
     _check_disjoint_shards_of_one_selection(ranks)
-    assert len(ranks[0]["aux_hashes"]) == 2 and ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
+    refreshes = 2 + ("--check_aux_identity" in DEEPSPEED_RUNS[name][1])  # that check refreshes once more at the end
+    assert len(ranks[0]["aux_hashes"]) == refreshes and ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
     # The aux engine (or adapter) leaves this rank's policy shards, its optimizer state and its LR schedule alone
-    assert all(r["policy_untouched_by_aux"] == [True, True] for r in ranks)
+    assert all(r["policy_untouched_by_aux"] == [True] * refreshes for r in ranks)
 
 
 def test_zero3_with_trl_precomputed_reference_selects_the_same(deepspeed_runs):
@@ -168,6 +172,36 @@ def test_zero3_selects_what_zero2_selects(deepspeed_runs, variant):
     assert zero3[1]["selected_ids"] == zero2[1]["selected_ids"]
     for name, band in zero2[1]["thresholds"].items():
         assert zero3[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
+
+
+def _check_lora_aux_run(ranks: list[dict]) -> None:
+    """`aux_mode="lora"` on 2 ranks: the checks of `test_lora_aux.py`, per rank, plus agreement across ranks."""
+    for r in ranks:
+        # two refreshes in training, then one with learning rate 0 (`--check_aux_identity`)
+        assert r["policy_untouched_by_aux"] == [True] * 3  # shards, grads, flags, optimizer state, LR schedule
+        assert r["lora_left"] == [False] * 3  # every injected layer removed
+        assert r["aux_identity_gap"] == 0.0  # B = 0: θ_aux = θ_t before any aux step, bit for bit
+        assert r["aux_optimizers"] == [None] * 3  # a plain torch AdamW over the adapter, never a second engine
+        for before, after in r["aux_losses"][:2]:
+            assert after < before  # alignment lowers the validation loss
+    assert ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]  # the same A draw and averaged gradients on both ranks
+    assert ranks[0]["aux_losses"] == ranks[1]["aux_losses"]
+    assert len(set(ranks[0]["aux_hashes"][:2])) == 2  # the second refresh is a new adapter
+
+
+def test_ddp_lora_aux(tmp_path):
+    ranks = _launch(tmp_path, 2, "--aux_mode", "lora", "--check_aux_identity")
+    _check_disjoint_shards_of_one_selection(ranks)
+    _check_lora_aux_run(ranks)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_lora_aux(deepspeed_runs, stage):
+    """Under ZeRO-3 the LoRA layers wrap the partitioned modules (their DeepSpeed hooks still gather the weights), and
+    the adapter is whole on every rank; the policy's shards and its engine's optimizer are left alone."""
+    ranks = deepspeed_runs(f"{stage}-loraaux")
+    _check_disjoint_shards_of_one_selection(ranks)
+    _check_lora_aux_run(ranks)
 
 
 def test_zero2_offload_aux_engine_uses_deepspeed_cpu_adam(deepspeed_runs):

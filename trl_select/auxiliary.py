@@ -6,7 +6,12 @@ then discarded: LossDiff only needs its pool log-probabilities, which are cached
 
 - With PEFT, θ_aux is a second adapter (`"aux"`) on the same base weights, initialised from the policy adapter, so no
   third model is held in memory; the policy adapter is frozen while it trains.
-- Without PEFT, θ_aux is a copy of the policy.
+- Without PEFT, `aux_mode="lora"`: θ_aux = θ_t + a low-rank update, LoRA layers injected into the policy module in place
+  for the stage (the policy's weights frozen meanwhile) and removed after it. No second copy of the weights and no
+  second full optimizer state: the extra memory is the adapter, its gradients and its AdamW moments,
+  r·(d_in + d_out) parameters per adapted matrix.
+- Without PEFT, `aux_mode="full"`: θ_aux is a full copy of the policy (a DeepSpeed engine of its own under DeepSpeed),
+  with its own full AdamW state: about 16 more bytes per policy parameter at the refresh peak (DESIGN.md §6.2).
 
 Either way it has its own AdamW optimizer (constant LR), and the policy's weights, gradients, optimizer state and LR
 scheduler are not touched. Gradients are averaged over ranks after every backward, so θ_aux stays identical on every
@@ -25,6 +30,7 @@ import copy
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -43,6 +49,9 @@ from .scoring import ROW_KEY, build_pass_loader, inference_mode, run_log_prob_pa
 logger = logging.getLogger(__name__)
 
 AUX_ADAPTER = "aux"
+# The name of the LoRA adapter injected into a fully fine-tuned policy (`aux_mode="lora"`); unusual, so that it cannot
+# collide with a module name of the model, which PEFT matches as a substring of parameter names.
+INJECTED_AUX_ADAPTER = "trl_select_aux"
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,11 @@ class AlignmentSettings:
     max_grad_norm: float
     seed: int
     deepspeed_config: dict | None = None  # the run's DeepSpeed config (auto values filled), if DeepSpeed is on
+    # Without PEFT: "lora" (θ_t + an injected low-rank update) or "full" (a copy of the policy); see `SelectiveDPOConfig`
+    mode: str = "full"
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
     # fp16 without DeepSpeed: scale the aux loss and skip non-finite steps (DeepSpeed fp16 has its own loss scaler)
     loss_scaling: bool = False
 
@@ -188,7 +202,9 @@ class AuxiliaryModel:
 
     @contextlib.contextmanager
     def _build(self) -> Iterator[_AuxHandle]:
-        if self.settings.deepspeed_config is not None:
+        if self.settings.mode == "lora" and not is_peft_model(self.policy):
+            yield from self._build_injected_lora()
+        elif self.settings.deepspeed_config is not None:
             if is_peft_model(self.policy):
                 yield from self._build_adapter()
             else:
@@ -222,6 +238,82 @@ class AuxiliaryModel:
             yield self._torch_handle(policy, parameters, lambda: use_adapter(policy, AUX_ADAPTER))
         finally:
             policy.delete_adapter(AUX_ADAPTER)
+
+    def _build_injected_lora(self) -> Iterator[_AuxHandle]:
+        """θ_aux = θ_t + (α/r)·B·A on the adapted linear layers, injected into the policy module in place for the stage.
+
+        PEFT's `inject_adapter_in_model` wraps each target `nn.Linear` in a `LoraLayer` that holds the original module
+        as `base_layer` (the same object, so DeepSpeed's ZeRO-3 parameter hooks on it still gather its weights), with
+        `B = 0`, so θ_aux equals θ_t bit for bit before the first step. The policy's own parameters are frozen while the
+        stage runs; only A and B train, with a plain torch AdamW (gradients averaged over ranks by hand, as for the
+        PEFT aux adapter). A and B are plain whole tensors on every rank (they are created after DeepSpeed partitioned
+        the model) in the dtype of the weight they adapt, and A is drawn from a generator seeded identically on every
+        rank (`seed + refresh`), without touching the global RNG streams the training run uses.
+
+        On exit every `LoraLayer` is replaced by its `base_layer` (the original module object), the policy's
+        `requires_grad` flags are restored, and the attributes PEFT set on the model are removed: the policy's module
+        tree, weights, gradients, optimizer state and LR schedule are as before the stage.
+        """
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora import LoraLayer
+
+        policy = self.policy
+        if any(isinstance(module, LoraLayer) for module in policy.modules()):
+            raise RuntimeError(
+                "The policy already holds LoRA layers outside a PeftModel; `aux_mode='lora'` injects its own. Wrap the "
+                "policy with PEFT (its aux model is then a second adapter), or set `aux_mode='full'`."
+            )
+        requires_grad = [(parameter, parameter.requires_grad) for parameter in policy.parameters()]
+        peft_attributes = {name: policy.__dict__[name] for name in ("peft_config",) if name in policy.__dict__}
+        target_modules = self.settings.lora_target_modules
+        if not isinstance(target_modules, str) and len(target_modules) == 1 and target_modules[0] == "all-linear":
+            target_modules = (
+                "all-linear"  # `--aux_lora_target_modules all-linear` on the command line parses to a list
+            )
+        config = LoraConfig(
+            r=self.settings.lora_r,
+            lora_alpha=self.settings.lora_alpha,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        )
+        try:
+            # A's Kaiming draw happens on the CPU (PEFT builds the layers there, then moves them to the base layer's
+            # device): a forked CPU generator seeded alike on every rank makes θ_aux identical across ranks.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.settings.seed + self.num_refreshes)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: PEFT sets it
+                    inject_adapter_in_model(config, policy, adapter_name=INJECTED_AUX_ADAPTER)
+            injected = [(name, module) for name, module in policy.named_modules() if isinstance(module, LoraLayer)]
+            if not injected:
+                raise ValueError(
+                    f"`aux_lora_target_modules={target_modules!r}` matched no linear layer of the policy "
+                    f"({type(policy).__name__})."
+                )
+            for parameter, _ in requires_grad:
+                parameter.requires_grad_(False)
+            parameters: list[torch.nn.Parameter] = []
+            with torch.no_grad():
+                for _, module in injected:
+                    weight = module.get_base_layer().weight
+                    for adapter in (module.lora_A[INJECTED_AUX_ADAPTER], module.lora_B[INJECTED_AUX_ADAPTER]):
+                        # PEFT upcasts bf16/fp16 adapters to fp32 (`autocast_adapter_dtype`): back to the policy's dtype
+                        adapter.weight.data = adapter.weight.data.to(dtype=weight.dtype)
+                        adapter.weight.requires_grad_(True)
+                        parameters.append(adapter.weight)
+            yield self._torch_handle(policy, parameters, contextlib.nullcontext)
+        finally:
+            # Every LoraLayer back to the module it wraps (also those of an injection that failed half-way)
+            for name, module in list(policy.named_modules()):
+                if isinstance(module, LoraLayer):
+                    parent_name, _, child = name.rpartition(".")
+                    parent = policy.get_submodule(parent_name) if parent_name else policy
+                    setattr(parent, child, module.get_base_layer())
+            for parameter, flag in requires_grad:
+                parameter.requires_grad_(flag)
+            policy.__dict__.pop("peft_config", None)
+            policy.__dict__.update(peft_attributes)
 
     def _torch_handle(
         self,

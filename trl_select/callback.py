@@ -379,6 +379,16 @@ class SelectionCallback(TrainerCallback):
                     max_steps=args.aux_max_steps,
                     max_grad_norm=args.max_grad_norm,
                     seed=args.seed,
+                    mode=args.aux_mode,
+                    lora_r=args.aux_lora_r,
+                    lora_alpha=float(args.aux_lora_alpha),
+                    lora_target_modules=(
+                        "all-linear"
+                        if args.aux_lora_target_modules is None
+                        else (args.aux_lora_target_modules,)
+                        if isinstance(args.aux_lora_target_modules, str)
+                        else tuple(args.aux_lora_target_modules)
+                    ),
                     deepspeed_config=(
                         trainer.accelerator.state.deepspeed_plugin.deepspeed_config
                         if trainer.is_deepspeed_enabled

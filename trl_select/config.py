@@ -14,6 +14,9 @@ from .validation import check_distributed_setup_supported
 
 logger = logging.getLogger(__name__)
 
+# How θ_aux is built for a fully fine-tuned policy; with PEFT it is always a second adapter.
+AUX_MODES = ("full", "lora")
+
 
 @dataclass
 class SelectiveDPOConfig(DPOConfig):
@@ -56,6 +59,20 @@ class SelectiveDPOConfig(DPOConfig):
             Learning rate of the aux alignment stage (AdamW, constant). Defaults to `learning_rate`.
         aux_batch_size (`int`, *optional*):
             Per-device batch size of the aux alignment stage. Defaults to `per_device_train_batch_size`.
+        aux_mode (`str`, *optional*, defaults to `"full"`):
+            How θ_aux is built for a policy that is fully fine-tuned (no PEFT). `"full"`: a copy of the policy with its
+            own AdamW (under DeepSpeed, its own engine): about 16 more bytes per policy parameter at each refresh.
+            `"lora"`: θ_t plus a low-rank update, LoRA layers injected into the policy for the alignment stage (the
+            policy's weights frozen meanwhile) and removed after it: no second copy of the weights, no second full
+            optimizer state, only the adapter and its AdamW. With a PEFT policy this field has no effect: θ_aux is
+            then a second adapter on the same base weights.
+        aux_lora_r (`int`, *optional*, defaults to `16`):
+            Rank of the low-rank update of `aux_mode="lora"`.
+        aux_lora_alpha (`float`, *optional*, defaults to `32.0`):
+            LoRA scaling numerator of `aux_mode="lora"`: the update is `(aux_lora_alpha / aux_lora_r)·B·A`.
+        aux_lora_target_modules (`list[str]`, *optional*):
+            Modules adapted by `aux_mode="lora"`, as PEFT's `target_modules` (module names, e.g. `["q_proj",
+            "v_proj"]`). Defaults to every linear layer but the output head (PEFT's `"all-linear"`).
         scoring_batch_size (`int`, *optional*):
             Per-device batch size of the no-grad scoring passes over the pool. Defaults to
             `per_device_eval_batch_size`.
@@ -146,6 +163,31 @@ class SelectiveDPOConfig(DPOConfig):
             "help": "Per-device batch size of the aux alignment stage. Defaults to `per_device_train_batch_size`."
         },
     )
+    aux_mode: str = field(
+        default="full",
+        metadata={
+            "help": "How the aux model is built for a fully fine-tuned policy (ignored with PEFT, where it is a second "
+            "adapter). `full`: a copy of the policy with its own AdamW (about 16 more bytes per parameter at each "
+            "refresh). `lora`: the policy plus a LoRA update injected for the alignment stage and removed after it "
+            "(no second copy of the weights, no second full optimizer state).",
+            "choices": ["full", "lora"],
+        },
+    )
+    aux_lora_r: int = field(
+        default=16,
+        metadata={"help": "Rank of the low-rank update of `aux_mode='lora'`."},
+    )
+    aux_lora_alpha: float = field(
+        default=32.0,
+        metadata={"help": "LoRA alpha of `aux_mode='lora'`: the update is `(aux_lora_alpha / aux_lora_r)·B·A`."},
+    )
+    aux_lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules adapted by `aux_mode='lora'`, as PEFT's `target_modules` (module names, e.g. `q_proj "
+            "v_proj`). Defaults to every linear layer but the output head (PEFT's `all-linear`)."
+        },
+    )
     scoring_batch_size: int | None = field(
         default=None,
         metadata={
@@ -222,6 +264,23 @@ class SelectiveDPOConfig(DPOConfig):
             )
         if self.aux_learning_rate is not None and not self.aux_learning_rate > 0:
             raise ValueError(f"`aux_learning_rate` must be > 0 or unset, got {self.aux_learning_rate}.")
+        if self.aux_mode not in AUX_MODES:
+            raise ValueError(f"`aux_mode` must be one of {list(AUX_MODES)}, got {self.aux_mode!r}.")
+        _check_int_at_least(self, "aux_lora_r", 1)
+        if isinstance(self.aux_lora_alpha, bool) or not (
+            isinstance(self.aux_lora_alpha, int | float) and self.aux_lora_alpha > 0
+        ):
+            raise ValueError(f"`aux_lora_alpha` must be a number > 0, got {self.aux_lora_alpha!r}.")
+        targets = self.aux_lora_target_modules
+        if isinstance(targets, str):  # PEFT accepts one name (or `all-linear`) as a string too
+            targets = [targets]
+        if targets is not None and not (
+            isinstance(targets, list | tuple) and targets and all(isinstance(t, str) and t for t in targets)
+        ):
+            raise ValueError(
+                f"`aux_lora_target_modules` must be unset (all linear layers) or a non-empty list of module names, got "
+                f"{self.aux_lora_target_modules!r}."
+            )
         for name in ("aux_batch_size", "scoring_batch_size"):
             if getattr(self, name) is not None:
                 _check_int_at_least(self, name, 1)

@@ -38,9 +38,12 @@ from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  #
 
 def _policy_fingerprint(trainer) -> str:
     digest = hashlib.sha256()
-    for parameter in trainer.model.parameters():
+    for name, parameter in trainer.model.named_parameters():
         local = parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter  # ZeRO-3: this rank's shard
+        digest.update(f"{name}:{parameter.requires_grad}".encode())
         digest.update(local.detach().cpu().numpy().tobytes())
+        if parameter.grad is not None:
+            digest.update(parameter.grad.detach().cpu().numpy().tobytes())
     for state in (trainer.optimizer.state_dict(), trainer.lr_scheduler.state_dict()):
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -67,6 +70,13 @@ def main() -> None:
     )
     parser.add_argument("--save_steps", type=int, default=0, help="Checkpoint every this many steps (0: never).")
     parser.add_argument("--resume", default=None, help="A checkpoint to resume from.")
+    parser.add_argument("--aux_mode", default="full", choices=["full", "lora"], help="`aux_mode` of the config.")
+    parser.add_argument(
+        "--check_aux_identity",
+        action="store_true",
+        help="After training, refresh θ_aux once more with learning rate 0 and record how far its pool log-probs are "
+        "from the policy's (0 when θ_aux = θ_t before any step).",
+    )
     options = parser.parse_args()
     out = Path(options.out)
 
@@ -93,6 +103,7 @@ def main() -> None:
 
     # The policy's own weights (this rank's shards), optimizer state and LR schedule, before and after each refresh
     untouched: list[bool] = []
+    lora_left: list[bool] = []  # whether a LoRA layer was left in the policy after each refresh
     aux_losses: list[list[float]] = []  # aux validation loss before and after each alignment stage
     refresh = trl_select.auxiliary.AuxiliaryModel.refresh
 
@@ -100,6 +111,11 @@ def main() -> None:
         before = _policy_fingerprint(trainer)
         result = refresh(self, *args, **kwargs)
         untouched.append(_policy_fingerprint(trainer) == before)
+        from peft.tuners.lora import LoraLayer
+
+        lora_left.append(
+            any(isinstance(m, LoraLayer) for m in trainer.accelerator.unwrap_model(trainer.model).modules())
+        )
         aux_losses.append([result.validation_loss_before, result.validation_loss_after])
         return result
 
@@ -146,6 +162,7 @@ def main() -> None:
         deepspeed=options.deepspeed,
         use_cpu=options.deepspeed is None,
         selection_rule=options.rule,
+        aux_mode=options.aux_mode,
         precompute_ref_log_probs=options.precompute_ref,
         accelerator_config={"use_configured_state": options.deepspeed is not None},
         **({"save_strategy": "steps", "save_steps": options.save_steps} if options.save_steps else {}),
@@ -164,6 +181,18 @@ def main() -> None:
         **extra,
     )
     trainer.train(resume_from_checkpoint=options.resume)
+    aux_identity_gap = None
+    if options.check_aux_identity:
+        import dataclasses
+
+        callback = trainer.selection_callback
+        auxiliary = callback.auxiliary()
+        auxiliary.settings = dataclasses.replace(auxiliary.settings, learning_rate=0.0)
+        aux = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size).pool_log_probs
+        policy = callback.policy_log_probs()
+        aux_identity_gap = max(
+            float((aux.chosen - policy.chosen).abs().max()), float((aux.rejected - policy.rejected).abs().max())
+        )
 
     id_of_prompt = dict(zip(pool["prompt"], pool["id"], strict=True))
     state = trainer.accelerator.state
@@ -179,6 +208,8 @@ def main() -> None:
         "policy_untouched_by_aux": untouched,
         "aux_optimizers": aux_optimizers,
         "aux_losses": aux_losses,
+        "lora_left": lora_left,
+        "aux_identity_gap": aux_identity_gap,
         "history": read_history(out / "run") if state.is_main_process else None,
     }
     (out / f"rank{state.process_index}.json").write_text(json.dumps(result))
