@@ -40,6 +40,7 @@ from typing import Any
 
 from benchmarks.common import machine_description, markdown_table, peak_rss_mib
 from trl_select.memory import (
+    BF16_ADAPTER,
     FP32,
     GIB,
     MIB,
@@ -249,7 +250,9 @@ def extrapolation() -> tuple[str, list[dict[str, Any]]]:
             common = {"strategy": strategy, "world_size": 8}
             plain = memory_breakdown(shape, **common)
             full = memory_breakdown(shape, aux="full", **common)
-            lora = memory_breakdown(shape, aux="lora", aux_lora_r=AUX_LORA_R, **common)
+            lora = memory_breakdown(
+                shape, aux="lora", aux_lora_r=AUX_LORA_R, aux_adapter_precision=BF16_ADAPTER, **common
+            )
             lora_policy = memory_breakdown(shape, policy="lora", aux="lora", lora_r=LORA_R, **common)
             rows.append(
                 [
@@ -382,10 +385,11 @@ def report(
             "",
             extrapolated,
             "Plain DPO full FT = 2 + 2 + 4 + 8 = 16 bytes per parameter + 2 for the reference (DESIGN.md §6.2); a "
-            "full-copy aux adds its own 16 (in its own engine, sharded like the policy); a LoRA aux adds "
-            "r·(d_in + d_out) fp32 parameters per adapted matrix at 16 bytes (whole on every rank); a LoRA policy "
-            "holds the bf16 base (2 bytes per parameter, no reference: the base with the adapter off) and its aux is "
-            "a second adapter. DDP and DeepSpeed keep gradient buffers, so the aux adds to the full training state. "
+            'full-copy aux adds its own 16 (in its own engine, sharded like the policy); `aux_mode="lora"` adds '
+            "r·(d_in + d_out) parameters per adapted matrix (all linear layers but the LM head) in the weights' bf16, "
+            "with bf16 AdamW moments: 2 + 2 + 4 = 8 bytes each (whole on every rank); a LoRA policy "
+            "(r 16, all linear layers, fp32 adapter: 16 bytes per adapter parameter) holds the bf16 base (2 bytes per "
+            "parameter, no reference: the base with the adapter off) and its aux is a second adapter. DDP and DeepSpeed keep gradient buffers, so the aux adds to the full training state. "
             "ZeRO-3's transient gathered layers and activations are not counted.",
             "",
         ]

@@ -72,6 +72,9 @@ BF16_MIXED = Precision(weight=2, grad=2, master=4, optimizer=8)
 FP32 = Precision(weight=4, grad=4, master=0, optimizer=8)
 # PEFT creates LoRA adapters in fp32 (`autocast_adapter_dtype`); torch AdamW keeps its moments in the same dtype.
 FP32_ADAPTER = FP32
+# `aux_mode="lora"` creates its adapter in the dtype of the weight it adapts, and trains it with torch AdamW, whose
+# moments take that dtype: bf16 weights give 2 + 2 + 4 bytes per adapter parameter.
+BF16_ADAPTER = Precision(weight=2, grad=2, master=0, optimizer=4)
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,7 @@ def memory_breakdown(
     lora_target_modules: Iterable[str] | None = None,
     aux_lora_r: int | None = None,
     aux_lora_target_modules: Iterable[str] | None = None,
+    aux_adapter_precision: Precision | None = None,
     gradients_persist: bool | None = None,
 ) -> MemoryBreakdown:
     """Model-state bytes per device of a DPO run and of its aux model.
@@ -263,6 +267,8 @@ def memory_breakdown(
         strategy, world_size: How the states are sharded (see the module docstring); bytes are per device, rounded
             up.
         precision, adapter_precision: Bytes per parameter of the policy's trained parameters and of LoRA adapters.
+        aux_adapter_precision: Bytes per parameter of the `aux="lora"` adapter on a fully fine-tuned policy (default
+            `adapter_precision`; `aux_mode="lora"` creates it in the policy's weight dtype, e.g. `BF16_ADAPTER`).
         lora_r, lora_target_modules: The policy's adapter, when `policy="lora"` (default targets: all linear layers
             but the LM head).
         aux_lora_r, aux_lora_target_modules: The aux adapter when `aux="lora"` (default: `DEFAULT_AUX_LORA_R`, all
@@ -300,7 +306,8 @@ def memory_breakdown(
             aux_bytes = _whole(trained, adapter_precision)
     elif aux == "lora":
         r = DEFAULT_AUX_LORA_R if aux_lora_r is None else aux_lora_r
-        aux_bytes = _whole(shape.lora_parameters(r, aux_lora_target_modules), adapter_precision)
+        aux_precision = adapter_precision if aux_adapter_precision is None else aux_adapter_precision
+        aux_bytes = _whole(shape.lora_parameters(r, aux_lora_target_modules), aux_precision)
     else:
         aux_bytes = dict.fromkeys(policy_bytes, 0)
     persist = strategy != "single" if gradients_persist is None else gradients_persist
@@ -382,7 +389,15 @@ def warn_if_aux_memory_costly(
     if full.ratio - 1 <= fraction:
         return full
     lora_r = getattr(args, "aux_lora_r", None) or DEFAULT_AUX_LORA_R
-    lora = memory_breakdown(shape, aux="lora", aux_lora_r=lora_r, **settings)
+    weight = precision.weight  # the injected adapter takes the adapted weight's dtype, its AdamW moments too
+    lora = memory_breakdown(
+        shape,
+        aux="lora",
+        aux_lora_r=lora_r,
+        aux_lora_target_modules=getattr(args, "aux_lora_target_modules", None),
+        aux_adapter_precision=Precision(weight=weight, grad=weight, master=0, optimizer=2 * weight),
+        **settings,
+    )
     logger.warning(
         'The auxiliary model is a full copy of the policy (aux_mode="full", no PEFT): while it is aligned, at each '
         "refresh, it adds its own weights, gradients and AdamW state, %.2f GiB per device, and raises the peak of the "
