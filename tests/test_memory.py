@@ -173,9 +173,9 @@ def test_full_copy_aux_warns_and_names_the_lora_aux(tmp_path, tiny_model, tokeni
     assert "+60%" in message  # fp32, one process: (4 + 8 + 4 + 16) / (4 + 4 + 8 + 4) = 1.6
 
 
-@pytest.mark.parametrize("setting", ["peft", "no_aux"])
+@pytest.mark.parametrize("setting", ["peft", "no_aux", "lora_aux"])
 def test_no_warning_without_a_full_copy_aux(tmp_path, tiny_model, tokenizer, pool, validation, caplog, setting):
-    overrides = {"selection_rule": "irm_band"} if setting == "no_aux" else {}
+    overrides = {"no_aux": {"selection_rule": "irm_band"}, "lora_aux": {"aux_mode": "lora"}}.get(setting, {})
     if setting == "peft":
         kwargs = {"peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])}
     else:
