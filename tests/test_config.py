@@ -28,7 +28,7 @@ def test_every_selection_field_has_help():
 
     base = {f.name for f in dataclasses.fields(DPOConfig)}
     added = [f for f in dataclasses.fields(SelectiveDPOConfig) if f.name not in base]
-    assert len(added) == 16
+    assert len(added) == 20
     assert all(f.metadata.get("help") for f in added)
 
 
@@ -48,6 +48,10 @@ def test_every_selection_field_has_help():
         ({"aux_learning_rate": -1.0}, "aux_learning_rate"),
         ({"scoring_batch_size": 0}, "scoring_batch_size"),
         ({"aux_batch_size": 0}, "aux_batch_size"),
+        ({"aux_mode": "copy"}, "aux_mode"),
+        ({"aux_lora_r": 0}, "aux_lora_r"),
+        ({"aux_lora_alpha": 0.0}, "aux_lora_alpha"),
+        ({"aux_lora_target_modules": []}, "aux_lora_target_modules"),
         ({"loss_type": ["ipo"]}, "loss_type"),
         ({"ld_alpha": 0.5}, "ld_alpha"),
         ({"max_steps": 10}, "max_steps"),
@@ -76,11 +80,13 @@ def test_trl_parser_reads_the_selection_flags():
         args=[
             "--output_dir", "x", "--bf16", "False", "--report_to", "none",
             "--selection_rule", "irm_band", "--irm_lo_percentile", "20", "--aux_learning_rate", "3e-4",
+            "--aux_mode", "lora", "--aux_lora_r", "8", "--aux_lora_target_modules", "q_proj", "v_proj",
         ]
     )  # fmt: skip
     assert isinstance(config, SelectiveDPOConfig)
     assert config.selection_rule == "irm_band" and config.irm_lo_percentile == 20.0
     assert config.aux_learning_rate == 3e-4
+    assert (config.aux_mode, config.aux_lora_r, config.aux_lora_target_modules) == ("lora", 8, ["q_proj", "v_proj"])
 
 
 def test_deepspeed_precision_mismatch_is_refused_when_the_config_is_built(tmp_path):

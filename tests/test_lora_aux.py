@@ -22,6 +22,7 @@ from trl_select.scores import loss_difference
 from trl_select.toy import build_tiny_llama
 
 from .conftest import fast_config
+from .test_model_families import FAMILIES, build_tiny
 
 
 def _trainer(tmp_path, tokenizer, pool, validation, model=None, **overrides) -> SelectiveDPOTrainer:
@@ -249,3 +250,36 @@ def test_config_lora_aux_defaults(tmp_path):
     args = SelectiveDPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
     assert (args.aux_lora_r, args.aux_lora_alpha, args.aux_lora_target_modules) == (16, 32.0, None)
     assert args.aux_mode in ("full", "lora")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lora_aux_on_each_model_family(tmp_path, tokenizer, pool, validation, monkeypatch, family):
+    """Injection and removal across module layouts: GQA, fused QKV, GPT-2's Conv1D (`fan_in_fan_out`), MoE routers,
+    tied embeddings. Each family's θ_aux starts at θ_t (lr 0), aligns (the validation loss falls), and leaves the
+    policy's modules and weights as they were."""
+    model = build_tiny(family, tokenizer)
+    trainer = SelectiveDPOTrainer(
+        model, ref_model=build_tiny(family, tokenizer), train_dataset=pool.select(range(48)),
+        eval_dataset=validation.select(range(16)), processing_class=tokenizer,
+        args=fast_config(tmp_path, num_train_epochs=1, per_device_train_batch_size=8, per_device_eval_batch_size=16,
+                         aux_mode="lora", aux_max_steps=3, learning_rate=1e-2, aux_lora_r=4),
+    )  # fmt: skip
+    callback = trainer.selection_callback
+    auxiliary = callback.auxiliary()
+    modules_before = [(n, id(m)) for n, m in model.named_modules()]
+    weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stages = _record_aux_parameters(monkeypatch)
+
+    settings = auxiliary.settings
+    auxiliary.settings = dataclasses.replace(settings, learning_rate=0.0, max_steps=1)
+    identity = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    assert torch.equal(identity.pool_log_probs.chosen, callback.policy_log_probs().chosen)
+    auxiliary.settings = settings
+    aligned = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    assert aligned.validation_loss_after < aligned.validation_loss_before
+
+    assert stages[0] and all(f".{INJECTED_AUX_ADAPTER}." in n for n in stages[0])
+    assert not any("lm_head" in n or "embed_out" in n for n in stages[0])  # `all-linear` leaves the output head
+    assert [(n, id(m)) for n, m in model.named_modules()] == modules_before
+    assert all(torch.equal(p, weights_before[n]) for n, p in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters()) and "peft_config" not in model.__dict__

@@ -296,20 +296,28 @@ class AuxiliaryModel:
             parameters: list[torch.nn.Parameter] = []
             with torch.no_grad():
                 for _, module in injected:
-                    weight = module.get_base_layer().weight
-                    for adapter in (module.lora_A[INJECTED_AUX_ADAPTER], module.lora_B[INJECTED_AUX_ADAPTER]):
-                        # PEFT upcasts bf16/fp16 adapters to fp32 (`autocast_adapter_dtype`): back to the policy's dtype
-                        adapter.weight.data = adapter.weight.data.to(dtype=weight.dtype)
-                        adapter.weight.requires_grad_(True)
-                        parameters.append(adapter.weight)
+                    # The dtype of the weights it adapts (an `nn.Linear`, or fused MoE expert weights under
+                    # `all-linear`); PEFT upcasts bf16/fp16 adapters to fp32 (`autocast_adapter_dtype`): cast back.
+                    base = module.get_base_layer()
+                    dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+                    for name, adapter in module.named_parameters():
+                        # Not the base layer's own parameters, nor those of a LoRA layer nested in it (PEFT nests one
+                        # wrapper per adapted parameter of fused MoE experts); that one is in `injected` too.
+                        if name.startswith("base_layer.") or f".{INJECTED_AUX_ADAPTER}." not in f".{name}.":
+                            continue
+                        if dtype is not None:
+                            adapter.data = adapter.data.to(dtype=dtype)
+                        adapter.requires_grad_(True)
+                        parameters.append(adapter)
             yield self._torch_handle(policy, parameters, contextlib.nullcontext)
         finally:
-            # Every LoraLayer back to the module it wraps (also those of an injection that failed half-way)
-            for name, module in list(policy.named_modules()):
-                if isinstance(module, LoraLayer):
-                    parent_name, _, child = name.rpartition(".")
-                    parent = policy.get_submodule(parent_name) if parent_name else policy
-                    setattr(parent, child, module.get_base_layer())
+            # Every LoraLayer back to the module it wraps (also those of an injection that failed half-way), outermost
+            # first: a nested wrapper goes with its outer one, which `get_base_layer` unwraps all the way.
+            while outermost := next(((n, m) for n, m in policy.named_modules() if isinstance(m, LoraLayer)), None):
+                name, module = outermost
+                parent_name, _, child = name.rpartition(".")
+                parent = policy.get_submodule(parent_name) if parent_name else policy
+                setattr(parent, child, module.get_base_layer())
             for parameter, flag in requires_grad:
                 parameter.requires_grad_(flag)
             policy.__dict__.pop("peft_config", None)
