@@ -72,3 +72,25 @@ def test_random_rule_has_the_requested_size_and_is_fresh_each_epoch():
     assert not np.array_equal(first, second)  # a new subset each epoch, not the first one kept
     assert np.array_equal(first, rule({}, _context(1, ids)))  # deterministic for (seed, epoch)
     assert not np.array_equal(first, rule({}, _context(1, ids, seed=4)))
+
+
+def test_memory_benchmark_extrapolation_table():
+    from benchmarks.memory import ARMS, extrapolation, model_shape, predictions
+
+    table, records = extrapolation()
+    assert [(r["model"], r["strategy"]) for r in records] == [
+        ("Llama-2-7B", "ddp"),
+        ("Llama-2-7B", "zero3"),
+        ("Llama-2-70B", "ddp"),
+        ("Llama-2-70B", "zero3"),
+    ]
+    # bf16 + fp32 Adam: plain 18 bytes per parameter, a full-copy aux 34 under DDP and ZeRO-3 alike
+    assert all(r["full_copy"]["ratio"] == pytest.approx(34 / 18) for r in records)
+    assert records[1]["plain"]["plain"] == 18 * 6_738_415_616 // 8
+    assert table.count("\n") == 2 + len(records)
+    # the benchmark's own model: over 40M parameters, every arm predicted, the full copy at fp32's 1.6
+    shape = model_shape("full")
+    assert shape.num_parameters > 40e6
+    predicted = predictions(shape)
+    assert set(predicted) == set(ARMS)
+    assert predicted["full_copy"].ratio == pytest.approx(1.6)

@@ -43,6 +43,7 @@ from .checkpoint import (
 )
 from .config import SelectiveDPOConfig, SelectiveSLiCConfig
 from .history import HISTORY_FILENAME
+from .memory import warn_if_aux_memory_costly
 from .reporting import default_reporters
 from .sampler import SelectionSampler
 from .schedule import RetimedLR, selective_horizon, update_steps_per_epoch
@@ -162,6 +163,7 @@ class SelectiveDPOTrainer(DPOTrainer):
                 f"only; this run has {self.accelerator.num_processes}. Use `lossdiff_irm`, or score offline on one "
                 "process with `trl-select score --scores influence` and train on `trl-select select`'s subset."
             )
+        warn_if_aux_memory_costly(args, self.model, self.accelerator)  # a full-copy aux: name aux_mode="lora"
         self.pair_ids = self._stable_pair_ids(self.train_dataset)
         if validation_dataset is not None:
             if validation_dataset is eval_dataset and isinstance(self.eval_dataset, Dataset):
