@@ -161,7 +161,7 @@ def test_full_copy_aux_warns_and_names_the_lora_aux(tmp_path, tiny_model, tokeni
         SelectiveDPOTrainer(
             tiny_model,
             ref_model=reference_copy(tiny_model),
-            args=fast_config(tmp_path),
+            args=fast_config(tmp_path, aux_mode="full"),
             train_dataset=pool,
             validation_dataset=validation,
             processing_class=tokenizer,
