@@ -131,7 +131,7 @@ def test_overview_shows_cumulative_compute_from_the_score_files(tmp_path):
     assert files[2].event.metrics["selection/compute/train"] == 8000.0  # reporting keeps compute, unlike timings
     figure = overview_figure(history, files)
     compute_ax = figure.axes[-1]
-    assert compute_ax.get_title() == "Cumulative compute (FTE), selection 20.0% at epoch 2"
+    assert compute_ax.get_title() == "Cumulative compute at each selection (FTE): selection 20.0%"
     legend = [text.get_text() for text in compute_ax.get_legend().get_texts()]
     assert legend == ["train", "reference", "policy scoring", "aux alignment", "aux validation", "aux pool"]
     assert compute_ax.get_ylim()[1] >= 8000 + 1200 + 800  # the stack's top at epoch 2

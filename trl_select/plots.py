@@ -376,8 +376,8 @@ def _compute_timeline(ax: Axes, records: Sequence[dict[str, Any]], by_epoch: dic
     colors = [KEPT_COLOR, *CATEGORY_COLORS[: len(SELECTION_CATEGORIES)]]
     ax.stackplot(epochs, values, labels=[name.replace("_", " ") for name in categories], colors=colors, alpha=0.8)
     share = files[-1].event.metrics.get(f"{COMPUTE_PREFIX}selection_share", 0.0)
-    ax.set_title(f"Cumulative compute (FTE), selection {100 * share:.1f}% at epoch {epochs[-1]}")
-    ax.set_ylabel("forward-token equivalents")
+    ax.set_title(f"Cumulative compute at each selection (FTE): selection {100 * share:.1f}%")
+    ax.set_ylabel("forward-token equivalents (train: previous epochs)")
     ax.legend(fontsize=7, loc="upper left")
     _epoch_axis(ax, records)
 
