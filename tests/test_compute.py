@@ -19,7 +19,7 @@ from trl_select.compute import (
     pair_token_counts,
     rows_tokens,
 )
-from trl_select.sampler import shard_batches
+from trl_select.sampler import SelectionSampler, shard_batches
 
 from .conftest import fast_config
 
@@ -141,3 +141,17 @@ def test_precomputed_reference_costs_training_once_and_nothing_per_step(tmp_path
     m = probe.by_epoch[1]
     assert m["selection/compute/train"] == pytest.approx(pool_tokens + 3 * pool_tokens)  # precompute pass + epoch 0
     assert m["selection/compute/reference"] == pytest.approx(validation_tokens)  # the pool's columns are read
+
+
+def test_trained_rows_leave_out_the_trimmed_rows_and_the_batches_not_run():
+    samplers = [SelectionSampler(100, max_batch_size=8, seed=3, world_size=3, rank=rank) for rank in range(3)]
+    for sampler in samplers:
+        sampler.set_selection(range(0, 100, 2))  # 50 rows over 3 ranks: 2 trimmed
+        sampler.set_epoch(1)
+    every_rank = [row for sampler in samplers for batch in sampler.rank_batches() for row in batch]
+    trained = samplers[0].trained_rows(len(samplers[0]))
+    assert sorted(trained) == sorted(every_rank) and len(trained) == 48
+    assert set(trained).isdisjoint(samplers[0].trimmed_rows())
+    first = [row for sampler in samplers for row in sampler.rank_batches()[0]]
+    assert sorted(samplers[0].trained_rows(1)) == sorted(first)  # a run stopped after one micro-batch
+    assert samplers[0].trained_rows(0) == []
