@@ -19,7 +19,7 @@ from trl_select.rules import band_intersection, jaccard
 from .test_reporting import warmup_event
 
 
-def make_run(output_dir, num_pairs=300, epochs=3, rule_bands=None, categories=True, score_files=True):
+def make_run(output_dir, num_pairs=300, epochs=3, rule_bands=None, categories=True, score_files=True, compute=False):
     """A run directory as the trainer leaves it: the history plus one score file per epoch (warm-up first)."""
     rule_bands = {"lossdiff": (10.0, 90.0), "irm": (10.0, 90.0)} if rule_bands is None else rule_bands
     rule = "lossdiff_irm" if len(rule_bands) == 2 else "irm_band"
@@ -36,6 +36,10 @@ def make_run(output_dir, num_pairs=300, epochs=3, rule_bands=None, categories=Tr
             scores = {name: values.astype(np.float64) for name, values in scores.items()}
             keep, bands = band_intersection(scores, rule_bands)
             metrics = {"selection/aux/val_loss_before": 0.7 - 0.01 * epoch, "selection/aux/val_loss_after": 0.6}
+            if compute:  # cumulative FTE as the callback logs it: training 4000/epoch, selection 1000/event
+                metrics |= {"selection/compute/train": 4000.0 * epoch, "selection/compute/policy_scoring": 600.0 * epoch,
+                            "selection/compute/aux_pool": 400.0 * epoch,
+                            "selection/compute/selection_share": 1000 / 5000}  # fmt: skip
             event = SelectionEvent(epoch, 10 * epoch, "selection", rule, ids, keep, scores, bands, metrics, True)
         history.append(
             {
@@ -119,6 +123,18 @@ def test_overview_figure_follows_the_history(tmp_path):
     np.testing.assert_allclose(lower.get_ydata(), [r["thresholds"]["lossdiff"]["lo"] for r in history[1:]])
     after = next(line for line in aux_ax.get_lines() if line.get_label() == "after alignment")
     np.testing.assert_allclose(after.get_ydata(), [0.6, 0.6])
+
+
+def test_overview_shows_cumulative_compute_from_the_score_files(tmp_path):
+    history = make_run(tmp_path, epochs=3, compute=True)
+    files = read_score_files(tmp_path)
+    assert files[2].event.metrics["selection/compute/train"] == 8000.0  # reporting keeps compute, unlike timings
+    figure = overview_figure(history, files)
+    compute_ax = figure.axes[-1]
+    assert compute_ax.get_title() == "Cumulative compute at each selection (FTE): selection 20.0%"
+    legend = [text.get_text() for text in compute_ax.get_legend().get_texts()]
+    assert legend == ["train", "reference", "policy scoring", "aux alignment", "aux validation", "aux pool"]
+    assert compute_ax.get_ylim()[1] >= 8000 + 1200 + 800  # the stack's top at epoch 2
 
 
 def test_overview_without_score_files_still_draws_the_history(tmp_path):

@@ -99,6 +99,7 @@ class AlignmentResult:
     validation_loss_after: float
     num_steps: int
     skipped_steps: int = 0
+    alignment_rows: tuple[int, ...] = ()  # validation rows the stage's steps trained, over all ranks (compute count)
 
 
 @dataclass
@@ -367,7 +368,7 @@ class AuxiliaryModel:
             )
             with aux.activate():
                 loss_before = self._validation_loss(aux.module, validation_loader)
-                num_steps, skipped_steps = self._align(aux)
+                num_steps, skipped_steps, alignment_rows = self._align(aux)
                 loss_after = self._validation_loss(aux.module, validation_loader)
                 with inference_mode(aux.module, self.gradient_checkpointing_kwargs):
                     pool = run_log_prob_pass(
@@ -384,7 +385,7 @@ class AuxiliaryModel:
                 skipped_steps,
                 num_steps,
             )
-        return AlignmentResult(pool, loss_before, loss_after, num_steps, skipped_steps)
+        return AlignmentResult(pool, loss_before, loss_after, num_steps, skipped_steps, alignment_rows)
 
     @contextlib.contextmanager
     def _build(self) -> Iterator[_AuxHandle]:
@@ -625,18 +626,20 @@ class AuxiliaryModel:
         margin = reference_normalised_margin(PairLogProbs(chosen.float(), rejected.float()), reference)
         return preference_loss(margin, self.settings.beta, self.settings.loss_type)
 
-    def _align(self, aux: _AuxHandle) -> tuple[int, int]:
-        """Run one alignment stage; returns the number of steps and how many of them were skipped."""
+    def _align(self, aux: _AuxHandle) -> tuple[int, int, tuple[int, ...]]:
+        """Run one alignment stage; returns the number of steps, how many were skipped, and every rank's rows."""
         num_steps = self.steps_per_stage()
         # A fresh shuffle per pass and per refresh, the same on every rank; each step's rows are split evenly over
         # the ranks (no padding duplicates), so the aux stage equals one process with world_size times the batch.
         generator = torch.Generator().manual_seed(self.settings.seed + self.num_refreshes)
-        batches: list[list[int]] = []
-        while len(batches) < num_steps:
+        world_size = self.accelerator.num_processes
+        rank_batches: list[list[list[int]]] = [[] for _ in range(world_size)]
+        while len(rank_batches[0]) < num_steps:
             order = torch.randperm(len(self.validation), generator=generator)
-            batches += shard_batches(
-                order, self.accelerator.num_processes, self.accelerator.process_index, self.settings.batch_size
-            )
+            for rank in range(world_size):
+                rank_batches[rank] += shard_batches(order, world_size, rank, self.settings.batch_size)
+        batches = rank_batches[self.accelerator.process_index]
+        alignment_rows = tuple(row for per_rank in rank_batches for batch in per_rank[:num_steps] for row in batch)
         loader = build_pass_loader(
             self.validation, self.collator, self.accelerator, self.settings.batch_size, batches=batches[:num_steps]
         )
@@ -654,7 +657,7 @@ class AuxiliaryModel:
         for _ in progress:
             skipped_steps += bool(aux.step(self._batch_loss(module, next(batches)).mean()))
         module.train(was_training)
-        return num_steps, skipped_steps
+        return num_steps, skipped_steps, alignment_rows
 
     def _validation_loss(self, module: torch.nn.Module, loader) -> float:
         with inference_mode(module, self.gradient_checkpointing_kwargs):

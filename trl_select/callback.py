@@ -16,6 +16,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .auxiliary import AlignmentSettings, AuxiliaryModel
 from .checkpoint import SelectionState
+from .compute import FORWARD, TRAIN_STEP, ComputeLedger, pair_token_counts, rows_tokens
 from .history import SelectionHistory
 from .registry import ScoringContext, SelectionContext, apply_rule, run_scorer, scorer_needs
 from .rules import Band, jaccard, score_quantiles
@@ -92,12 +93,33 @@ class SelectionCallback(TrainerCallback):
         self._epoch_start_step = 0
         self._restored_aux_num_refreshes = 0
         self.reporters: list[Reporter] = []
+        # Cumulative FTE per category (DESIGN.md §6.1), counted from the tokenized datasets' lengths: exact, global
+        # (every rank counts the same), and without collectives or the scoring passes' padding duplicates.
+        self.compute = ComputeLedger()
+        self._token_counts: dict[str, np.ndarray] = {}
+        self._precompute_pass_counted = False
 
     # ----- hooks -----
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         if state.global_step == 0 and self.trainer.accelerator.is_main_process:
             self.history.reset()
+        if self.trainer.args.precompute_ref_log_probs and not self._precompute_pass_counted:
+            # TRL's precompute pass (π_ref over the pool, before training) is part of training compute, as in a plain run
+            self.compute.add("train", self.token_counts("pool").sum(), FORWARD)
+            self._precompute_pass_counted = True
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        # The micro-batches this epoch ran (all of them, or fewer when `max_steps` stopped it): 3 FTE per token for
+        # the policy's forward and backward, plus 1 for π_ref's forward inside the step unless precomputed.
+        micro_batches = (state.global_step - self._epoch_start_step) * args.gradient_accumulation_steps
+        factor = TRAIN_STEP + (0.0 if args.precompute_ref_log_probs else FORWARD)
+        self.compute.add(
+            "train", rows_tokens(self.token_counts("pool"), self.sampler.trained_rows(micro_batches)), factor
+        )
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        logger.info(self.compute.summary())
 
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, train_dataloader=None, **kwargs
@@ -146,6 +168,14 @@ class SelectionCallback(TrainerCallback):
             state,
         )
 
+    def token_counts(self, split: str) -> np.ndarray:
+        """Tokens per pair of the pool (`split="pool"`) or the validation pairs, as the collator builds them."""
+        if split not in self._token_counts:
+            dataset = self.trainer.train_dataset if split == "pool" else self.validation_dataset
+            max_length = getattr(self.trainer.data_collator, "max_length", self.trainer.args.max_length)
+            self._token_counts[split] = pair_token_counts(dataset, max_length)
+        return self._token_counts[split]
+
     def _select(self, epoch: int, state: TrainerState, train_dataloader) -> None:
         args = self.trainer.args
         start = time.perf_counter()
@@ -168,6 +198,7 @@ class SelectionCallback(TrainerCallback):
                 "selection/jaccard_prev": similarity,
                 "selection/churn": 1.0 - similarity,
                 "selection/seconds": elapsed,
+                **self.compute.as_metrics(),
             }
         )
         for name, band in bands.items():
@@ -282,6 +313,10 @@ class SelectionCallback(TrainerCallback):
             metrics["selection/aux/val_loss_after"] = result.validation_loss_after
             metrics["selection/aux/steps"] = float(result.num_steps)
             metrics["selection/aux/skipped_steps"] = float(result.skipped_steps)
+            validation_tokens = self.token_counts("validation")
+            self.compute.add("aux_alignment", rows_tokens(validation_tokens, result.alignment_rows), TRAIN_STEP)
+            self.compute.add("aux_validation", 2 * validation_tokens.sum(), FORWARD)  # the losses before and after
+            self.compute.add("aux_pool", self.token_counts("pool").sum(), FORWARD)
             logger.info(
                 "Aux model refreshed at epoch %d: validation loss %.4f -> %.4f in %d steps",
                 epoch,
@@ -329,18 +364,23 @@ class SelectionCallback(TrainerCallback):
                 return sequence_log_probs(model, batch)
 
         with inference_mode(model, trainer.args.gradient_checkpointing_kwargs):
-            return run_log_prob_pass(
+            log_probs = run_log_prob_pass(
                 self.pool_loader(),
                 forward,
                 trainer.accelerator,
                 self.sampler.pool_size,
                 desc="Scoring pool with policy",
             )
+        self.compute.add("policy_scoring", self.token_counts("pool").sum(), FORWARD)
+        return log_probs
 
     def reference_log_probs(self) -> PairLogProbs:
         """π_ref's pool log-probs: computed once (or read from TRL's precomputed columns) and cached."""
         if self._reference is None:
-            self._reference = self.trainer.reference_log_probs(self.trainer.train_dataset, self.pool_loader())
+            pool = self.trainer.train_dataset
+            self._reference = self.trainer.reference_log_probs(pool, self.pool_loader())
+            if not (self.trainer.args.precompute_ref_log_probs and "ref_chosen_logps" in pool.column_names):
+                self.compute.add("reference", self.token_counts("pool").sum(), FORWARD)  # else: read TRL's columns
         return self._reference
 
     def validation_reference_log_probs(self) -> PairLogProbs:
@@ -357,6 +397,8 @@ class SelectionCallback(TrainerCallback):
                     self.validation_dataset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
                 ),
             )
+            # π_ref over the validation pairs, once: live here, or precomputed by the trainer for the selection
+            self.compute.add("reference", self.token_counts("validation").sum(), FORWARD)
         return self._validation_reference
 
     def auxiliary(self) -> AuxiliaryModel:

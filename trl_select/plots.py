@@ -28,6 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
+from .compute import METRIC_PREFIX as COMPUTE_PREFIX
+from .compute import SELECTION_CATEGORIES
 from .history import HISTORY_FILENAME, read_history
 from .reporting import (
     MAX_SCATTER_POINTS,
@@ -228,7 +230,8 @@ def _times_kept_panel(ax: Axes, times_kept: np.ndarray, epoch: int) -> None:
 
 def overview_figure(history: Sequence[dict[str, Any]], score_files: Sequence[ScoreFile] = ()) -> Figure:
     """The run at a glance, one point per epoch: kept fraction (overall and per category), churn, each score's band,
-    the aux model's validation loss at each refresh, and the epochs-trained counts after the last event."""
+    the aux model's validation loss at each refresh, the epochs-trained counts after the last event and, when the
+    score files carry `selection/compute/*` metrics, the cumulative compute (FTE) by category."""
     records = sorted({record["epoch"]: record for record in history}.values(), key=lambda record: record["epoch"])
     if not records:
         raise ValueError("The selection history is empty: no epoch has started yet.")
@@ -236,6 +239,8 @@ def overview_figure(history: Sequence[dict[str, Any]], score_files: Sequence[Sco
         list(dict.fromkeys(name for record in records for name in record.get("thresholds", {})))
     )
     panels = ["kept", "churn", *(("band", name) for name in score_names), "aux", "times_kept"]
+    if any(f"{COMPUTE_PREFIX}train" in file.event.metrics for file in score_files):
+        panels.append("compute")
     pool_size = records[-1]["pool_size"]
     title = f"Selection overview: rule {records[-1]['rule']}, pool of {pool_size:,} pairs, {len(records)} epochs"
     figure, axes = _grid(len(panels), title)
@@ -247,6 +252,8 @@ def overview_figure(history: Sequence[dict[str, Any]], score_files: Sequence[Sco
             _churn_timeline(ax, records)
         elif panel == "aux":
             _aux_timeline(ax, records, by_epoch)
+        elif panel == "compute":
+            _compute_timeline(ax, records, by_epoch)
         elif panel == "times_kept":
             if score_files:
                 _times_kept_panel(ax, score_files[-1].times_kept, score_files[-1].event.epoch)
@@ -358,6 +365,21 @@ def _aux_timeline(ax: Axes, records: Sequence[dict[str, Any]], by_epoch: dict[in
     ax.set_ylim(min(before + after) - margin, max(before + after) + margin)
     ax.set_ylabel("validation preference loss")
     ax.legend(fontsize=8)
+
+
+def _compute_timeline(ax: Axes, records: Sequence[dict[str, Any]], by_epoch: dict[int, ScoreFile]) -> None:
+    """Cumulative FTE by category as of each selection event (training through the previous epoch), stacked."""
+    files = [file for _, file in sorted(by_epoch.items()) if f"{COMPUTE_PREFIX}train" in file.event.metrics]
+    epochs = [file.event.epoch for file in files]
+    categories = ("train", *SELECTION_CATEGORIES)
+    values = [[file.event.metrics.get(f"{COMPUTE_PREFIX}{name}", 0.0) for file in files] for name in categories]
+    colors = [KEPT_COLOR, *CATEGORY_COLORS[: len(SELECTION_CATEGORIES)]]
+    ax.stackplot(epochs, values, labels=[name.replace("_", " ") for name in categories], colors=colors, alpha=0.8)
+    share = files[-1].event.metrics.get(f"{COMPUTE_PREFIX}selection_share", 0.0)
+    ax.set_title(f"Cumulative compute at each selection (FTE): selection {100 * share:.1f}%")
+    ax.set_ylabel("forward-token equivalents (train: previous epochs)")
+    ax.legend(fontsize=7, loc="upper left")
+    _epoch_axis(ax, records)
 
 
 # ----- files -----

@@ -108,6 +108,11 @@ class SelectionSampler(BatchRebalanceSampler):
         order = self._epoch_order()
         return order[len(order) - len(order) % self.world_size :].tolist()
 
+    def trained_rows(self, num_batches: int) -> list[int]:
+        """The rows, over all ranks, of this epoch's first `num_batches` micro-batches (for compute accounting)."""
+        sizes = [len(batch) for batch in self.rank_batches(0)[: max(0, num_batches)]]
+        return self._epoch_order()[: sum(sizes) * self.world_size].tolist()
+
     def rank_batches(self, rank: int | None = None) -> list[list[int]]:
         """The batches `rank` (default: this one) trains on this epoch (see `shard_batches`)."""
         rank = self.rank if rank is None else rank
