@@ -27,6 +27,13 @@ Peak memory: `torch.cuda.max_memory_allocated` (reset before each phase) on a GP
 process's peak RSS, which cannot be reset, so CPU peaks only grow from phase to phase and compare nothing.
 `--cpu-smoke` runs the same functions with tiny sizes (hidden 64, 2 layers, vocabulary 256, 32 pairs of 32 tokens),
 fp32, on the CPU; it exists to test the pipeline. Results: `benchmarks/results/gpu_check.json` and `.md` (or `--out`).
+
+Sizing for one H200 (bf16 matrix rate ~790 TFLOP/s measured on random data): a forward costs ~2 x 494M = 1 GFLOP per
+token (attention at 512 tokens adds ~4%), a DPO training step 4 GFLOP per token (policy forward + backward 3, TRL's
+reference forward 1), a pair 1,024 tokens. The epoch of 2,000 pairs is 8.2 PFLOP: ~26 s at 40% of the matrix rate,
+~52 s at 20%; the reference and policy passes and the aux pool pass are 2 PFLOP each (~7-13 s), the aux alignment 8
+steps of 8 validation pairs (~1 s). With the model build, three loads and TRL's tokenization (~8 s per arm) the run
+should take 3-4 minutes, and stays under 8 at 10% of the matrix rate. If it must be shorter, `--pairs 1000`.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 AUX_MODES = ("lora", "full")
 NUM_SPECIAL = 4  # <pad> <s> </s> <unk>
+_STATE = {"cuda": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,33 +219,39 @@ def check_tokenized(trainer, sizes: Sizes) -> None:
 # ----- measuring -----
 
 
+def on_cuda() -> bool:
+    """Whether this run measures the GPU (set by `run`: a `--cpu-smoke` run never does, even where CUDA exists)."""
+    return _STATE["cuda"]
+
+
 def release_memory() -> None:
     gc.collect()
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
 
 
 def reset_peak() -> None:
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
 
 def peak_mib() -> float:
     """Peak since the last `reset_peak`: CUDA's max allocated on a GPU; else the process's (unresettable) peak RSS."""
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
     return peak_rss_mib()
 
 
-def allocated_mib() -> float:
-    return torch.cuda.memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
+def allocated_mib() -> float | None:
+    """CUDA memory allocated now (None on the CPU)."""
+    return torch.cuda.memory_allocated() / 2**20 if on_cuda() else None
 
 
 def sync() -> None:
-    if torch.cuda.is_available():
+    if on_cuda():
         torch.cuda.synchronize()
 
 
@@ -389,6 +403,15 @@ def run_selective(model_path: Path, sizes: Sizes, train, validation, work_dir: P
     warmup_s = time.perf_counter() - start
     train_peak = peak_mib()
     before_event = allocated_mib()  # the policy's AdamW state is still held, as at a real epoch boundary
+    optimizer_state_mib = (
+        sum(
+            t.numel() * t.element_size()
+            for state in trainer.optimizer.state.values()
+            for t in state.values()
+            if isinstance(t, torch.Tensor)
+        )
+        / 2**20
+    )
 
     reset_peak()
     metrics: dict[str, float] = {}
@@ -407,6 +430,7 @@ def run_selective(model_path: Path, sizes: Sizes, train, validation, work_dir: P
         "warmup_steps": sizes.warmup_steps,
         "warmup_s": warmup_s,
         "allocated_before_event_mib": before_event,
+        "optimizer_state_mib": optimizer_state_mib,
         "train_peak_mib": train_peak,
         "event_peak_mib": event_peak,
         "peak_mib": max(train_peak, event_peak),
@@ -453,6 +477,7 @@ def run(sizes: Sizes, cpu_smoke: bool) -> dict[str, Any]:
     """Every phase, in order, in this process; returns the result record."""
     if not sizes.use_cpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --cpu-smoke on a machine without a GPU")
+    _STATE["cuda"] = not sizes.use_cpu
     total_start = time.perf_counter()
     train = random_pairs(sizes.pairs, sizes, seed=0)
     validation = random_pairs(sizes.validation_pairs, sizes, seed=1)
@@ -535,9 +560,11 @@ def report(record: dict[str, Any], command: str) -> str:
         "## Peak memory",
         "",
         markdown_table(["arm", f"training {unit}", f"event {unit}", unit, "/ plain"], memory_rows),
-        f"Selective arms: {s['warmup_steps']} training steps (the policy's AdamW state exists), then one event's "
-        "scores. LossDiff finite: "
-        f"lora {lora['lossdiff_finite']}, full {full['lossdiff_finite']}.",
+        f"Selective arms: {s['warmup_steps']} training steps, then one event's scores with the policy's AdamW state "
+        f"held ({lora['optimizer_state_mib']:.0f} MiB), as at a real epoch boundary. LossDiff finite: "
+        f"lora {lora['lossdiff_finite']}, full {full['lossdiff_finite']}; std lora {lora['lossdiff_std']:.3g}, "
+        f"full {full['lossdiff_std']:.3g}. Aux validation loss {lora['aux_val_loss_before']:.4f} → "
+        f"{lora['aux_val_loss_after']:.4f} (lora), → {full['aux_val_loss_after']:.4f} (full).",
         "",
     ]
     if record["memory_kind"] != "cuda_max_memory_allocated":
@@ -553,7 +580,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pairs", type=int, default=2000, help="pool pairs (GPU run)")
     parser.add_argument("--seq_len", type=int, default=512, help="tokens per sequence, prompt half (GPU run)")
     parser.add_argument("--train_batch", type=int, default=8, help="pairs per training step (GPU run)")
-    parser.add_argument("--scoring_batch", type=int, default=32, help="pairs per scoring batch (GPU run)")
+    parser.add_argument("--scoring_batch", type=int, default=16, help="pairs per scoring batch (GPU run)")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_check.json", help="JSON output; .md beside it")
     options = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")

@@ -44,6 +44,7 @@ SELECTIVE_KEYS = (
     "aux_steps",
     "aux_val_loss_before",
     "aux_val_loss_after",
+    "optimizer_state_mib",
     "lossdiff_finite",
     "lossdiff_mean",
     "lossdiff_std",
@@ -114,6 +115,8 @@ def test_selective_arm(smoke, mode):
                 "policy_pass_vs_epoch", "aux_refresh_vs_epoch"):  # fmt: skip
         assert _finite_positive(arm[key]), (key, arm[key])
     assert arm["peak_mib"] == max(arm["train_peak_mib"], arm["event_peak_mib"])
+    # the event ran with the policy's AdamW state held, as at a real epoch boundary
+    assert _finite_positive(arm["optimizer_state_mib"])
     # the aux refresh ran: its alignment steps were taken and moved the aux model on the validation pairs
     assert arm["aux_steps"] == smoke["sizes"]["aux_max_steps"]
     assert math.isfinite(arm["aux_val_loss_before"]) and math.isfinite(arm["aux_val_loss_after"])
