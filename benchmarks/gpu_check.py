@@ -473,8 +473,15 @@ def versions() -> dict[str, str]:
     }
 
 
-def run(sizes: Sizes, cpu_smoke: bool) -> dict[str, Any]:
-    """Every phase, in order, in this process; returns the result record."""
+def write_partial(record: dict[str, Any], out: Path | None) -> None:
+    """Write what is measured so far (`"complete": false`), so a run stopped at its time limit still leaves phases."""
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))
+
+
+def run(sizes: Sizes, cpu_smoke: bool, out: Path | None = None) -> dict[str, Any]:
+    """Every phase, in order, in this process; returns the result record (and writes it to `out` after each phase)."""
     if not sizes.use_cpu and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --cpu-smoke on a machine without a GPU")
     _STATE["cuda"] = not sizes.use_cpu
@@ -488,6 +495,7 @@ def run(sizes: Sizes, cpu_smoke: bool) -> dict[str, Any]:
         "memory_kind": "cuda_max_memory_allocated" if not sizes.use_cpu else "peak_rss_monotone",
         "sizes": dataclasses.asdict(sizes),
         "versions": versions(),
+        "complete": False,
     }
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work_dir = Path(tmp)
@@ -498,16 +506,26 @@ def run(sizes: Sizes, cpu_smoke: bool) -> dict[str, Any]:
         logger.info("model: %.1fM parameters (%.1f s)", record["parameters"] / 1e6, record["build_s"])
         record["plain"] = run_plain(model_path, sizes, train, work_dir)
         logger.info("plain: %s", record["plain"])
+        write_partial(record, out)
         record["selective"] = {}
         for mode in AUX_MODES:
-            record["selective"][mode] = run_selective(model_path, sizes, train, validation, work_dir, mode)
+            try:
+                record["selective"][mode] = run_selective(model_path, sizes, train, validation, work_dir, mode)
+            except Exception as error:  # keep the other arm's result (device time is scarce); main() exits non-zero
+                logger.exception("selective arm aux_mode=%r failed", mode)
+                record["selective"][mode] = {"aux_mode": mode, "error": f"{type(error).__name__}: {error}"[:2000]}
+                release_memory()
             logger.info("selective, aux %s: %s", mode, record["selective"][mode])
+            write_partial(record, out)
     plain = record["plain"]
     for result in record["selective"].values():
+        if "error" in result:
+            continue
         result["peak_vs_plain"] = result["peak_mib"] / plain["peak_mib"]
         result["policy_pass_vs_epoch"] = result["policy_pass_s"] / plain["epoch_s"]
         result["aux_refresh_vs_epoch"] = result["aux_refresh_s"] / plain["epoch_s"]
     record["total_s"] = time.perf_counter() - total_start
+    record["complete"] = not any("error" in result for result in record["selective"].values())
     return record
 
 
@@ -516,6 +534,15 @@ def run(sizes: Sizes, cpu_smoke: bool) -> dict[str, Any]:
 
 def report(record: dict[str, Any], command: str) -> str:
     s, plain = record["sizes"], record["plain"]
+    failed = {mode: r["error"] for mode, r in record["selective"].items() if "error" in r}
+    if failed:  # a short report: what ran, and why the rest did not
+        return "\n".join(
+            ["# GPU check (incomplete)", "", f"Device: {record['device']}  ", f"Command: `{command}`", "",
+             f"Plain epoch: {record['plain']['epoch_s']:.1f} s, peak {record['plain']['peak_mib']:.0f} MiB.", ""]
+            + [f"- `aux_mode={mode!r}` failed: {error}" for mode, error in failed.items()]
+            + [f"- `aux_mode={m!r}`: {json.dumps(r)}" for m, r in record["selective"].items() if m not in failed]
+            + [""]
+        )  # fmt: skip
     lora, full = record["selective"]["lora"], record["selective"]["full"]
     epoch = plain["epoch_s"]
     time_rows = [
@@ -594,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error("--seq_len must be >= 4 and --pairs at least two training batches")
         sizes = gpu_sizes(options.pairs, options.seq_len, options.train_batch, options.scoring_batch)
     command = "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:] if argv is None else argv)
-    record = run(sizes, options.cpu_smoke)
+    record = run(sizes, options.cpu_smoke, options.out)
     record["command"] = command
     bad = [k for k, v in flatten(record).items() if isinstance(v, float) and not math.isfinite(v)]
     if bad and not options.cpu_smoke:
@@ -604,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
     text = report(record, command)
     options.out.with_suffix(".md").write_text(text)
     print(text)
+    if not record["complete"]:
+        raise SystemExit(1)
 
 
 def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -86,6 +86,7 @@ def _finite_positive(value: object) -> bool:
 
 def test_header(smoke):
     assert smoke["cpu_smoke"] is True
+    assert smoke["complete"] is True
     assert smoke["device"].startswith("CPU")
     assert smoke["precision"] == "fp32"
     assert smoke["memory_kind"] == "peak_rss_monotone"
@@ -125,3 +126,13 @@ def test_selective_arm(smoke, mode):
     assert arm["scored_pairs"] == smoke["sizes"]["pairs"]
     assert arm["lossdiff_finite"] is True and arm["irm_finite"] is True
     assert math.isfinite(arm["lossdiff_mean"]) and _finite_positive(arm["lossdiff_std"])
+
+
+def test_reports(smoke):
+    from benchmarks.gpu_check import report
+
+    text = report(smoke, smoke["command"])
+    assert "| plain DPO (training epoch) |" in text and 'aux_mode="full"' in text
+    failed = {**smoke, "selective": {**smoke["selective"], "full": {"aux_mode": "full", "error": "OutOfMemoryError"}}}
+    text = report(failed, smoke["command"])
+    assert text.startswith("# GPU check (incomplete)") and "OutOfMemoryError" in text
