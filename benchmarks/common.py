@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -114,3 +115,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def save_tiny_llama(path: Path, shape: tuple[int, int, int, int], max_position_embeddings: int) -> int:
+    """Build a Llama of `shape` = (hidden, layers, heads, intermediate) with the character tokenizer, save both to
+    `path`, and return the parameter count. Benchmarks load it back by path, so every arm starts from the same weights.
+    """
+    from trl_select.toy import build_char_tokenizer, build_tiny_llama
+
+    hidden, layers, heads, intermediate = shape
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_llama(
+        tokenizer,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_position_embeddings,
+        seed=0,
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return sum(p.numel() for p in model.parameters())

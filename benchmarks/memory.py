@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_description, markdown_table, peak_rss_mib
+from benchmarks.common import machine_description, markdown_table, peak_rss_mib, save_tiny_llama
 from trl_select.memory import (
     BF16_ADAPTER,
     FP32,
@@ -111,22 +111,7 @@ def has_aux_mode() -> bool:
 
 def build_model(path: Path, size: str) -> int:
     """Build the Llama of `size` and the character tokenizer, save both to `path`; return the parameter count."""
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama
-
-    hidden, layers, heads, intermediate = MODEL_SIZES[size]
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_llama(
-        tokenizer,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=64,
-        seed=0,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    return save_tiny_llama(path, MODEL_SIZES[size], max_position_embeddings=64)
 
 
 def model_shape(size: str) -> ModelShape:

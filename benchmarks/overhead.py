@@ -40,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine_description, markdown_table, peak_rss_mib  # noqa: E402
+from benchmarks.common import machine_description, markdown_table, peak_rss_mib, save_tiny_llama  # noqa: E402
 
 
 logger = logging.getLogger("benchmarks.overhead")
@@ -65,22 +65,7 @@ def current_rss_mib() -> float:
 
 def build_model(path: Path, size: str) -> int:
     """Build the Llama of `size` and the character tokenizer, save both to `path`; return the parameter count."""
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama
-
-    hidden, layers, heads, intermediate = MODEL_SIZES[size]
-    tokenizer = build_char_tokenizer()
-    model = build_tiny_llama(
-        tokenizer,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=512,
-        seed=0,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return sum(p.numel() for p in model.parameters())
+    return save_tiny_llama(path, MODEL_SIZES[size], max_position_embeddings=512)
 
 
 def pairs(num_pairs: int, num_validation: int):
