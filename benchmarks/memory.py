@@ -91,22 +91,12 @@ def current_rss_mib() -> float:
 
 
 def default_aux_mode() -> str:
-    """`SelectiveDPOConfig.aux_mode`'s default in this checkout (`"full"` before the field existed)."""
+    """`SelectiveDPOConfig.aux_mode`'s default, the mode a user gets without asking."""
     import dataclasses
 
     from trl_select import SelectiveDPOConfig
 
-    fields = {f.name: f for f in dataclasses.fields(SelectiveDPOConfig)}
-    return fields["aux_mode"].default if "aux_mode" in fields else "full"
-
-
-def has_aux_mode() -> bool:
-    """Whether this checkout's `SelectiveDPOConfig` has the `aux_mode` field (the LoRA aux for full fine-tuning)."""
-    import dataclasses
-
-    from trl_select import SelectiveDPOConfig
-
-    return "aux_mode" in {f.name for f in dataclasses.fields(SelectiveDPOConfig)}
+    return {f.name: f for f in dataclasses.fields(SelectiveDPOConfig)}["aux_mode"].default
 
 
 def build_model(path: Path, size: str) -> int:
@@ -451,7 +441,7 @@ def main() -> None:
         print(text)
         return
     command = ("python -m benchmarks.memory " + " ".join(sys.argv[1:])).strip()
-    arms = [arm for arm in ARMS if arm != "lora_aux" or has_aux_mode()]
+    arms = list(ARMS)
     with tempfile.TemporaryDirectory(prefix="memory-") as tmp:
         work_dir = Path(tmp)
         model_path = work_dir / "model"
