@@ -93,7 +93,7 @@ class SelectionCallback(TrainerCallback):
         self._epoch_start_step = 0
         self._restored_aux_num_refreshes = 0
         self.reporters: list[Reporter] = []
-        # Cumulative FTE per category (DESIGN.md §6.1), counted from the tokenized datasets' lengths: exact, global
+        # Cumulative FTE per category (`compute.py`), counted from the tokenized datasets' lengths: exact, global
         # (every rank counts the same), and without collectives or the scoring passes' padding duplicates.
         self.compute = ComputeLedger()
         self._token_counts: dict[str, np.ndarray] = {}
@@ -379,7 +379,7 @@ class SelectionCallback(TrainerCallback):
         if self._reference is None:
             pool = self.trainer.train_dataset
             self._reference = self.trainer.reference_log_probs(pool, self.pool_loader())
-            if not (self.trainer.args.precompute_ref_log_probs and "ref_chosen_logps" in pool.column_names):
+            if not self.trainer.reads_precomputed_reference(pool):
                 self.compute.add("reference", self.token_counts("pool").sum(), FORWARD)  # else: read TRL's columns
         return self._reference
 

@@ -277,6 +277,10 @@ class SelectiveDPOTrainer(DPOTrainer):
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
         return self._precompute_ref_logps(validation_dataset, "validation", batch_size)
 
+    def reads_precomputed_reference(self, dataset: Dataset) -> bool:
+        """Whether `reference_log_probs(dataset, ...)` reads TRL's precomputed columns instead of running π_ref."""
+        return self.args.precompute_ref_log_probs and _has_reference_columns(dataset)
+
     def reference_log_probs(self, dataset: Dataset, loader) -> PairLogProbs:
         """π_ref's summed completion log-probs over `dataset`, in row order.
 
@@ -285,7 +289,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         the live reference (`compute_ref_log_probs`: the `ref_model`, or the base with adapters disabled for a PEFT
         policy) over `loader` on every rank, as TRL's loss does.
         """
-        if self.args.precompute_ref_log_probs and _has_reference_columns(dataset):
+        if self.reads_precomputed_reference(dataset):
             return PairLogProbs(
                 chosen=torch.tensor(dataset["ref_chosen_logps"], dtype=torch.float32),
                 rejected=torch.tensor(dataset["ref_rejected_logps"], dtype=torch.float32),
