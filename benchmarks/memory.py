@@ -22,7 +22,7 @@ the OS at once and RSS tracks live memory, not the allocator's free lists.
 
 Predicted: `trl_select.memory.memory_breakdown` for the same shape, fp32 (4 + 4 + 8 bytes per trained parameter,
 reference 4), one process. Then the same model on Llama-2-7B and -70B shapes under DDP and ZeRO-3 on 8 GPUs with bf16
-mixed precision (DESIGN.md §6.2). Results: `benchmarks/results/memory.md` and `.json`.
+mixed precision (`trl_select.memory`). Results: `benchmarks/results/memory.md` and `.json`.
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def predictions(shape: ModelShape) -> dict[str, Any]:
 
 
 def extrapolation() -> tuple[str, list[dict[str, Any]]]:
-    """Model-state GiB per GPU of Llama-2-7B/70B under DDP and ZeRO-3 on 8 GPUs, bf16 + fp32 Adam (DESIGN §6.2)."""
+    """Model-state GiB per GPU of Llama-2-7B/70B under DDP and ZeRO-3 on 8 GPUs, bf16 + fp32 Adam (`trl_select.memory`)."""
     rows, records = [], []
     for name, config in LLAMA_SHAPES.items():
         shape = ModelShape.from_config(config)
@@ -382,7 +382,7 @@ def report(
             "## The model extrapolated: model states per GPU, 8 GPUs, bf16 weights + fp32 master and Adam",
             "",
             extrapolated,
-            "Plain DPO full FT = 2 + 2 + 4 + 8 = 16 bytes per parameter + 2 for the reference (DESIGN.md §6.2); a "
+            "Plain DPO full FT = 2 + 2 + 4 + 8 = 16 bytes per parameter + 2 for the reference; a "
             'full-copy aux adds its own 16 (in its own engine, sharded like the policy); `aux_mode="lora"` adds '
             "r·(d_in + d_out) parameters per adapted matrix (all linear layers but the LM head) in the weights' bf16, "
             "with bf16 AdamW moments: 2 + 2 + 4 = 8 bytes each (whole on every rank); a LoRA policy "

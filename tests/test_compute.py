@@ -1,4 +1,4 @@
-"""Compute accounting (DESIGN.md §6.1): the ledger's arithmetic, and a tiny run's logged FTE against hand counts."""
+"""Compute accounting in forward-token equivalents: the ledger's arithmetic, and a tiny run's logged FTE against hand counts."""
 
 from __future__ import annotations
 

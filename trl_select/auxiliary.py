@@ -11,7 +11,7 @@ then discarded: LossDiff only needs its pool log-probabilities, which are cached
   second full optimizer state: the extra memory is the adapter, its gradients and its AdamW moments,
   r·(d_in + d_out) parameters per adapted matrix.
 - Without PEFT, `aux_mode="full"`: θ_aux is a full copy of the policy (a DeepSpeed engine of its own under DeepSpeed),
-  with its own full AdamW state: about 16 more bytes per policy parameter at the refresh peak (DESIGN.md §6.2).
+  with its own full AdamW state: about 16 more bytes per policy parameter at the refresh peak (`memory.py`).
 
 Either way it has its own AdamW optimizer (constant LR), and the policy's weights, gradients, optimizer state and LR
 scheduler are not touched. Gradients are averaged over ranks after every backward, so θ_aux stays identical on every
@@ -139,7 +139,7 @@ def _offloads_optimizer(config: dict) -> bool:
     return device not in (None, "none") and config.get("zero_force_ds_cpu_optimizer", True)
 
 
-# ----- building the full-copy aux under DeepSpeed without an unsharded copy (issue 12) -----
+# ----- building the full-copy aux under DeepSpeed without an unsharded copy -----
 
 
 def _is_partitioned(module: torch.nn.Module) -> bool:

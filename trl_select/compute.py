@@ -1,4 +1,4 @@
-"""Compute accounting in forward-token equivalents (FTE; DESIGN.md §6.1), pure arithmetic.
+"""Compute accounting in forward-token equivalents (FTE: one token through one forward of the policy; a backward counts 2 more), pure arithmetic.
 
 One FTE is one token through one forward of a policy-sized model. A backward counts 2 more, so a training step's
 policy part costs 3 FTE per token; a frozen model's forward (π_ref, a scoring pass, a validation loss) costs 1.

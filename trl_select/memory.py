@@ -1,4 +1,4 @@
-"""The memory model of selection (DESIGN.md §6.2): bytes of model state per device, component by component.
+"""The memory model of selection: bytes of model state per device, component by component.
 
 Everything here is arithmetic on a model's shape (parameter count and its linear layers); nothing is measured. Units
 are bytes throughout (`GIB = 2**30` to print them). Activations, the CUDA context, fragmentation and ZeRO-3's transient
@@ -66,7 +66,7 @@ class Precision:
         return self.weight + self.grad + self.master + self.optimizer
 
 
-# bf16 weights and gradients, fp32 master weights and fp32 Adam moments (DeepSpeed bf16/fp16): DESIGN.md §6.2.
+# bf16 weights and gradients, fp32 master weights and fp32 Adam moments (DeepSpeed bf16/fp16): 2 + 2 + 4 + 8 = 16 bytes per trained parameter.
 BF16_MIXED = Precision(weight=2, grad=2, master=4, optimizer=8)
 # fp32 weights (also accelerate's bf16 autocast without DeepSpeed, which keeps fp32 weights): no master copy.
 FP32 = Precision(weight=4, grad=4, master=0, optimizer=8)
