@@ -1,6 +1,6 @@
 """How well does `trl-select suspects` find the flipped pairs? Precision@k and recall@k on the quality protocol.
 
-    OMP_NUM_THREADS=1 python benchmarks/suspects.py                  # 6 seeds: train, score offline, report
+    OMP_NUM_THREADS=1 python benchmarks/suspects.py                  # 10 seeds: train, score offline, report
     python benchmarks/suspects.py --report_only                       # recompute the tables from the kept score files
     OMP_NUM_THREADS=1 python benchmarks/suspects.py --hh_rlhf         # also: top pairs of the shipped HH-RLHF slice
 
@@ -18,7 +18,7 @@ For k = 5, 10, 20, 30% of the pool: precision@k = flipped among the top k / k, r
 all flipped; mean ± standard error over seeds.
 
 The `--hh_rlhf` part trains the tiny character-level Llama on the shipped HH-RLHF slice (`tests/data/hh_rlhf`, rows
-0-55 as the pool, 56-71 aligning θ_aux, as `tests/test_trainer.py` does) and prints the top pairs: no ground truth,
+0-55 as the pool, 56-71 aligning θ_aux, as `tests/test_trainer.py` does, with `max_length` 1024 characters) and prints the top pairs: no ground truth,
 so no accuracy claim, only what the report looks like on real conversational data.
 """
 
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "recipes" / "data"))
 
-from benchmarks.common import machine_description, markdown_table  # noqa: E402
+from benchmarks.common import machine_description, markdown_table, paired_delta  # noqa: E402
 from benchmarks.quality import PROTOCOL, SFT_EPOCHS, SFT_LR, build_task, sft_model  # noqa: E402
 from trl_select.suspects import DEFAULT_STATISTIC, SUSPECT_STATISTICS, load_score_files, rank_suspects  # noqa: E402
 
@@ -54,6 +54,7 @@ RESULTS = REPO / "benchmarks" / "results" / "suspects"
 HH_RLHF = REPO / "tests" / "data" / "hh_rlhf" / "harmless-base-test.first72.jsonl"
 FRACTIONS = (0.05, 0.10, 0.20, 0.30)
 RULE = "lossdiff_irm"  # the demo's rule
+HH_MAX_LENGTH = 1024  # characters (the tiny model's tokenizer is character-level); TRL drops longer prompts
 
 
 # ----- collecting score files -----
@@ -197,6 +198,22 @@ def _se(values: list[float]) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else float("nan")
 
 
+def paired_rows(result: dict[str, Any]) -> list[list[str]]:
+    """The default statistic minus every other ranking, paired per seed, at P@10% and P@20%."""
+    rankings = result["rankings"]
+    default = rankings[f"run: {DEFAULT_STATISTIC}"]
+    rows = []
+    for name, metrics in rankings.items():
+        if name == f"run: {DEFAULT_STATISTIC}" or "high = suspect" in name:
+            continue
+        cells = [name]
+        for key in ("precision@10%", "precision@20%"):
+            d = paired_delta(default[key]["values"], metrics[key]["values"])
+            cells += [f"{d.mean:+.3f} ± {d.se:.3f}", f"{d.wins}/{d.losses}"]
+        rows.append(cells)
+    return rows
+
+
 def write_report(result: dict[str, Any], runs: list[dict[str, Any]], out_dir: Path, command: str, hh: str) -> str:
     header = ["ranking", *(f"P@{f:.0%}" for f in FRACTIONS), *(f"R@{f:.0%}" for f in FRACTIONS)]
     rows = []
@@ -222,12 +239,31 @@ def write_report(result: dict[str, Any], runs: list[dict[str, Any]], out_dir: Pa
         f"epochs at lr {SFT_LR}; DPO 3 epochs, rule `{RULE}` bands 10-90, warm-up 1 epoch, so two selection events). "
         + seconds,
         "",
-        "P@k = flipped share of the k most suspect pairs (chance: 0.30); R@k = share of all flipped pairs in them "
-        "(at most k/600 of the pool ... i.e. 1.0 needs k ≥ 30%). Mean ± standard error over seeds. Bold: the default "
-        f"statistic of `trl-select suspects` (`{DEFAULT_STATISTIC}`). Score files of every seed: "
+        "P@k = flipped share of the k most suspect pairs (chance: 0.30); R@k = share of all 600 flipped pairs among "
+        "them (it can reach 1 only at k = 30%, where P@k = R@k). Mean ± standard error over seeds. Bold: the default "
+        f"statistic of `trl-select suspects` (`{DEFAULT_STATISTIC}`). `run:` rankings read the run's two events; "
+        "`last event:` one score of the epoch-2 event; `offline pass:` the `trl-select score` file of the final policy "
+        "(after epoch 3, so one epoch more trained than the last event). Score files of every seed: "
         "`benchmarks/results/suspects/seed*/`.",
         "",
         markdown_table(header, rows),
+        f"Paired per seed: `run: {DEFAULT_STATISTIC}` minus each alternative (mean ± SE of the per-seed difference; "
+        "wins/losses over seeds):",
+        "",
+        markdown_table(["alternative", "Δ P@10%", "wins/losses", "Δ P@20%", "wins/losses"], paired_rows(result)),
+    ]
+    text += [
+        "Reading. Both scores flag a flipped pair by their *low* tail: IRM < 0 means the policy prefers the 'rejected' "
+        "side; LossDiff = L(θ_t) - L(θ_aux) < 0 means the validation-aligned step raises the pair's loss. Ranking by "
+        "high LossDiff is at or below chance (the rows `high = suspect`). Over a run's events the mean log-odds of "
+        "the two percentiles beats each score alone and every other way of pooling the events measured here; "
+        "averaging log-odds rather than percentiles lets one extreme reading (the very bottom of a score) count. The "
+        "rankings ahead of it at P@10% (by about 0.01, 1-2 SE) both read the offline pass, which scores the final "
+        "policy, one epoch more trained than the run's last event (scored at the start of epoch 2): IRM alone from "
+        "that pass, and the default statistic over the run's events plus that pass (`trl-select suspects OUTPUT_DIR "
+        "offline.parquet`, the `run + offline pass` row). At P@20% all three are level. The default was chosen on the first 8 seeds of this table (all statistics computed from the same "
+        "score files); seeds 8-9 were added after.",
+        "",
     ]
     if hh:
         text += ["## HH-RLHF slice: the top pairs (no ground truth: no accuracy claim)", "", hh]
@@ -263,7 +299,7 @@ def run_hh_rlhf(out_dir: Path, work_dir: Path) -> str:
         eval_strategy="no",
         disable_tqdm=True,
         num_train_epochs=3,
-        max_length=384,
+        max_length=HH_MAX_LENGTH,
         per_device_train_batch_size=8,
         aux_batch_size=4,
         learning_rate=1e-3,
@@ -294,8 +330,8 @@ def run_hh_rlhf(out_dir: Path, work_dir: Path) -> str:
                 "pair_id",
                 DEFAULT_STATISTIC,
                 "percentiles (irm / lossdiff per event)",
-                "chosen (end)",
-                "rejected (end)",
+                "chosen (start)",
+                "rejected (start)",
             ],
             [
                 [
@@ -318,7 +354,7 @@ def _excerpt(text: str | None, width: int = 80) -> str:
     if not text:
         return ""
     text = " ".join(text.split()).replace("|", "\\|")
-    return text if len(text) <= width else "…" + text[-width:]
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 # ----- main -----
@@ -326,7 +362,7 @@ def _excerpt(text: str | None, width: int = 80) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(6)), help="benchmark seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)), help="benchmark seeds")
     parser.add_argument("--out_dir", type=Path, default=RESULTS)
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "benchmark-suspects")
     parser.add_argument("--report_only", action="store_true", help="only recompute the tables from the score files")

@@ -108,6 +108,15 @@ def test_run_and_offline_files_combine_and_pools_must_match(run_dir, tmp_path):
         find_suspects([run_dir, other])
 
 
+def test_the_score_file_layout_matches_the_writer():
+    from trl_select import reporting, suspects
+
+    assert suspects.SCORE_DIR == reporting.SCORE_DIR and suspects.METADATA_KEY == reporting.METADATA_KEY
+    assert suspects.FORMAT_VERSION == reporting.FORMAT_VERSION
+    table = reporting.score_table(event(1, seed=1), np.ones(POOL, np.int32), np.array(["a"] * POOL), "kind")
+    assert set(table.column_names) - set(suspects.FIXED_COLUMNS) == {"irm", "lossdiff"}
+
+
 def test_implicit_prompt_split():
     chosen = "\n\nHuman: hi\n\nAssistant: hello there"
     rejected = "\n\nHuman: hi\n\nAssistant: go away"

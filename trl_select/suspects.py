@@ -21,7 +21,8 @@ like the mean log-odds, so a pair at the very bottom of one score counts for mor
 of both (the mean percentile would weigh them alike). Measured against the alternatives of `SUSPECT_STATISTICS` and
 against single scores in `benchmarks/suspects.py` (`benchmarks/results/suspects.md`): on the reverse-digits task it
 has the best precision@10% and @20% of the statistics over a run's events, and beats the last event's IRM or
-LossDiff alone. Percentiles, not raw values, because the scale of both scores changes from epoch to epoch as the
+LossDiff alone (an offline `trl-select score` file of the final policy, passed with the run, adds one more, more
+trained event and helps a little further). Percentiles, not raw values, because the scale of both scores changes from epoch to epoch as the
 policy moves away from π_ref.
 
 Everything here reads the score files with pyarrow directly: importing this module imports neither torch nor
@@ -37,7 +38,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ logger = logging.getLogger(__name__)
 # The layout of a score file (`reporting.write_score_file`): kept in step by `tests/test_suspects.py`.
 SCORE_DIR = "selection"
 METADATA_KEY = b"trl_select"
+FORMAT_VERSION = 1
 FIXED_COLUMNS = ("epoch", "pair_id", "kept", "times_kept_so_far", "category")
 
 # Score -> which tail holds the suspects. Both: a flipped pair has a low (negative) margin and a low LossDiff.
@@ -90,6 +92,11 @@ def read_score_event(path: str | os.PathLike) -> ScoreEvent:
             "column): pass a run's OUTPUT_DIR, its selection/ folder, or a file written by `trl-select score`."
         )
     metadata = json.loads(raw)
+    if metadata.get("format_version", 1) > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has score-file format {metadata['format_version']}; this trl-select reads up to "
+            f"{FORMAT_VERSION}. Upgrade trl-select."
+        )
     kind = metadata.get("kind", "selection")
     epoch = int(metadata.get("epoch", 0))
     scores = {
@@ -280,7 +287,6 @@ class Suspect:
     prompt: str | None = None
     chosen: str | None = None
     rejected: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_record(self, statistic_name: str = DEFAULT_STATISTIC) -> dict[str, Any]:
         """A flat row: rank, pair_id, the statistic under its name, times_dropped, `{event}.{score}` percentiles,

@@ -133,9 +133,10 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 td pre { margin: 0; white-space: pre-wrap; word-break: break-word; max-height: 9em; overflow: auto;
   font: 12px/1.35 ui-monospace, Menlo, Consolas, monospace; }
 td.chosen pre { background: #f1f8f1; } td.rejected pre { background: #fbf1f1; }
+.pcts { font-size: 11px; color: #555; white-space: nowrap; }
 .bar { display: inline-block; height: 8px; background: #d62728; vertical-align: middle; margin-left: 4px; }
 .key { display: inline-block; width: 14px; height: 3px; vertical-align: middle; margin: 0 4px 0 10px; }
-col.rank { width: 3.5em; } col.id { width: 6em; } col.stat { width: 8em; } col.spark { width: 130px; }
+col.rank { width: 3.5em; } col.id { width: 6em; } col.stat { width: 8em; } col.spark { width: 150px; }
 col.dropped { width: 5em; }
 """
 
@@ -143,7 +144,7 @@ col.dropped { width: 5em; }
 def sparkline_svg(
     percentiles: Mapping[str, Mapping[str, float]],
     width: int = 120,
-    height: int = 36,
+    height: int = 40,
     tail: float = TAIL_PERCENTILE,
 ) -> str:
     """An inline SVG of a pair's percentile of each score per event (x: events in order; y: 0 at the bottom, 100 at
@@ -165,7 +166,7 @@ def sparkline_svg(
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
         f'role="img" class="sparkline"><title>{html.escape(title)}</title>',
-        f'<rect x="0" y="{y(tail):.1f}" width="{width}" height="{y(0) - y(tail) + pad:.1f}" fill="#fde0dc"/>',
+        f'<rect x="0" y="{y(tail):.1f}" width="{width}" height="{y(0) - y(tail) + pad:.1f}" fill="#f8cfc8"/>',
         f'<rect x="0.5" y="0.5" width="{width - 1}" height="{height - 1}" fill="none" stroke="#ccc"/>',
     ]
     for index, name in enumerate(names):
@@ -181,6 +182,20 @@ def sparkline_svg(
         parts += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2" fill="{colour}"/>' for px, py in points]
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _percentile_caption(percentiles: Mapping[str, Mapping[str, float]]) -> str:
+    """`irm 0.3 → 0.4` per score: the sparkline's values, events in order."""
+    names = list(dict.fromkeys(name for values in percentiles.values() for name in values))
+    lines = [
+        html.escape(name) + " " + " → ".join(_short(values.get(name, math.nan)) for values in percentiles.values())
+        for name in names
+    ]
+    return '<div class="pcts">' + "<br>".join(lines) + "</div>"
+
+
+def _short(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{value:.1f}" if value < 10 else f"{value:.0f}"
 
 
 def suspects_html(
@@ -211,8 +226,8 @@ def suspects_html(
         column, _, meaning = line.strip().partition(": ")
         out.write(f"<li><b>{escape(column)}</b>: {escape(meaning)}</li>\n")
     out.write(
-        f"<li><b>history</b>: percentile of each score per event, left to right ({keys}); the shaded band is the "
-        f"bottom {TAIL_PERCENTILE:.0f}% the built-in rules cut</li>\n</ul>\n"
+        f"<li><b>history</b>: the {{event}}.{{score}} percentiles, events left to right ({keys}), and their values; the "
+        f"shaded band is the bottom {TAIL_PERCENTILE:.0f}% the built-in rules cut</li>\n</ul>\n"
     )
     out.write('<table>\n<colgroup><col class="rank"><col class="id"><col class="stat"><col class="spark">')
     out.write('<col class="dropped">' + ("<col><col><col>" if has_text else "") + "</colgroup>\n<thead><tr>")
@@ -225,12 +240,13 @@ def suspects_html(
             f'<td class="num">{row.rank}</td>',
             f'<td class="num">{escape(str(row.pair_id))}</td>',
             f'<td class="num">{statistic_cell}{bar}</td>',
-            f"<td>{sparkline_svg(row.percentiles)}</td>",
+            f"<td>{sparkline_svg(row.percentiles)}{_percentile_caption(row.percentiles)}</td>",
             f'<td class="num">{row.times_dropped}</td>',
         ]
         if has_text:
             cells += [
-                f'<td class="{column}"><pre>{escape(getattr(row, column) or "")}</pre></td>' for column in TEXT_COLUMNS
+                f'<td class="{column}"><pre>{escape((getattr(row, column) or "").strip())}</pre></td>'
+                for column in TEXT_COLUMNS
             ]
         out.write("<tr>" + "".join(cells) + "</tr>\n")
     out.write("</tbody>\n</table>\n</body>\n</html>\n")
