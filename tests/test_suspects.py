@@ -268,3 +268,13 @@ def test_suspects_modules_import_neither_torch_nor_transformers():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_benchmark_precision_and_recall_at_k():
+    from benchmarks.suspects import precision_recall_at
+
+    ranked = [3, 1, 4, 5, 9, 2, 6, 8, 7, 0]
+    flipped = {3, 4, 0}
+    assert precision_recall_at(ranked, flipped, pool_size=10, fraction=0.2) == (0.5, 1 / 3)  # top 2: 3, 1
+    assert precision_recall_at(ranked, flipped, pool_size=10, fraction=0.3) == (2 / 3, 2 / 3)
+    assert precision_recall_at(ranked, flipped, pool_size=10, fraction=1.0) == (0.3, 1.0)

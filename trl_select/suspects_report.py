@@ -137,7 +137,7 @@ td.chosen pre { background: #f1f8f1; } td.rejected pre { background: #fbf1f1; }
 .bar { display: inline-block; height: 8px; background: #d62728; vertical-align: middle; margin-left: 4px; }
 .key { display: inline-block; width: 14px; height: 3px; vertical-align: middle; margin: 0 4px 0 10px; }
 col.rank { width: 3.5em; } col.id { width: 6em; } col.stat { width: 8em; } col.spark { width: 150px; }
-col.dropped { width: 5em; }
+col.dropped { width: 7.5em; }
 """
 
 
@@ -231,7 +231,7 @@ def suspects_html(
     )
     out.write('<table>\n<colgroup><col class="rank"><col class="id"><col class="stat"><col class="spark">')
     out.write('<col class="dropped">' + ("<col><col><col>" if has_text else "") + "</colgroup>\n<thead><tr>")
-    headers = ["rank", "pair_id", statistic, "history", "dropped"] + (list(TEXT_COLUMNS) if has_text else [])
+    headers = ["rank", "pair_id", statistic, "history", "times_dropped"] + (list(TEXT_COLUMNS) if has_text else [])
     out.write("".join(f"<th>{escape(h)}</th>" for h in headers) + "</tr></thead>\n<tbody>\n")
     for row in suspects:
         bar = f'<span class="bar" style="width:{max(0.0, min(row.statistic, 100.0)) * 0.4:.0f}px"></span>'
