@@ -77,10 +77,12 @@ class _MetricsProbe(TrainerCallback):
             self.by_epoch.setdefault(epoch, {k: v for k, v in logs.items() if k.startswith("selection/")})
 
 
-def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool, validation, caplog):
+@pytest.mark.parametrize("scoring_reuse", ["none", "reference"])
+def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool, validation, caplog, scoring_reuse):
     probe = _MetricsProbe()
     trainer = SelectiveDPOTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model), args=fast_config(tmp_path), train_dataset=pool,
+        tiny_model, ref_model=copy.deepcopy(tiny_model), args=fast_config(tmp_path, scoring_reuse=scoring_reuse),
+        train_dataset=pool,
         eval_dataset=validation, processing_class=tokenizer, callbacks=[probe],
     )  # fmt: skip
     with caplog.at_level(logging.INFO, logger="trl_select.callback"):
@@ -106,7 +108,10 @@ def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool
     for epoch in (1, 2):
         m = {k.removeprefix("selection/compute/"): v for k, v in probe.by_epoch[epoch].items() if "compute/" in k}
         assert m["train"] == pytest.approx(4 * sum(trained[:epoch]))
-        assert m["reference"] == pytest.approx(pool_tokens.sum() + validation_tokens.sum())  # once
+        # π_ref once over the validation pairs, and over the pool unless the warm-up steps' forwards are reused (the
+        # warm-up trained every pool pair: one process trims nothing)
+        reference = validation_tokens.sum() + (pool_tokens.sum() if scoring_reuse == "none" else 0)
+        assert m["reference"] == pytest.approx(reference)
         assert m["policy_scoring"] == pytest.approx(epoch * pool_tokens.sum())
         assert m["aux_alignment"] == pytest.approx(3 * sum(validation_tokens[rows].sum() for rows in aux_rows[:epoch]))
         assert m["aux_validation"] == pytest.approx(2 * epoch * validation_tokens.sum())

@@ -274,10 +274,13 @@ def test_zero2_offload_aux_engine_uses_deepspeed_cpu_adam(deepspeed_runs):
         assert history[1]["thresholds"][name]["hi"] == pytest.approx(band["hi"], abs=1e-3)
 
 
-def test_ddp_selection_matches_the_single_process_run(tmp_path):
-    # 96 pairs: 2 ranks x 16 per step sees exactly the rows of 1 process x 32 per step (fp32, same seed)
-    two = _launch(tmp_path / "two", 2, "--pool", "96")[0]["history"]
-    one = _launch(tmp_path / "one", 1, "--pool", "96", "--per_device_batch", "32")[0]["history"]
+@pytest.mark.parametrize("reuse", ["reference", "reference_and_policy"])
+def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse):
+    # 96 pairs: 2 ranks x 16 per step sees exactly the rows of 1 process x 32 per step (fp32, same seed). The log-probs
+    # each rank's training steps recorded are gathered into the same pool-wide ones as the single process's.
+    reuse_args = ("--pool", "96", "--scoring_reuse", reuse)
+    two = _launch(tmp_path / "two", 2, *reuse_args)[0]["history"]
+    one = _launch(tmp_path / "one", 1, *reuse_args, "--per_device_batch", "32")[0]["history"]
     assert two[1]["selected_ids"] == one[1]["selected_ids"]
     for name, band in one[1]["thresholds"].items():
         assert two[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
@@ -288,11 +291,13 @@ def test_ddp_selection_matches_the_single_process_run(tmp_path):
 
 def test_ddp_resume_mid_epoch_continues_every_rank(tmp_path):
     """Resume 2 ranks inside the second shortened epoch: every rank trains the same pairs at the same LR as before."""
-    full = _launch(tmp_path / "full", 2, "--per_device_batch", "8", "--save_steps", "1")
+    # With the policy log-probs of the training steps reused: the checkpoint carries every rank's records.
+    reuse = ("--scoring_reuse", "reference_and_policy")
+    full = _launch(tmp_path / "full", 2, "--per_device_batch", "8", "--save_steps", "1", *reuse)
     history = full[0]["history"]
     step = history[2]["global_step"] + 1
     assert step < max(int(s) for s in full[0]["step_ids"])  # inside epoch 2, not at its end
-    resumed = _launch(tmp_path / "resumed", 2, "--per_device_batch", "8",
+    resumed = _launch(tmp_path / "resumed", 2, "--per_device_batch", "8", *reuse,
                       "--resume", str(tmp_path / "full" / "run" / f"checkpoint-{step}"))  # fmt: skip
     for before, after in zip(full, resumed, strict=True):
         expected = {s: ids for s, ids in before["step_ids"].items() if int(s) > step}

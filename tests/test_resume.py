@@ -112,9 +112,11 @@ def test_resume_continues_the_same_run(tmp_path, tokenizer, small_pool, uninterr
     shutil.copy(source_dir / HISTORY_FILENAME, tmp_path / HISTORY_FILENAME)
     saved = json.loads((checkpoint / STATE_FILENAME).read_text())
     assert saved["aux_num_refreshes"] == (1 if step > starts["epoch1_start"] else 0)  # seeds the next aux shuffle
-    assert saved["global_step"] == step and (checkpoint / LOG_PROBS_FILENAME).exists() == (
-        step > starts["epoch1_start"]
-    )
+    assert saved["global_step"] == step and (checkpoint / LOG_PROBS_FILENAME).exists()
+    # Before the first event: π_ref's log-probs as the warm-up steps recorded them (`scoring_reuse="reference"`);
+    # after it: the cached ones the event computed from them.
+    cached = "reference.chosen" in saved["log_probs"]
+    assert cached == (step > starts["epoch1_start"]) and cached != ("training_reference.chosen" in saved["log_probs"])
 
     trainer = _trainer(tmp_path, tokenizer, pool, validation)
     trainer.train(resume_from_checkpoint=str(checkpoint))

@@ -105,6 +105,12 @@ def main() -> None:
     )
     parser.add_argument("--aux_mode", default="full", choices=["full", "lora"], help="`aux_mode` of the config.")
     parser.add_argument(
+        "--scoring_reuse",
+        default="reference",
+        choices=["none", "reference", "reference_and_policy"],
+        help="`scoring_reuse` of the config.",
+    )
+    parser.add_argument(
         "--check_aux_identity",
         action="store_true",
         help="After training, refresh θ_aux once more with learning rate 0 and record how far its pool log-probs are "
@@ -248,6 +254,7 @@ def main() -> None:
         use_cpu=options.deepspeed is None or options.bf16,  # TrainingArguments refuses bf16 on the CPU otherwise
         selection_rule=options.rule,
         aux_mode=options.aux_mode,
+        scoring_reuse=options.scoring_reuse,
         precompute_ref_log_probs=options.precompute_ref,
         accelerator_config={"use_configured_state": options.deepspeed is not None},
         bf16=options.bf16,
