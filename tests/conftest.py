@@ -17,7 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from trl_select import SelectiveDPOConfig  # noqa: E402
-from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
+from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
 
 
 DEMO_DATA = REPO / "recipes" / "data" / "reverse_digits"

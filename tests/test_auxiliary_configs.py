@@ -23,7 +23,7 @@ from trl_select import SelectiveDPOTrainer
 from trl_select.auxiliary import AuxiliaryModel
 from trl_select.scores import PairLogProbs, loss_difference, preference_loss, reference_normalised_margin
 from trl_select.scoring import build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
 from .conftest import fast_config
 

@@ -14,7 +14,7 @@ from datasets import load_from_disk
 
 from trl_select import read_score_file
 from trl_select.cli import main
-from trl_select.toy import build_tiny_llama, write_jsonl
+from trl_select.testing import build_tiny_llama, write_jsonl
 
 from .independent import pair_log_probs
 

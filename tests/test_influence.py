@@ -37,7 +37,7 @@ def setup(tmp_path_factory, tokenizer, reverse_rows):
     """A float64 tiny model moved off its reference, and the trainer's tokenized pool/validation and collator."""
     from datasets import Dataset
 
-    from trl_select.toy import build_tiny_llama
+    from trl_select.testing import build_tiny_llama
 
     reference = build_tiny_llama(tokenizer, seed=0).double()
     policy = copy.deepcopy(reference)

@@ -19,7 +19,7 @@ from peft.tuners.lora import LoraLayer
 from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer, read_history
 from trl_select.auxiliary import INJECTED_AUX_ADAPTER, AuxiliaryModel
 from trl_select.scores import loss_difference
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
 from .conftest import fast_config
 from .test_model_families import FAMILIES, build_tiny

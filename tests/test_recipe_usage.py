@@ -14,7 +14,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from trl_select import read_history
-from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl, write_jsonl
+from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl, write_jsonl
 
 from .conftest import DEMO_DATA
 from .test_recipes import RECIPES, _accelerate, _run

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trl_select import read_history
-from trl_select.toy import build_char_tokenizer, build_tiny_llama
+from trl_select.testing import build_char_tokenizer, build_tiny_llama
 
 from .conftest import DEMO_DATA, REPO
 

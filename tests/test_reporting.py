@@ -36,7 +36,7 @@ from trl_select.reporting import (
     write_score_file,
 )
 from trl_select.rules import band_intersection
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
 from .conftest import fast_config
 

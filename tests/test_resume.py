@@ -18,7 +18,7 @@ from peft import LoraConfig
 from trl_select import read_history
 from trl_select.checkpoint import LOG_PROBS_FILENAME, STATE_FILENAME, SelectionState, resume_position
 from trl_select.history import HISTORY_FILENAME
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
 from .conftest import REPO, fast_config
 from .recording import RecordingTrainer
@@ -177,7 +177,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl_select.auxiliary import AuxiliaryModel
 from trl_select.callback import SelectionCallback
-from trl_select.toy import build_char_tokenizer, read_jsonl
+from trl_select.testing import build_char_tokenizer, read_jsonl
 from tests.conftest import DEMO_DATA
 from tests.test_resume import _trainer
 

@@ -17,7 +17,7 @@ from trl import DPOConfig, DPOTrainer
 from trl_select import SelectiveDPOTrainer, SelectiveSLiCConfig, SelectiveSLiCTrainer, read_history
 from trl_select.auxiliary import AUX_ADAPTER
 from trl_select.scores import implicit_reward_margin
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
 from .conftest import HH_RLHF_SLICE, fast_config
 from .recording import RecordingTrainer
