@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow  # every test here launches a subprocess
 
 
 RECIPES = REPO / "recipes"
-# The README's command, turning TRL's installed dpo.py into a selective one by swapping two imports.
+# docs/recipes.md's command, turning TRL's installed dpo.py into a selective one by swapping two imports.
 SED_TO_SELECTIVE = [
     "-e", r"s/^\( *\)from trl import DPOTrainer,/\1from trl_select import SelectiveDPOTrainer as DPOTrainer\n\1from trl import/",
     "-e", r"s/^\( *\)from trl import DatasetMixtureConfig, DPOConfig,/\1from trl_select import SelectiveDPOConfig as DPOConfig\n\1from trl import DatasetMixtureConfig,/",
