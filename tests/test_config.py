@@ -79,11 +79,27 @@ def test_trl_parser_reads_the_selection_flags():
     parser = TrlParser((ScriptArguments, SelectiveDPOConfig, ModelConfig))
     _, config, _ = parser.parse_args_and_config(
         args=[
-            "--output_dir", "x", "--bf16", "False", "--report_to", "none",
-            "--selection_rule", "irm_band", "--irm_lo_percentile", "20", "--aux_learning_rate", "3e-4",
-            "--aux_mode", "lora", "--aux_lora_r", "8", "--aux_lora_target_modules", "q_proj", "v_proj",
+            "--output_dir",
+            "x",
+            "--bf16",
+            "False",
+            "--report_to",
+            "none",
+            "--selection_rule",
+            "irm_band",
+            "--irm_lo_percentile",
+            "20",
+            "--aux_learning_rate",
+            "3e-4",
+            "--aux_mode",
+            "lora",
+            "--aux_lora_r",
+            "8",
+            "--aux_lora_target_modules",
+            "q_proj",
+            "v_proj",
         ]
-    )  # fmt: skip
+    )
     assert isinstance(config, SelectiveDPOConfig)
     assert config.selection_rule == "irm_band" and config.irm_lo_percentile == 20.0
     assert config.aux_learning_rate == 3e-4

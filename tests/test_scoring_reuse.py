@@ -13,11 +13,11 @@ import torch
 from trl_select import read_history
 from trl_select.checkpoint import STATE_FILENAME
 from trl_select.scores import PairLogProbs
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 from trl_select.training_log_probs import POLICY, REFERENCE, TrainingLogProbs, fill_rows, missing_rows
 
-from .conftest import fast_config
 from .recording import RecordingTrainer
+from .testing_utils import fast_config
 
 
 class _Scripted(torch.nn.Module):

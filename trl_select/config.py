@@ -322,7 +322,7 @@ class SelectiveDPOConfig(DPOConfig):
             )
         if not self.selection_enabled:
             return
-        # Selection scores with the trainer's own loss (DESIGN.md §2-3), so that loss must be one the scores implement.
+        # Selection scores with the trainer's own loss (docs/design.md §2-3), so that loss must be one the scores implement.
         if len(self.loss_type) != 1 or self.loss_type[0] not in ("sigmoid", "hinge"):
             raise ValueError(
                 f"`loss_type` must be ['sigmoid'] (DPO) or ['hinge'] (SLiC) when `selection_rule` is "

@@ -31,11 +31,11 @@ from datasets import Dataset, load_dataset  # noqa: E402
 
 import trl_select.auxiliary  # noqa: E402
 import trl_select.callback  # noqa: E402
-from tests.conftest import DEMO_DATA, fast_config  # noqa: E402
 from tests.recording import RecordingTrainer  # noqa: E402
+from tests.testing_utils import DEMO_DATA, fast_config  # noqa: E402
 from trl_select import read_history  # noqa: E402
 from trl_select.scoring import is_activation_checkpointing  # noqa: E402
-from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
+from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
