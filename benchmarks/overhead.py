@@ -19,7 +19,7 @@ One run, one model, one machine:
    allocation counts (torch's C++ allocator too, which `tracemalloc` does not see); the table also gives the peak minus
    the RSS measured right before `train()` (model, reference and data already loaded), i.e. what training added.
 
-Pairs are reverse-digits pairs with 127-digit prompts (`trl_select.toy.make_reverse_digits_pairs`): with the character
+Pairs are reverse-digits pairs with 127-digit prompts (`trl_select.testing.make_reverse_digits_pairs`): with the character
 tokenizer each sequence (prompt + completion + EOS) is exactly 256 tokens.
 """
 
@@ -71,7 +71,7 @@ def build_model(path: Path, size: str) -> int:
 def pairs(num_pairs: int, num_validation: int):
     from datasets import Dataset
 
-    from trl_select.toy import make_reverse_digits_pairs
+    from trl_select.testing import make_reverse_digits_pairs
 
     train = make_reverse_digits_pairs(num_pairs, flip_fraction=0.3, seed=0, min_digits=DIGITS, max_digits=DIGITS)
     validation = make_reverse_digits_pairs(

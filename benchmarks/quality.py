@@ -8,7 +8,7 @@
 Protocol (issue 7, reproducing a plain-torch feasibility study with the real `SelectiveDPOTrainer`):
 
 - Task: the prompt is 3-6 digits and "="; the correct response is the digits reversed. A tiny random Llama
-  (`trl_select.toy.build_tiny_llama`: hidden 64, 2 layers, 95k parameters with the 100-token character vocabulary).
+  (`trl_select.testing.build_tiny_llama`: hidden 64, 2 layers, 95k parameters with the 100-token character vocabulary).
 - Per seed s a fresh task is drawn with `recipes/data/make_reverse_digits.py`'s `build_splits(1000 * s)` (seed 0 is the
   shipped data): SFT 1000 rows, half reversal and half copy rule; pool 2000 pairs, exactly 30% label-flipped, rejected
   = 50% near miss / 50% copy rule; clean validation 256; clean test 500, all prompts disjoint.
@@ -102,14 +102,14 @@ def random_rule(sizes: dict[int, int]) -> RuleFn:
 
 
 def build_task(seed: int) -> dict[str, list[dict]]:
-    from make_reverse_digits import build_splits
+    from trl_select.testing import build_splits
 
     return build_splits(seed_offset=1000 * seed)
 
 
 def sft_model(seed: int, task: dict[str, list[dict]], tokenizer) -> tuple[dict, float, float]:
     """Warm-start the tiny Llama of `seed` on the task's SFT mix; return its state dict, exact-match and seconds."""
-    from trl_select.toy import build_tiny_llama, greedy_exact_match, sft_warm_start
+    from trl_select.testing import build_tiny_llama, greedy_exact_match, sft_warm_start
 
     start = time.perf_counter()
     model = build_tiny_llama(tokenizer, seed=seed)
@@ -147,7 +147,7 @@ def run_arm(
     from transformers import PrinterCallback
 
     from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer, read_history
-    from trl_select.toy import build_tiny_llama, greedy_exact_match
+    from trl_select.testing import build_tiny_llama, greedy_exact_match
 
     model = build_tiny_llama(tokenizer, seed=seed)
     model.load_state_dict(sft_state)
@@ -417,7 +417,7 @@ def main() -> None:
         import datasets
 
         datasets.disable_progress_bars()
-        from trl_select.toy import build_char_tokenizer
+        from trl_select.testing import build_char_tokenizer
 
         tokenizer = build_char_tokenizer()
         arms = [arm for arm in ALL_ARMS if arm in options.arms]

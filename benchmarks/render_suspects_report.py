@@ -2,8 +2,8 @@
 
     apt-get install -y chromium                                       # Debian; any Chromium or Chrome binary works
     python recipes/dpo_lossdiff_irm.py                                # the demo run (writes the score files)
-    python benchmarks/render_suspects_report.py                       # -> docs/suspects_report.png
-    python benchmarks/render_suspects_report.py OUTPUT_DIR --dataset train.jsonl --out shot.png --top 30
+    python -m benchmarks.render_suspects_report                       # -> docs/suspects_report.png
+    python -m benchmarks.render_suspects_report OUTPUT_DIR --dataset train.jsonl --out shot.png --top 30
 
 Steps: `find_suspects(OUTPUT_DIR, dataset)` -> the HTML report (`suspects_report.write_suspects`, the file `trl-select
 suspects --html` writes) -> `chromium --headless --dump-dom` (the parsed page must hold the table, one row per pair,
@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
-import sys
 from pathlib import Path
+
+from trl_select.suspects import find_suspects
+from trl_select.suspects_report import write_suspects
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from trl_select.suspects import find_suspects  # noqa: E402
-from trl_select.suspects_report import write_suspects  # noqa: E402
 
 
 DEMO_OUTPUT = REPO / "outputs" / "dpo-lossdiff-irm-demo"

@@ -1,8 +1,8 @@
 """How well does `trl-select suspects` find the flipped pairs? Precision@k and recall@k on the quality protocol.
 
-    OMP_NUM_THREADS=1 python benchmarks/suspects.py                  # 10 seeds: train, score offline, report
-    python benchmarks/suspects.py --report_only                       # recompute the tables from the kept score files
-    OMP_NUM_THREADS=1 python benchmarks/suspects.py --hh_rlhf         # also: top pairs of the shipped HH-RLHF slice
+    OMP_NUM_THREADS=1 python -m benchmarks.suspects                  # 10 seeds: train, score offline, report
+    python -m benchmarks.suspects --report_only                       # recompute the tables from the kept score files
+    OMP_NUM_THREADS=1 python -m benchmarks.suspects --hh_rlhf         # also: top pairs of the shipped HH-RLHF slice
 
 Protocol (`benchmarks/quality.py`, imported, not copied): per seed a fresh reverse-digits task (2000-pair pool, exactly
 30% label-flipped, known), the tiny Llama warm-started by SFT, then 3 epochs of DPO with the demo's rule
@@ -31,21 +31,18 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.common import machine_description, markdown_table, paired_delta
+from benchmarks.quality import PROTOCOL, SFT_EPOCHS, SFT_LR, build_task, sft_model
+from trl_select.suspects import DEFAULT_STATISTIC, SUSPECT_STATISTICS, load_score_files, rank_suspects
+
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "recipes" / "data"))
-
-from benchmarks.common import machine_description, markdown_table, paired_delta  # noqa: E402
-from benchmarks.quality import PROTOCOL, SFT_EPOCHS, SFT_LR, build_task, sft_model  # noqa: E402
-from trl_select.suspects import DEFAULT_STATISTIC, SUSPECT_STATISTICS, load_score_files, rank_suspects  # noqa: E402
 
 
 logger = logging.getLogger("benchmarks.suspects")
@@ -67,7 +64,7 @@ def collect_seed(seed: int, out_dir: Path, work_dir: Path) -> dict[str, Any]:
 
     from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
     from trl_select.cli import main as cli_main
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama, write_jsonl
+    from trl_select.testing import build_char_tokenizer, build_tiny_llama, write_jsonl
 
     tokenizer = build_char_tokenizer()
     task = build_task(seed)
@@ -283,7 +280,7 @@ def run_hh_rlhf(out_dir: Path, work_dir: Path) -> str:
 
     from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
     from trl_select.suspects import find_suspects
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama
+    from trl_select.testing import build_char_tokenizer, build_tiny_llama
 
     rows = [json.loads(line) for line in HH_RLHF.read_text(encoding="utf-8").splitlines()]
     tokenizer = build_char_tokenizer()
@@ -368,7 +365,7 @@ def main() -> None:
     parser.add_argument("--report_only", action="store_true", help="only recompute the tables from the score files")
     parser.add_argument("--hh_rlhf", action="store_true", help="also run the HH-RLHF slice and show its top pairs")
     options = parser.parse_args()
-    command = "OMP_NUM_THREADS=1 python benchmarks/suspects.py" + (" --hh_rlhf" if options.hh_rlhf else "")
+    command = "OMP_NUM_THREADS=1 python -m benchmarks.suspects" + (" --hh_rlhf" if options.hh_rlhf else "")
     options.out_dir.mkdir(parents=True, exist_ok=True)
     runs_path = options.out_dir / "runs.jsonl"
     runs = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import fit_line, markdown_table, paired_delta  # noqa: E402
-from benchmarks.quality import oracle_rule, random_rule  # noqa: E402
-from trl_select import SelectionContext  # noqa: E402
+from benchmarks.common import fit_line, markdown_table, paired_delta
+from benchmarks.quality import oracle_rule, random_rule
+from trl_select import SelectionContext
 
 
 def test_paired_delta_mean_se_and_wins():
