@@ -182,11 +182,18 @@ def _construct_partitioned(policy: torch.nn.Module, config: dict, dtype: torch.d
     from transformers import initialization
     from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
+    # The dtype goes in through the config's precision blocks, not `Init(dtype=...)`: DeepSpeed 0.19 ignores an
+    # explicit dtype on accelerators without fp16 support (CPUs without mkldnn fp16) and builds in bf16.
+    config = {
+        **config,
+        "fp16": {**config.get("fp16", {}), "enabled": dtype == torch.float16},
+        "bf16": {**config.get("bf16", {}), "enabled": dtype == torch.bfloat16},
+    }
     # `prevent_arange_dtype_change` keeps RoPE buffers' explicit fp32 (it must be entered before zero.Init)
     with (
         initialization.no_init_weights(),
         prevent_arange_dtype_change(),
-        deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype),
+        deepspeed.zero.Init(config_dict_or_path=config),
     ):
         aux = type(policy)(policy.config)
     _tie_like(aux)
