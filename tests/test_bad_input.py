@@ -19,7 +19,7 @@ import pytest
 from datasets import Dataset
 
 from trl_select import SelectiveDPOTrainer, read_history
-from trl_select.callback import SelectionCallback
+from trl_select.engine import ScoringEngine
 from trl_select.validation import check_preference_rows
 
 from .testing_utils import fast_config
@@ -150,14 +150,14 @@ def test_a_selection_fraction_that_cannot_fill_a_batch_fails_at_construction(tmp
 
 def _scores_with(monkeypatch, edit) -> None:
     """Let `edit(scores)` change the scores of every selection event before the rule sees them."""
-    original = SelectionCallback._compute_scores
+    original = ScoringEngine.compute_scores
 
-    def patched(self, epoch, metrics):
-        scores = original(self, epoch, metrics)
+    def patched(self, epoch, metrics, score_names=None, reuse_training=False):
+        scores = original(self, epoch, metrics, score_names, reuse_training)
         edit(scores)
         return scores
 
-    monkeypatch.setattr(SelectionCallback, "_compute_scores", patched)
+    monkeypatch.setattr(ScoringEngine, "compute_scores", patched)
 
 
 def test_nonfinite_scores_are_never_kept_through_the_trainer(tmp_path, tokenizer, tiny_model, pool, monkeypatch):

@@ -26,12 +26,19 @@ from .testing_utils import fast_config
 @pytest.fixture
 def scratch_registry():
     """Registrations made by a test are removed afterwards, so tests do not leak names into each other."""
-    rules, scorers = dict(registry._RULES), dict(registry._SCORERS)
+    rules = {name: registry.get_rule(name) for name in registry.registered_rules()}
+    scorers = {name: registry.get_scorer(name) for name in registry.registered_scorers()}
     yield
-    registry._RULES.clear()
-    registry._RULES.update(rules)
-    registry._SCORERS.clear()
-    registry._SCORERS.update(scorers)
+    for name in registry.registered_rules():
+        if name not in rules:
+            registry.unregister_rule(name)
+    for name in registry.registered_scorers():
+        if name not in scorers:
+            registry.unregister_scorer(name)
+    for spec in rules.values():
+        register_rule(spec.name, spec.scores, overwrite=True)(spec.fn)
+    for spec in scorers.values():
+        register_scorer(spec.name, spec.needs, overwrite=True)(spec.fn)
 
 
 def test_builtins_are_registered():
@@ -65,7 +72,7 @@ def test_custom_scorer_and_rule_drive_the_trainers_selection(tmp_path, tokenizer
     assert (context.epoch, context.seed, context.pool_size) == (1, 0, 100)
     assert context.pair_ids == pool["id"] and context.args is args and "prompt" in context.dataset.column_names
     assert set(seen["scores"]) == {"chosen_logp_test", "irm"}
-    assert trainer.selection_callback._auxiliary is None  # LossDiff's aux model was never built
+    assert trainer.selection_engine.auxiliary_model is None  # LossDiff's aux model was never built
     irm = seen["scores"]["irm"]
     expected = [pool["id"][row] for row in np.flatnonzero(irm >= np.median(irm))]
     record = read_history(tmp_path)[1]
@@ -79,11 +86,11 @@ def test_scorer_output_matches_the_math_it_wraps(tmp_path, tokenizer, tiny_model
     trainer = SelectiveDPOTrainer(
         tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, processing_class=tokenizer
     )
-    callback = trainer.selection_callback
+    engine = trainer.selection_engine
     metrics: dict[str, float] = {}
-    scores = callback._compute_scores(1, metrics)
+    scores = engine.compute_scores(1, metrics)
     assert set(scores) == {"irm"} and "selection/seconds_aux" not in metrics
-    expected = implicit_reward_margin(callback.policy_log_probs(), callback.reference_log_probs(), args.beta)
+    expected = implicit_reward_margin(engine.policy_log_probs(), engine.reference_log_probs(), args.beta)
     np.testing.assert_allclose(scores["irm"], expected.double().numpy())
 
 
