@@ -15,7 +15,11 @@ from trl_select import (
     read_history,
     register_rule,
     register_scorer,
+    registered_rule,
+    registered_scorer,
     registry,
+    unregister_rule,
+    unregister_scorer,
 )
 from trl_select.rules import Band
 from trl_select.scores import implicit_reward_margin
@@ -131,3 +135,39 @@ def test_rule_results_are_checked(scratch_registry):
     register_scorer("short_score_test", needs=())(lambda context: np.zeros(3))
     with pytest.raises(ValueError, match="Scorer 'short_score_test' returned shape \\(3,\\)"):
         registry.run_scorer("short_score_test", ScoringContext(pool_size=4, beta=0.1, loss_type="sigmoid"))
+
+
+def test_unregister_and_scoped_registration_restore_the_registry(scratch_registry):
+    def keep_all(scores, context):
+        return np.ones(context.pool_size, dtype=bool)
+
+    rules_before = registry.registered_rules()
+    with registered_rule("scoped_rule_test", keep_all, scores=("irm",)) as fn:
+        assert fn is keep_all and registry.get_rule("scoped_rule_test").scores == ("irm",)
+        config = SelectiveDPOConfig(
+            output_dir="unused", report_to="none", bf16=False, selection_rule="scoped_rule_test"
+        )
+        assert config.required_scores == ("irm",)
+    assert registry.registered_rules() == rules_before
+    # Replacing a built-in for a block puts the built-in back after it
+    builtin = registry.get_rule("irm_band")
+    with pytest.raises(ValueError, match="'irm_band' is already registered"):
+        with registered_rule("irm_band", keep_all, scores=("irm",)):
+            pass
+    with registered_rule("irm_band", keep_all, scores=("irm",), overwrite=True):
+        assert registry.get_rule("irm_band").fn is keep_all
+    assert registry.get_rule("irm_band") == builtin
+
+    with registered_scorer("scoped_score_test", lambda context: np.zeros(context.pool_size), needs=("policy",)):
+        assert registry.get_scorer("scoped_score_test").needs == ("policy",)
+    assert "scoped_score_test" not in registry.registered_scorers()
+
+    register_rule("unregistered_test", scores=())(keep_all)
+    assert unregister_rule("unregistered_test").fn is keep_all
+    assert "unregistered_test" not in registry.registered_rules()
+    register_scorer("unregistered_score_test", needs=())(lambda context: np.zeros(context.pool_size))
+    assert unregister_scorer("unregistered_score_test").needs == ()
+    with pytest.raises(ValueError, match="must be a registered rule.*'nope'"):
+        unregister_rule("nope")
+    with pytest.raises(ValueError, match="'nope', which is not registered"):
+        unregister_scorer("nope")
