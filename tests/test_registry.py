@@ -151,9 +151,11 @@ def test_unregister_and_scoped_registration_restore_the_registry(scratch_registr
     assert registry.registered_rules() == rules_before
     # Replacing a built-in for a block puts the built-in back after it
     builtin = registry.get_rule("irm_band")
-    with pytest.raises(ValueError, match="'irm_band' is already registered"):
-        with registered_rule("irm_band", keep_all, scores=("irm",)):
-            pass
+    with (
+        pytest.raises(ValueError, match="'irm_band' is already registered"),
+        registered_rule("irm_band", keep_all, ()),
+    ):
+        pass
     with registered_rule("irm_band", keep_all, scores=("irm",), overwrite=True):
         assert registry.get_rule("irm_band").fn is keep_all
     assert registry.get_rule("irm_band") == builtin
