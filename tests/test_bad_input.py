@@ -109,7 +109,7 @@ def test_bad_validation_rows_and_sizes(tmp_path, tokenizer, tiny_model, pool, va
     ):
         _build(tmp_path, tiny_model, tokenizer, pool, validation.select(range(12)))
     trainer = _build(tmp_path, tiny_model, tokenizer, pool, validation.select(range(12)), aux_batch_size=4)
-    assert trainer.selection_callback.validation_dataset.num_rows == 12
+    assert trainer.selection_engine.validation_dataset.num_rows == 12
     # A validation set that only TRL's tokenization makes too small is caught too, naming the cause
     long_prompts = validation.map(lambda r, i: {"prompt": r["prompt"] * 40} if i < 20 else {}, with_indices=True)
     with pytest.raises(ValueError, match="after tokenization .*max_length"):

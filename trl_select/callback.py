@@ -25,7 +25,6 @@ from .validation import min_selection_size
 
 
 if TYPE_CHECKING:
-    from .scores import PairLogProbs
     from .trainer import SelectiveDPOTrainer
 
 
@@ -39,8 +38,8 @@ class SelectionCallback(TrainerCallback):
     each refresh, cached) and the rule turns the scores into a keep-mask; then the callback replaces the sampler's
     selection (the epoch's iterator is created after this hook, so the new selection applies to this very epoch) and
     moves the run's horizon (`state.max_steps`) and the LR schedule's end to the new epoch length.
-    The main process appends the event to `selection_history.jsonl`. Metrics go into the trainer's metric buffer under
-    `selection/`, so the next log carries them to every `report_to` backend.
+    The main process appends the event to `selection_history.jsonl`. Metrics under `selection/` go to
+    `trainer.log_selection_metrics`, so the next log carries them to every `report_to` backend.
 
     Warm-up epochs are recorded too, as events that keep the full pool.
 
@@ -68,21 +67,11 @@ class SelectionCallback(TrainerCallback):
         self._epoch_start_step = 0
         self.reporters: list[Reporter] = []
 
-    # The engine's ledger and recorder, here too: benchmarks and scripts read `trainer.selection_callback.compute`.
+    # The engine's ledger, here too: benchmarks and scripts read `trainer.selection_callback.compute`.
     @property
     def compute(self):
         """The run's `ComputeLedger` (owned by the scoring engine)."""
         return self.engine.compute
-
-    @property
-    def training_log_probs(self):
-        """The training steps' log-prob recorder (owned by the scoring engine)."""
-        return self.engine.training_log_probs
-
-    @property
-    def validation_dataset(self):
-        """The tokenized validation pairs the scoring engine aligns θ_aux on."""
-        return self.engine.validation_dataset
 
     # ----- hooks -----
 
@@ -263,16 +252,6 @@ class SelectionCallback(TrainerCallback):
             f"(never kept) per score: {nonfinite}. If scores are non-finite, train in bf16/fp32 instead of fp16; "
             "otherwise widen the bands. The last checkpoint's weights can start a new run (`model=<checkpoint dir>`)."
         )
-
-    # ----- the engine's passes, reachable from the callback as before -----
-
-    def reference_log_probs(self, reuse_training: bool = False) -> PairLogProbs:
-        """π_ref's pool log-probs (`ScoringEngine.reference_log_probs`)."""
-        return self.engine.reference_log_probs(reuse_training)
-
-    def policy_log_probs(self, reuse_training: bool = False, metrics: dict[str, float] | None = None) -> PairLogProbs:
-        """θ_t's pool log-probs (`ScoringEngine.policy_log_probs`)."""
-        return self.engine.policy_log_probs(reuse_training, metrics)
 
     # ----- checkpoint state -----
 
