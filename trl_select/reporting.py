@@ -49,6 +49,8 @@ from .score_files import (  # noqa: F401  (re-exported: the score-file API lived
     score_table,
     write_score_file,
 )
+from .suspects import find_suspects
+from .suspects_report import suspects_table
 
 
 if TYPE_CHECKING:
@@ -313,9 +315,6 @@ class WandbReporter:
         return log
 
     def _suspects_table(self, wandb):
-        from .suspects import find_suspects
-        from .suspects_report import suspects_table
-
         try:  # reads the score files, this event's included (`ScoreFileReporter` runs first)
             return suspects_table(find_suspects(self.output_dir, top=self.max_suspects), wandb)
         except (FileNotFoundError, ValueError) as error:
