@@ -55,12 +55,18 @@ class SelectionContext:
     """What a rule knows besides the scores.
 
     Attributes:
-        epoch: the epoch about to start (0-based).
-        seed: `args.seed`.
-        pool_size: number of pool rows; a rule's mask has this length.
-        pair_ids: the stable id of each pool row (the dataset's `id` column if it has one, else the row index).
-        args: the trainer's `SelectiveDPOConfig` (or the config the CLI built).
-        dataset: the training pool as given to the trainer (untokenized columns still present when available).
+        epoch (`int`):
+            The epoch about to start (0-based).
+        seed (`int`):
+            `args.seed`.
+        pool_size (`int`):
+            Number of pool rows; a rule's mask has this length.
+        pair_ids (`list`):
+            The stable id of each pool row (the dataset's `id` column if it has one, else the row index).
+        args ([`SelectiveDPOConfig`]):
+            The trainer's config (or the config the CLI built).
+        dataset ([`~datasets.Dataset`], *optional*, defaults to `None`):
+            The training pool as given to the trainer (untokenized columns still present when available).
     """
 
     epoch: int

@@ -409,16 +409,21 @@ def find_suspects(
     """The pairs of a run ranked by the evidence that their label is flipped, most suspect first.
 
     Args:
-        output_dir: a selective run's `output_dir` (its `selection/epoch_*.parquet`), a score file, a folder of score
-            files, or a list of these (e.g. a run and an offline `trl-select score` file of the same pool).
-        dataset: the training dataset (a `save_to_disk` folder, .jsonl, .json or .parquet) to attach the prompt,
-            chosen and rejected text of each pair, matched by its `id` column or row index.
-        top: keep the `top` most suspect pairs (default: all).
-        statistic: a name in `SUSPECT_STATISTICS` (default `DEFAULT_STATISTIC`, see the module docstring).
-        split: the split of a `DatasetDict` folder.
+        output_dir (`str`, `os.PathLike` or a sequence of them):
+            A selective run's `output_dir` (its `selection/epoch_*.parquet`), a score file, a folder of score files,
+            or a list of these (e.g. a run and an offline `trl-select score` file of the same pool).
+        dataset (`str` or `os.PathLike`, *optional*, defaults to `None`):
+            The training dataset (a `save_to_disk` folder, .jsonl, .json or .parquet) to attach the prompt, chosen
+            and rejected text of each pair, matched by its `id` column or row index.
+        top (`int`, *optional*, defaults to `None`):
+            Keep the `top` most suspect pairs (`None`: all).
+        statistic (`str`, *optional*, defaults to `"mean_log_odds"`):
+            A name in `SUSPECT_STATISTICS` (`DEFAULT_STATISTIC`, see the module docstring).
+        split (`str`, *optional*, defaults to `"train"`):
+            The split of a `DatasetDict` folder.
 
     Returns:
-        A list of `Suspect` rows (one dataclass per pair, `Suspect.to_record()` for a flat dict), `rank` 1 first.
+        `list[Suspect]`: one row per pair (`Suspect.to_record()` for a flat dict), `rank` 1 first.
     """
     paths = [output_dir] if isinstance(output_dir, (str, os.PathLike)) else list(output_dir)
     suspects = rank_suspects(load_score_files(*paths), statistic=statistic)
