@@ -25,6 +25,7 @@ from .validation import min_selection_size
 
 
 if TYPE_CHECKING:
+    from .scores import PairLogProbs
     from .trainer import SelectiveDPOTrainer
 
 
@@ -252,6 +253,17 @@ class SelectionCallback(TrainerCallback):
             f"(never kept) per score: {nonfinite}. If scores are non-finite, train in bf16/fp32 instead of fp16; "
             "otherwise widen the bands. The last checkpoint's weights can start a new run (`model=<checkpoint dir>`)."
         )
+
+    # The engine's passes, here too, for scripts written against the callback (benchmarks/overhead.py); new code calls
+    # `trainer.selection_engine`.
+
+    def reference_log_probs(self, reuse_training: bool = False) -> PairLogProbs:
+        """π_ref's pool log-probs (`ScoringEngine.reference_log_probs`)."""
+        return self.engine.reference_log_probs(reuse_training)
+
+    def policy_log_probs(self, reuse_training: bool = False, metrics: dict[str, float] | None = None) -> PairLogProbs:
+        """θ_t's pool log-probs (`ScoringEngine.policy_log_probs`)."""
+        return self.engine.policy_log_probs(reuse_training, metrics)
 
     # ----- checkpoint state -----
 
