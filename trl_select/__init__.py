@@ -83,6 +83,9 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _EXPORTS[name] == "registry":
+        # The built-in rules and scorers first, so a plug-in's name clashes with them at its own registration.
+        importlib.import_module(".registry_builtins", __name__)
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -15,7 +15,8 @@ A rule returns a boolean keep-mask over the pool rows, or `(mask, bands)` with `
 that get logged and plotted). A scorer is `fn(context: ScoringContext) -> np.ndarray`, registered with the inputs it
 `needs` (see `SCORER_INPUTS`), so the selection event computes only what its rule uses. The built-ins
 (`registry_builtins.py`) register themselves through the same decorators; the modules that look rules up (`config`,
-`engine`, the CLI) import them first, so they are registered before any config is validated. This module imports no
+`engine`, the CLI) import them first, and so does `trl_select.register_rule` (and the package's other registry names),
+so they are registered before any plug-in or config. This module imports no
 plug-in: the registry sits below every rule and scorer.
 """
 
