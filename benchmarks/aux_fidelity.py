@@ -96,9 +96,9 @@ def score_seed(seed: int, task: dict, sft_state: dict, tokenizer, work_dir: Path
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)
     trainer.train()  # the warm-up epoch: θ_t
-    callback = trainer.selection_callback
-    policy, reference = callback.policy_log_probs(), callback.reference_log_probs()
-    auxiliary = callback.auxiliary()
+    engine = trainer.selection_engine
+    policy, reference = engine.policy_log_probs(), engine.reference_log_probs()
+    auxiliary = engine.auxiliary()
     base = auxiliary.settings
     beta, loss_type = args.beta, args.loss_type[0]
 
@@ -119,7 +119,7 @@ def score_seed(seed: int, task: dict, sft_state: dict, tokenizer, work_dir: Path
         auxiliary.settings = dataclasses.replace(base, **settings)
         auxiliary.num_refreshes = shuffle  # the validation shuffle (`seed + num_refreshes`) and, for LoRA, A's draw
         start = time.perf_counter()
-        result = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+        result = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
         seconds = time.perf_counter() - start
         lossdiff[name] = loss_difference(policy, result.pool_log_probs, reference, beta, loss_type).numpy()
         record["variants"][name] = {

@@ -18,7 +18,7 @@ the trainer is deleted and the CUDA cache emptied; the peak is reset at every ph
    full pool. Measures the epoch (pairs/s over the epoch and, steady, from the median step), peak memory of training.
 2. `lora` and `full` (one arm per `aux_mode`): `SelectiveDPOTrainer` with LossDiff-IRM trains `warmup_steps` steps
    (so the policy's AdamW state exists, as at a real epoch boundary), then runs the scores of one selection event
-   through the callback's own `_compute_scores` (the code an event runs, with its own timers): the reference pass
+   through the scoring engine's `compute_scores` (the code an event runs, with its own timers): the reference pass
    (cached after the first event of a run), the policy scoring pass over the pool, and the aux refresh (build the aux
    model, align it on the validation pairs, score the pool with it). Peak memory of the warm-up steps and of the
    event separately; the arm's peak is the larger. LossDiff must come out finite.
@@ -416,7 +416,7 @@ def run_selective(model_path: Path, sizes: Sizes, train, validation, work_dir: P
     reset_peak()
     metrics: dict[str, float] = {}
     start = time.perf_counter()
-    scores = trainer.selection_callback._compute_scores(1, metrics)
+    scores = trainer.selection_engine.compute_scores(1, metrics)
     sync()
     event_s = time.perf_counter() - start
     event_peak = peak_mib()

@@ -72,7 +72,7 @@ def time_rescoring(pool_sizes: list[int], repeats: int, work_dir: Path) -> list[
             processing_class=tokenizer,
         )
         trainer.remove_callback(PrinterCallback)
-        reference = trainer.selection_callback.reference_log_probs()  # cached, as on every event after the first
+        reference = trainer.selection_engine.reference_log_probs()  # cached, as on every event after the first
         accelerator = trainer.accelerator
 
         rescore(trainer, reference)  # warm-up: allocator, kernels
@@ -100,7 +100,7 @@ def rescore(trainer, reference) -> tuple[float, float]:
     args, accelerator = trainer.args, trainer.accelerator
     accelerator.wait_for_everyone()
     start, cpu_start = time.perf_counter(), time.process_time()
-    policy = trainer.selection_callback.policy_log_probs()
+    policy = trainer.selection_engine.policy_log_probs()
     irm = implicit_reward_margin(policy, reference, args.beta).double().numpy()
     band_intersection({"irm": irm}, args.percentile_bands())
     cpu = time.process_time() - cpu_start

@@ -80,15 +80,15 @@ def checkpoint(seed: int, pool: Dataset, validation: Dataset, output_dir: str) -
 
 def score_all(trainer: SelectiveDPOTrainer) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Every score at the checkpoint, and each selector's scoring seconds (caches cleared before each timing)."""
-    callback = trainer.selection_callback
+    engine = trainer.selection_engine
     epoch = trainer.args.selection_warmup_epochs
-    callback._compute_scores(epoch, {}, ("lossdiff", "irm", "influence"))  # warm-up: first-call costs out of timings
+    engine.compute_scores(epoch, {}, ("lossdiff", "irm", "influence"))  # warm-up: first-call costs out of timings
     scores: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     for selector, names in TIMED.items():
-        callback._reference = callback._validation_reference = callback._auxiliary_log_probs = None
+        engine.forget_cached_log_probs()
         start = time.process_time()  # CPU time of this single-threaded process: robust to a shared, loaded machine
-        scores.update(callback._compute_scores(epoch, {}, names))
+        scores.update(engine.compute_scores(epoch, {}, names))
         seconds[selector] = time.process_time() - start
     return scores, seconds
 

@@ -56,14 +56,14 @@ def test_precomputed_reference_of_a_separate_validation_set_is_the_initial_polic
     )
     assert trainer.ref_model is None and trainer.eval_dataset is None
     trainer.train()  # one warm-up epoch: the policy moves away from π_ref
-    callback = trainer.selection_callback
-    validation_set = callback.validation_dataset
+    engine = trainer.selection_engine
+    validation_set = engine.validation_dataset
 
     true_validation_reference = _log_probs(initial, validation_set, trainer)
-    _assert_log_probs_close(callback.reference_log_probs(), _log_probs(initial, trainer.train_dataset, trainer))
-    _assert_log_probs_close(callback.validation_reference_log_probs(), true_validation_reference)
+    _assert_log_probs_close(engine.reference_log_probs(), _log_probs(initial, trainer.train_dataset, trainer))
+    _assert_log_probs_close(engine.validation_reference_log_probs(), true_validation_reference)
 
-    result = callback.auxiliary().refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    result = engine.auxiliary().refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     policy = _log_probs(trainer.accelerator.unwrap_model(trainer.model), validation_set, trainer)
     margin = reference_normalised_margin(policy, true_validation_reference)
     expected = float(preference_loss(margin, args.beta, "sigmoid").mean())
@@ -96,14 +96,14 @@ def test_reference_columns_are_read_only_when_precomputing(tmp_path, tokenizer, 
         validation_dataset=with_bogus_reference(validation),
         processing_class=tokenizer,
     )
-    callback = trainer.selection_callback
+    engine = trainer.selection_engine
     assert "ref_chosen_logps" in trainer.train_dataset.column_names  # the columns survived TRL's preprocessing
     live = trainer.accelerator.unwrap_model(trainer.ref_model)
-    pool_reference = callback.reference_log_probs()
+    pool_reference = engine.reference_log_probs()
     assert bool((pool_reference.chosen < -1).all())  # not the zeros in the columns
     _assert_log_probs_close(pool_reference, _log_probs(live, trainer.train_dataset, trainer))
     _assert_log_probs_close(
-        callback.validation_reference_log_probs(), _log_probs(live, callback.validation_dataset, trainer)
+        engine.validation_reference_log_probs(), _log_probs(live, engine.validation_dataset, trainer)
     )
 
 
@@ -119,8 +119,8 @@ def test_bf16_lora_aux_adapter_starts_as_an_exact_copy(tmp_path, tokenizer, pool
     trainer = SelectiveDPOTrainer(
         model, args=args, train_dataset=pool, validation_dataset=validation, processing_class=tokenizer
     )
-    callback = trainer.selection_callback
-    auxiliary = callback.auxiliary()
+    engine = trainer.selection_engine
+    auxiliary = engine.auxiliary()
     auxiliary.settings = dataclasses.replace(auxiliary.settings, learning_rate=0.0, max_steps=1)
     aux_dtypes: set[torch.dtype] = set()
     align = AuxiliaryModel._align
@@ -131,10 +131,10 @@ def test_bf16_lora_aux_adapter_starts_as_an_exact_copy(tmp_path, tokenizer, pool
 
     AuxiliaryModel._align = recording_align
     try:
-        result = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+        result = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     finally:
         AuxiliaryModel._align = align
-    policy, reference = callback.policy_log_probs(), callback.reference_log_probs()
+    policy, reference = engine.policy_log_probs(), engine.reference_log_probs()
     assert (result.pool_log_probs.chosen - policy.chosen).abs().max() == 0
     assert (result.pool_log_probs.rejected - policy.rejected).abs().max() == 0
     lossdiff = loss_difference(policy, result.pool_log_probs, reference, args.beta, "sigmoid")
@@ -155,8 +155,8 @@ def test_fp16_aux_stage_scales_its_loss_and_skips_non_finite_steps(tmp_path, tok
         validation_dataset=validation,
         processing_class=tokenizer,
     )
-    callback = trainer.selection_callback
-    assert callback.auxiliary().settings.loss_scaling  # fp16 without DeepSpeed: the aux stage scales its loss
+    engine = trainer.selection_engine
+    assert engine.auxiliary().settings.loss_scaling  # fp16 without DeepSpeed: the aux stage scales its loss
 
     calls = {"n": 0}
     batch_loss = AuxiliaryModel._batch_loss
@@ -171,14 +171,14 @@ def test_fp16_aux_stage_scales_its_loss_and_skips_non_finite_steps(tmp_path, tok
 
     monkeypatch.setattr(AuxiliaryModel, "_batch_loss", overflowing_second_step)
     metrics: dict[str, float] = {}
-    aux_log_probs = callback._auxiliary_pool_log_probs(1, metrics)
+    aux_log_probs = trainer.selection_engine.auxiliary_log_probs(1, metrics)
     assert calls["n"] == 4
     assert metrics["selection/aux/steps"] == 4.0
     assert metrics["selection/aux/skipped_steps"] == 1.0
     assert bool(torch.isfinite(aux_log_probs.chosen).all() and torch.isfinite(aux_log_probs.rejected).all())
     assert metrics["selection/aux/val_loss_after"] < metrics["selection/aux/val_loss_before"]
     # The next refresh starts from the lowered scale instead of finding it again
-    assert callback.auxiliary().grad_scaler_state["scale"] == 2.0**15
+    assert engine.auxiliary().grad_scaler_state["scale"] == 2.0**15
 
 
 def test_fp16_loss_scaling_leaves_finite_steps_unchanged(tmp_path, tokenizer, pool, validation):
@@ -193,13 +193,13 @@ def test_fp16_loss_scaling_leaves_finite_steps_unchanged(tmp_path, tokenizer, po
         validation_dataset=validation,
         processing_class=tokenizer,
     )
-    callback = trainer.selection_callback
-    auxiliary = callback.auxiliary()
+    engine = trainer.selection_engine
+    auxiliary = engine.auxiliary()
     assert not auxiliary.settings.loss_scaling
-    plain = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    plain = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     auxiliary.num_refreshes = 0  # the same shuffle
     auxiliary.settings = dataclasses.replace(auxiliary.settings, loss_scaling=True)
-    scaled = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    scaled = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert scaled.skipped_steps == plain.skipped_steps == 0
     torch.testing.assert_close(scaled.pool_log_probs.chosen, plain.pool_log_probs.chosen, rtol=1e-6, atol=1e-6)
     assert scaled.validation_loss_after == pytest.approx(plain.validation_loss_after, rel=1e-6)

@@ -19,7 +19,7 @@ import pytest
 from datasets import Dataset
 
 from trl_select import SelectiveDPOTrainer, read_history
-from trl_select.callback import SelectionCallback
+from trl_select.engine import ScoringEngine
 from trl_select.validation import check_preference_rows
 
 from .testing_utils import fast_config
@@ -109,7 +109,7 @@ def test_bad_validation_rows_and_sizes(tmp_path, tokenizer, tiny_model, pool, va
     ):
         _build(tmp_path, tiny_model, tokenizer, pool, validation.select(range(12)))
     trainer = _build(tmp_path, tiny_model, tokenizer, pool, validation.select(range(12)), aux_batch_size=4)
-    assert trainer.selection_callback.validation_dataset.num_rows == 12
+    assert trainer.selection_engine.validation_dataset.num_rows == 12
     # A validation set that only TRL's tokenization makes too small is caught too, naming the cause
     long_prompts = validation.map(lambda r, i: {"prompt": r["prompt"] * 40} if i < 20 else {}, with_indices=True)
     with pytest.raises(ValueError, match="after tokenization .*max_length"):
@@ -150,14 +150,14 @@ def test_a_selection_fraction_that_cannot_fill_a_batch_fails_at_construction(tmp
 
 def _scores_with(monkeypatch, edit) -> None:
     """Let `edit(scores)` change the scores of every selection event before the rule sees them."""
-    original = SelectionCallback._compute_scores
+    original = ScoringEngine.compute_scores
 
-    def patched(self, epoch, metrics):
-        scores = original(self, epoch, metrics)
+    def patched(self, epoch, metrics, score_names=None, reuse_training=False):
+        scores = original(self, epoch, metrics, score_names, reuse_training)
         edit(scores)
         return scores
 
-    monkeypatch.setattr(SelectionCallback, "_compute_scores", patched)
+    monkeypatch.setattr(ScoringEngine, "compute_scores", patched)
 
 
 def test_nonfinite_scores_are_never_kept_through_the_trainer(tmp_path, tokenizer, tiny_model, pool, monkeypatch):

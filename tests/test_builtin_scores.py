@@ -34,7 +34,7 @@ def moved_trainer(tmp_path, tokenizer, tiny_model, pool):
 
 def test_reward_gap_and_davir_match_per_pair_forwards(moved_trainer):
     trainer, policy, reference = moved_trainer
-    scores = trainer.selection_callback._compute_scores(1, {}, ("reward_gap", "davir", "irm"))
+    scores = trainer.selection_engine.compute_scores(1, {}, ("reward_gap", "davir", "irm"))
     expected_gap, expected_davir = [], []
     with torch.no_grad():
         for row in token_rows(trainer.train_dataset):

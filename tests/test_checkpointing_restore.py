@@ -91,7 +91,7 @@ def test_influence_pass_restores_the_trainers_checkpoint_kwargs(tmp_path, tokeni
     scores = {}
 
     def score() -> None:
-        scores.update(trainer.selection_callback._compute_scores(1, {}, ("influence",)))
+        scores.update(trainer.selection_engine.compute_scores(1, {}, ("influence",)))
 
     assert _deprecated_checkpointing_calls_from_trl_select(score) == []
     assert scores["influence"].shape == (32,)

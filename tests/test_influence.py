@@ -57,21 +57,21 @@ def setup(tmp_path_factory, tokenizer, reverse_rows):
     trainer = SelectiveDPOTrainer(
         policy, ref_model=reference, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer
     )
-    callback = trainer.selection_callback
+    engine = trainer.selection_engine
     context = ScoringContext(
         pool_size=len(pool),
         beta=BETA,
         loss_type="sigmoid",
-        reference=callback.reference_log_probs(),
+        reference=engine.reference_log_probs(),
         model=policy,
         pool=trainer.train_dataset,
         collator=trainer.data_collator,
         accelerator=trainer.accelerator,
         batch_size=4,  # 6 rows: a partial last batch
-        validation=callback.validation_dataset,
-        validation_reference=callback.validation_reference_log_probs(),
+        validation=engine.validation_dataset,
+        validation_reference=engine.validation_reference_log_probs(),
     )
-    pool_rows, validation_rows = token_rows(trainer.train_dataset), token_rows(callback.validation_dataset)
+    pool_rows, validation_rows = token_rows(trainer.train_dataset), token_rows(engine.validation_dataset)
     for row in pool_rows + validation_rows:  # nothing truncated, so the plain forwards see what the trainer sees
         assert len(row["prompt_ids"]) + max(len(row["chosen_ids"]), len(row["rejected_ids"])) <= 64
     return {"policy": policy, "reference": reference, "context": context, "pool": pool_rows, "val": validation_rows}
@@ -179,7 +179,7 @@ def test_influence_under_peft_is_over_the_lora_parameters(tmp_path, tokenizer, t
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
     trainer.train()  # one warm-up epoch moves the LoRA weights off zero
-    scores = trainer.selection_callback._compute_scores(1, {}, ("influence",))["influence"]
+    scores = trainer.selection_engine.compute_scores(1, {}, ("influence",))["influence"]
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
@@ -191,7 +191,7 @@ def test_influence_under_peft_is_over_the_lora_parameters(tmp_path, tokenizer, t
             ref_chosen, ref_rejected = pair_log_probs(model, row)
         return preference_loss((chosen - ref_chosen) - (rejected - ref_rejected), BETA, "sigmoid")
 
-    validation_rows = token_rows(trainer.selection_callback.validation_dataset)
+    validation_rows = token_rows(trainer.selection_engine.validation_dataset)
     validation_grad = torch.autograd.grad(torch.stack([loss(r) for r in validation_rows]).mean(), lora)
     expected = [
         sum((a * b).sum() for a, b in zip(validation_grad, torch.autograd.grad(loss(row), lora), strict=True)).item()

@@ -73,12 +73,12 @@ def test_lora_aux_equals_the_policy_before_any_step(tmp_path, tokenizer, pool, v
     """B = 0 at injection: with learning rate 0 the aux pool log-probs are the policy's bit for bit, LossDiff is 0."""
     trainer = _trainer(tmp_path, tokenizer, pool, validation)
     trainer.train()
-    callback = trainer.selection_callback
-    auxiliary = callback.auxiliary()
+    engine = trainer.selection_engine
+    auxiliary = engine.auxiliary()
     auxiliary.settings = dataclasses.replace(auxiliary.settings, learning_rate=0.0, max_steps=2)
     stages = _record_aux_parameters(monkeypatch)
-    result = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
-    policy, reference = callback.policy_log_probs(), callback.reference_log_probs()
+    result = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
+    policy, reference = engine.policy_log_probs(), engine.reference_log_probs()
     assert torch.equal(result.pool_log_probs.chosen, policy.chosen)
     assert torch.equal(result.pool_log_probs.rejected, policy.rejected)
     lossdiff = loss_difference(policy, result.pool_log_probs, reference, trainer.args.beta, "sigmoid")
@@ -106,8 +106,8 @@ def test_lora_aux_refresh_aligns_and_leaves_the_policy_exactly_as_it_was(
     optimizer_before = _optimizer_state_bytes(trainer)
     stages = _record_aux_parameters(monkeypatch)
 
-    callback = trainer.selection_callback
-    result = callback.auxiliary().refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    engine = trainer.selection_engine
+    result = engine.auxiliary().refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
 
     assert result.num_steps == 4
     assert result.validation_loss_after < result.validation_loss_before - 1e-3
@@ -127,19 +127,19 @@ def test_lora_aux_refresh_aligns_and_leaves_the_policy_exactly_as_it_was(
     assert sum(t.numel() for t in trainable.values()) == _lora_numel(model, trainer.args.aux_lora_r)
     assert {t.dtype for t in trainable.values()} == {torch.float32}
     # The aux scores are not the policy's: the adapter moved
-    assert not torch.equal(result.pool_log_probs.chosen, callback.policy_log_probs().chosen)
+    assert not torch.equal(result.pool_log_probs.chosen, engine.policy_log_probs().chosen)
 
 
 def test_lora_aux_is_seeded_the_same_on_every_refresh_of_the_same_index(tmp_path, tokenizer, pool, validation):
     """A is drawn from `seed + refresh`: the same refresh twice gives the same θ_aux (what keeps ranks identical)."""
     trainer = _trainer(tmp_path, tokenizer, pool, validation)
     trainer.train()
-    callback = trainer.selection_callback
-    auxiliary = callback.auxiliary()
-    first = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
-    second = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    engine = trainer.selection_engine
+    auxiliary = engine.auxiliary()
+    first = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
+    second = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     auxiliary.num_refreshes = 0
-    again = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    again = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert torch.equal(again.pool_log_probs.chosen, first.pool_log_probs.chosen)
     assert not torch.equal(second.pool_log_probs.chosen, first.pool_log_probs.chosen)
 
@@ -148,13 +148,13 @@ def test_lora_aux_adapter_takes_the_dtype_of_a_bf16_policy(tmp_path, tokenizer, 
     """PEFT upcasts a bf16 adapter to fp32; the injected aux adapter is cast back, like the PEFT aux adapter."""
     model = build_tiny_llama(tokenizer, seed=0).to(torch.bfloat16)
     trainer = _trainer(tmp_path, tokenizer, pool, validation, model=model)
-    callback = trainer.selection_callback
-    auxiliary = callback.auxiliary()
+    engine = trainer.selection_engine
+    auxiliary = engine.auxiliary()
     auxiliary.settings = dataclasses.replace(auxiliary.settings, learning_rate=0.0, max_steps=1)
     stages = _record_aux_parameters(monkeypatch)
-    result = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    result = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert {t.dtype for t in stages[0].values()} == {torch.bfloat16}
-    assert torch.equal(result.pool_log_probs.chosen, callback.policy_log_probs().chosen)
+    assert torch.equal(result.pool_log_probs.chosen, engine.policy_log_probs().chosen)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
@@ -163,8 +163,8 @@ def test_lora_aux_target_modules_and_rank(tmp_path, tokenizer, pool, validation,
         tmp_path, tokenizer, pool, validation, aux_lora_r=2, aux_lora_alpha=4, aux_lora_target_modules=["q_proj"]
     )
     stages = _record_aux_parameters(monkeypatch)
-    callback = trainer.selection_callback
-    callback.auxiliary().refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    engine = trainer.selection_engine
+    engine.auxiliary().refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     model = trainer.accelerator.unwrap_model(trainer.model)
     q_proj = [m for n, m in model.named_modules() if n.endswith("q_proj")]
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in stages[0]} == {"q_proj"}
@@ -177,9 +177,9 @@ def test_lora_aux_target_that_matches_nothing_is_an_error_and_leaves_the_policy_
     trainer = _trainer(tmp_path, tokenizer, pool, validation, aux_lora_target_modules=["no_such_layer"])
     model = trainer.accelerator.unwrap_model(trainer.model)
     modules_before = [(n, id(m)) for n, m in model.named_modules()]
-    callback = trainer.selection_callback
+    engine = trainer.selection_engine
     with pytest.raises(ValueError, match="no_such_layer"):
-        callback.auxiliary().refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+        engine.auxiliary().refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert [(n, id(m)) for n, m in model.named_modules()] == modules_before
     assert all(p.requires_grad for p in model.parameters()) and "peft_config" not in model.__dict__
 
@@ -191,8 +191,8 @@ def test_lora_aux_with_gradient_checkpointing(tmp_path, tokenizer, pool, validat
     trainer.train()  # the Trainer turns checkpointing on when training starts
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert model.is_gradient_checkpointing
-    callback = trainer.selection_callback
-    result = callback.auxiliary().refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    engine = trainer.selection_engine
+    result = engine.auxiliary().refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert result.validation_loss_after < result.validation_loss_before - 1e-3
     assert model.is_gradient_checkpointing
 
@@ -232,8 +232,8 @@ def test_peft_policy_ignores_aux_mode(tmp_path, tokenizer, pool, validation, mon
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
-    callback = trainer.selection_callback
-    callback.auxiliary().refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    engine = trainer.selection_engine
+    engine.auxiliary().refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert built == ["_build_adapter"]
 
 
@@ -282,18 +282,18 @@ def test_lora_aux_on_each_model_family(tmp_path, tokenizer, pool, validation, mo
             aux_lora_r=4,
         ),
     )
-    callback = trainer.selection_callback
-    auxiliary = callback.auxiliary()
+    engine = trainer.selection_engine
+    auxiliary = engine.auxiliary()
     modules_before = [(n, id(m)) for n, m in model.named_modules()]
     weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     stages = _record_aux_parameters(monkeypatch)
 
     settings = auxiliary.settings
     auxiliary.settings = dataclasses.replace(settings, learning_rate=0.0, max_steps=1)
-    identity = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
-    assert torch.equal(identity.pool_log_probs.chosen, callback.policy_log_probs().chosen)
+    identity = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
+    assert torch.equal(identity.pool_log_probs.chosen, engine.policy_log_probs().chosen)
     auxiliary.settings = settings
-    aligned = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    aligned = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert aligned.validation_loss_after < aligned.validation_loss_before
 
     assert stages[0] and all(f".{INJECTED_AUX_ADAPTER}." in n for n in stages[0])

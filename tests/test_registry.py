@@ -15,7 +15,11 @@ from trl_select import (
     read_history,
     register_rule,
     register_scorer,
+    registered_rule,
+    registered_scorer,
     registry,
+    unregister_rule,
+    unregister_scorer,
 )
 from trl_select.rules import Band
 from trl_select.scores import implicit_reward_margin
@@ -26,12 +30,19 @@ from .testing_utils import fast_config
 @pytest.fixture
 def scratch_registry():
     """Registrations made by a test are removed afterwards, so tests do not leak names into each other."""
-    rules, scorers = dict(registry._RULES), dict(registry._SCORERS)
+    rules = {name: registry.get_rule(name) for name in registry.registered_rules()}
+    scorers = {name: registry.get_scorer(name) for name in registry.registered_scorers()}
     yield
-    registry._RULES.clear()
-    registry._RULES.update(rules)
-    registry._SCORERS.clear()
-    registry._SCORERS.update(scorers)
+    for name in registry.registered_rules():
+        if name not in rules:
+            registry.unregister_rule(name)
+    for name in registry.registered_scorers():
+        if name not in scorers:
+            registry.unregister_scorer(name)
+    for spec in rules.values():
+        register_rule(spec.name, spec.scores, overwrite=True)(spec.fn)
+    for spec in scorers.values():
+        register_scorer(spec.name, spec.needs, overwrite=True)(spec.fn)
 
 
 def test_builtins_are_registered():
@@ -65,7 +76,7 @@ def test_custom_scorer_and_rule_drive_the_trainers_selection(tmp_path, tokenizer
     assert (context.epoch, context.seed, context.pool_size) == (1, 0, 100)
     assert context.pair_ids == pool["id"] and context.args is args and "prompt" in context.dataset.column_names
     assert set(seen["scores"]) == {"chosen_logp_test", "irm"}
-    assert trainer.selection_callback._auxiliary is None  # LossDiff's aux model was never built
+    assert trainer.selection_engine.auxiliary_model is None  # LossDiff's aux model was never built
     irm = seen["scores"]["irm"]
     expected = [pool["id"][row] for row in np.flatnonzero(irm >= np.median(irm))]
     record = read_history(tmp_path)[1]
@@ -79,11 +90,11 @@ def test_scorer_output_matches_the_math_it_wraps(tmp_path, tokenizer, tiny_model
     trainer = SelectiveDPOTrainer(
         tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, processing_class=tokenizer
     )
-    callback = trainer.selection_callback
+    engine = trainer.selection_engine
     metrics: dict[str, float] = {}
-    scores = callback._compute_scores(1, metrics)
+    scores = engine.compute_scores(1, metrics)
     assert set(scores) == {"irm"} and "selection/seconds_aux" not in metrics
-    expected = implicit_reward_margin(callback.policy_log_probs(), callback.reference_log_probs(), args.beta)
+    expected = implicit_reward_margin(engine.policy_log_probs(), engine.reference_log_probs(), args.beta)
     np.testing.assert_allclose(scores["irm"], expected.double().numpy())
 
 
@@ -124,3 +135,41 @@ def test_rule_results_are_checked(scratch_registry):
     register_scorer("short_score_test", needs=())(lambda context: np.zeros(3))
     with pytest.raises(ValueError, match="Scorer 'short_score_test' returned shape \\(3,\\)"):
         registry.run_scorer("short_score_test", ScoringContext(pool_size=4, beta=0.1, loss_type="sigmoid"))
+
+
+def test_unregister_and_scoped_registration_restore_the_registry(scratch_registry):
+    def keep_all(scores, context):
+        return np.ones(context.pool_size, dtype=bool)
+
+    rules_before = registry.registered_rules()
+    with registered_rule("scoped_rule_test", keep_all, scores=("irm",)) as fn:
+        assert fn is keep_all and registry.get_rule("scoped_rule_test").scores == ("irm",)
+        config = SelectiveDPOConfig(
+            output_dir="unused", report_to="none", bf16=False, selection_rule="scoped_rule_test"
+        )
+        assert config.required_scores == ("irm",)
+    assert registry.registered_rules() == rules_before
+    # Replacing a built-in for a block puts the built-in back after it
+    builtin = registry.get_rule("irm_band")
+    with (
+        pytest.raises(ValueError, match="'irm_band' is already registered"),
+        registered_rule("irm_band", keep_all, ()),
+    ):
+        pass
+    with registered_rule("irm_band", keep_all, scores=("irm",), overwrite=True):
+        assert registry.get_rule("irm_band").fn is keep_all
+    assert registry.get_rule("irm_band") == builtin
+
+    with registered_scorer("scoped_score_test", lambda context: np.zeros(context.pool_size), needs=("policy",)):
+        assert registry.get_scorer("scoped_score_test").needs == ("policy",)
+    assert "scoped_score_test" not in registry.registered_scorers()
+
+    register_rule("unregistered_test", scores=())(keep_all)
+    assert unregister_rule("unregistered_test").fn is keep_all
+    assert "unregistered_test" not in registry.registered_rules()
+    register_scorer("unregistered_score_test", needs=())(lambda context: np.zeros(context.pool_size))
+    assert unregister_scorer("unregistered_score_test").needs == ()
+    with pytest.raises(ValueError, match="must be a registered rule.*'nope'"):
+        unregister_rule("nope")
+    with pytest.raises(ValueError, match="'nope', which is not registered"):
+        unregister_scorer("nope")

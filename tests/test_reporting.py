@@ -22,6 +22,7 @@ from trl_select.history import SelectionHistory
 from trl_select.plots import event_figure
 from trl_select.reporting import (
     KeepTally,
+    ScoreFileReporter,
     WandbReporter,
     kept_fraction_by_category,
     metric_safe,
@@ -410,3 +411,33 @@ def test_plots_of_the_real_run(wandb_run):
     figure = event_figure(read_score_files(wandb_run["output_dir"])[1])
     titles = [ax.get_title() for ax in figure.axes]
     assert "Kept fraction by rejected_kind" in titles and "LossDiff × IRM" in titles
+
+
+def test_selection_reporters_see_every_event_and_log_through_the_trainer(tmp_path, tokenizer, tiny_model, pool):
+    seen, holder = [], {}
+
+    def reporter(event, args, state):
+        seen.append((event.epoch, event.kind, int(np.asarray(event.keep).sum()), sorted(event.scores)))
+        if event.kind == "selection":
+            holder["trainer"].log_selection_metrics({"selection/custom/kept": float(np.asarray(event.keep).sum())})
+
+    trainer = SelectiveDPOTrainer(
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=fast_config(tmp_path, num_train_epochs=2, selection_rule="irm_band"),
+        train_dataset=pool,
+        processing_class=tokenizer,
+        selection_reporters=[reporter],
+    )
+    holder["trainer"] = trainer
+    assert trainer.selection_callback.reporters[-1] is reporter  # after the built-in ones
+    assert isinstance(trainer.selection_callback.reporters[0], ScoreFileReporter)
+    trainer.train()
+
+    records = read_history(tmp_path)
+    assert seen == [
+        (0, "warmup", 100, []),
+        (1, "selection", records[1]["num_selected"], ["irm"]),
+    ]
+    logged = [entry for entry in trainer.state.log_history if "selection/custom/kept" in entry]
+    assert [entry["selection/custom/kept"] for entry in logged] == [float(records[1]["num_selected"])]

@@ -190,13 +190,13 @@ from pathlib import Path
 from datasets import Dataset
 from peft import LoraConfig
 from trl_select.auxiliary import AuxiliaryModel
-from trl_select.callback import SelectionCallback
+from trl_select.engine import ScoringEngine
 from trl_select.testing import build_char_tokenizer, read_jsonl
 from tests.testing_utils import DEMO_DATA
 from tests.test_resume import _trainer
 
 output_dir, where, marker = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-owner, name, call = (SelectionCallback, "policy_log_probs", 2) if where == "scoring" else (AuxiliaryModel, "_align", 1)
+owner, name, call = (ScoringEngine, "policy_log_probs", 2) if where == "scoring" else (AuxiliaryModel, "_align", 1)
 original, calls = getattr(owner, name), []
 
 def hang(self, *args, **kwargs):

@@ -125,9 +125,11 @@ def runs(tmp_path, tokenizer, pool, validation):
 
 
 def test_reused_reference_equals_the_reference_pass_and_costs_nothing(runs):
-    exact, reused = runs["none"].selection_callback, runs["reference"].selection_callback
-    torch.testing.assert_close(reused._reference.chosen, exact._reference.chosen, atol=1e-4, rtol=0)
-    torch.testing.assert_close(reused._reference.rejected, exact._reference.rejected, atol=1e-4, rtol=0)
+    exact, reused = runs["none"].selection_engine, runs["reference"].selection_engine
+    # cached by the runs' events: reading them back runs no pass
+    exact_reference, reused_reference = exact.reference_log_probs(), reused.reference_log_probs()
+    torch.testing.assert_close(reused_reference.chosen, exact_reference.chosen, atol=1e-4, rtol=0)
+    torch.testing.assert_close(reused_reference.rejected, exact_reference.rejected, atol=1e-4, rtol=0)
     assert exact.compute.fte["reference"] > reused.compute.fte["reference"]
     # only the validation pairs' π_ref pass is left: every pool pair was trained in the warm-up epoch
     assert reused.compute.fte["reference"] == exact.token_counts("validation").sum()

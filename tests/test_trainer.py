@@ -119,10 +119,10 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("kind", ["full", "peft"])
 def test_aux_alignment_leaves_the_policy_untouched(warm_trainers, kind):
     trainer = warm_trainers[kind]
-    callback = trainer.selection_callback
+    engine = trainer.selection_engine
     before = _snapshot(trainer)
-    policy = callback.policy_log_probs()
-    result = callback.auxiliary().refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
+    policy = engine.policy_log_probs()
+    result = engine.auxiliary().refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     _assert_same(before, _snapshot(trainer))
     # ... while the aux model did move, toward the validation data
     assert result.validation_loss_after < result.validation_loss_before
@@ -135,7 +135,7 @@ def test_aux_alignment_leaves_the_policy_untouched(warm_trainers, kind):
 @pytest.mark.parametrize("kind", ["full", "peft"])
 def test_scorer_agrees_with_dpo_trainer_metrics(warm_trainers, kind):
     trainer = warm_trainers[kind]
-    callback = trainer.selection_callback
+    engine = trainer.selection_engine
     rows = list(range(16))
     columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
     batch = trainer.data_collator([{c: trainer.train_dataset[r][c] for c in columns} for r in rows])
@@ -146,7 +146,7 @@ def test_scorer_agrees_with_dpo_trainer_metrics(warm_trainers, kind):
     trainer.model.train()
     logged = {key: values[-1] for key, values in trainer._metrics["eval"].items()}
 
-    policy, reference = callback.policy_log_probs(), callback.reference_log_probs()
+    policy, reference = engine.policy_log_probs(), engine.reference_log_probs()
     irm = implicit_reward_margin(policy, reference, trainer.args.beta)[rows]
     assert abs(logged["rewards/margins"]) > 1e-4  # the policy has moved, so this comparison means something
     assert irm.mean().item() == pytest.approx(logged["rewards/margins"], rel=1e-4, abs=1e-6)

@@ -22,8 +22,15 @@ _EXPORTS: dict[str, str] = {
     "SelectionContext": "registry",
     "register_rule": "registry",
     "register_scorer": "registry",
-    "read_score_file": "reporting",
-    "read_score_files": "reporting",
+    "registered_rule": "registry",
+    "registered_scorer": "registry",
+    "unregister_rule": "registry",
+    "unregister_scorer": "registry",
+    "SelectionEvent": "event",
+    "ScoringEngine": "engine",
+    "ScoreFile": "score_files",
+    "read_score_file": "score_files",
+    "read_score_files": "score_files",
     "intersection": "rules",
     "jaccard": "rules",
     "overlap_coefficient": "rules",
@@ -41,9 +48,12 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "PairLogProbs",
+    "ScoreFile",
     "ScoringContext",
+    "ScoringEngine",
     "SelectionCallback",
     "SelectionContext",
+    "SelectionEvent",
     "SelectiveDPOConfig",
     "SelectiveDPOTrainer",
     "SelectiveSLiCConfig",
@@ -62,13 +72,20 @@ __all__ = [
     "read_score_files",
     "register_rule",
     "register_scorer",
+    "registered_rule",
+    "registered_scorer",
     "union",
+    "unregister_rule",
+    "unregister_scorer",
 ]
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _EXPORTS[name] == "registry":
+        # The built-in rules and scorers first, so a plug-in's name clashes with them at its own registration.
+        importlib.import_module(".registry_builtins", __name__)
     value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
@@ -81,10 +98,21 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .callback import SelectionCallback
     from .config import SelectiveDPOConfig, SelectiveSLiCConfig
+    from .engine import ScoringEngine
+    from .event import SelectionEvent
     from .history import read_history
-    from .registry import ScoringContext, SelectionContext, register_rule, register_scorer
-    from .reporting import read_score_file, read_score_files
+    from .registry import (
+        ScoringContext,
+        SelectionContext,
+        register_rule,
+        register_scorer,
+        registered_rule,
+        registered_scorer,
+        unregister_rule,
+        unregister_scorer,
+    )
     from .rules import intersection, jaccard, overlap_coefficient, percentile_band, union
+    from .score_files import ScoreFile, read_score_file, read_score_files
     from .scores import PairLogProbs, implicit_reward_margin, loss_difference, preference_loss
     from .suspects import Suspect, find_suspects
     from .trainer import SelectiveDPOTrainer, SelectiveSLiCTrainer

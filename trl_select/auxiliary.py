@@ -326,13 +326,20 @@ class AuxiliaryModel:
     """Builds, aligns, uses and discards θ_aux.
 
     Args:
-        policy: The trainer's (unwrapped) policy model: a `PreTrainedModel` or a `PeftModel`.
-        accelerator: The trainer's accelerator.
-        collator: The trainer's preference collator.
-        validation: The tokenized validation pairs.
-        validation_reference: π_ref's log-probs of `validation`, in row order.
-        settings: The alignment stage.
-        gradient_checkpointing_kwargs: The trainer's, to restore checkpointing after no-grad passes.
+        policy (`torch.nn.Module`):
+            The trainer's (unwrapped) policy model: a `PreTrainedModel` or a `PeftModel`.
+        accelerator ([`~accelerate.Accelerator`]):
+            The trainer's accelerator.
+        collator (`Callable`):
+            The trainer's preference collator.
+        validation ([`~datasets.Dataset`]):
+            The tokenized validation pairs.
+        validation_reference ([`PairLogProbs`]):
+            π_ref's log-probs of `validation`, in row order.
+        settings ([`AlignmentSettings`]):
+            The alignment stage.
+        gradient_checkpointing_kwargs (`dict`, *optional*, defaults to `None`):
+            The trainer's, to restore checkpointing after no-grad passes.
     """
 
     def __init__(

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .history import HISTORY_FILENAME, _write_atomically
+from .history import HISTORY_FILENAME, write_atomically
 
 
 STATE_FILENAME = "trl_select_state.json"
@@ -116,8 +116,8 @@ def save_selection_state(
         tmp = directory / f".{LOG_PROBS_FILENAME}.tmp"
         save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(tmp))
         os.replace(tmp, directory / LOG_PROBS_FILENAME)
-    _write_atomically(directory / HISTORY_FILENAME, history)
-    _write_atomically(directory / STATE_FILENAME, json.dumps(asdict(state), indent=1, sort_keys=True).encode())
+    write_atomically(directory / HISTORY_FILENAME, history)
+    write_atomically(directory / STATE_FILENAME, json.dumps(asdict(state), indent=1, sort_keys=True).encode())
 
 
 def load_selection_state(checkpoint_dir: str | os.PathLike) -> tuple[SelectionState, dict[str, torch.Tensor]]:

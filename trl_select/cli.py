@@ -21,6 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .pair_files import load_pairs, pair_ids_of
 from .suspects_report import add_suspects_command
 
 
@@ -60,36 +61,6 @@ def _plot(args: argparse.Namespace) -> int:
     for path in paths:
         print(path)
     return 0
-
-
-# ----- data helpers -----
-
-
-def load_pairs(path: str, split: str = "train"):
-    """A preference dataset from a `save_to_disk` directory (a `DatasetDict` picks `split`), or a .jsonl/.json/.parquet
-    file."""
-    from pathlib import Path
-
-    from datasets import Dataset, DatasetDict, load_from_disk
-
-    location = Path(path)
-    if location.is_dir():
-        dataset = load_from_disk(str(location))
-        if isinstance(dataset, DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{path} holds splits {list(dataset)}; pick one with --split.")
-            dataset = dataset[split]
-        return dataset
-    if location.suffix in (".jsonl", ".json"):
-        return Dataset.from_json(str(location))
-    if location.suffix == ".parquet":
-        return Dataset.from_parquet(str(location))
-    raise ValueError(f"{path}: expected a `save_to_disk` directory or a .jsonl, .json or .parquet file.")
-
-
-def pair_ids_of(dataset) -> list:
-    """The stable id of each row: the `id` column if there is one, else the row index (the trainer's convention)."""
-    return list(dataset["id"]) if "id" in dataset.column_names else list(range(len(dataset)))
 
 
 def _load_plugins(paths: Sequence[str]) -> None:
@@ -166,18 +137,18 @@ def _score(args: argparse.Namespace) -> int:
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .callback import SelectionEvent
     from .config import SelectiveDPOConfig
-    from .registry import register_rule
+    from .event import SelectionEvent
+    from .registry import registered_rule
     from .registry_builtins import keep_everything
-    from .reporting import write_score_file
+    from .score_files import write_score_file
     from .trainer import SelectiveDPOTrainer
 
     _load_plugins(args.plugin)
     names = tuple(name.strip() for name in args.scores.split(",") if name.strip())
-    # The trainer prepares exactly what its rule's scores need; an internal rule carries the requested scores.
-    register_rule(OFFLINE_RULE, scores=names, overwrite=True)(keep_everything)
-    with tempfile.TemporaryDirectory() as scratch:
+    # The trainer prepares what its rule's scores need (the validation pairs, their reference): for the length of this
+    # command, a rule that keeps everything and reads the requested scores stands for them.
+    with registered_rule(OFFLINE_RULE, keep_everything, scores=names), tempfile.TemporaryDirectory() as scratch:
         config = SelectiveDPOConfig(
             output_dir=scratch,
             report_to="none",
@@ -208,21 +179,21 @@ def _score(args: argparse.Namespace) -> int:
             eval_dataset=validation,
             processing_class=AutoTokenizer.from_pretrained(args.tokenizer or args.model),
         )
-        callback = trainer.selection_callback
+        engine = trainer.selection_engine
         metrics: dict[str, float] = {}
-        scores = callback._compute_scores(config.selection_warmup_epochs, metrics, names)
+        scores = engine.compute_scores(config.selection_warmup_epochs, metrics, names)
         if trainer.accelerator.is_main_process:
             event = SelectionEvent(
                 epoch=0,
                 global_step=0,
                 kind="offline",
                 rule="none",
-                pair_ids=callback.pair_ids,
-                keep=np.ones(len(callback.pair_ids), dtype=bool),
+                pair_ids=engine.pair_ids,
+                keep=np.ones(engine.pool_size, dtype=bool),
                 scores=scores,
                 metrics={key: value for key, value in metrics.items() if not key.startswith("selection/seconds")},
             )
-            path = write_score_file(args.out, event, np.zeros(len(callback.pair_ids), dtype=np.int32))
+            path = write_score_file(args.out, event, np.zeros(engine.pool_size, dtype=np.int32))
             print(path)
         trainer.accelerator.wait_for_everyone()
     return 0
@@ -285,7 +256,7 @@ def _select(args: argparse.Namespace) -> int:
 
     from .config import SelectiveDPOConfig
     from .registry import SelectionContext, apply_rule, get_rule
-    from .reporting import read_score_file
+    from .score_files import read_score_file
 
     _load_plugins(args.plugin)
     try:
@@ -354,7 +325,7 @@ def _add_overlap_command(subparsers: argparse._SubParsersAction) -> None:
 def selection_ids(path: str) -> set:
     """The ids of a selection: a subset directory's `id` column, or the kept pairs of a score file."""
     if path.endswith(".parquet"):
-        from .reporting import read_score_file
+        from .score_files import read_score_file
 
         event = read_score_file(path).event
         return {pair_id for pair_id, kept in zip(event.pair_ids, event.keep, strict=True) if kept}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from . import registry_builtins  # noqa: F401  (the built-in rules and scorers, registered before any lookup)
 from .registry import get_rule, scorer_needs
 from .rules import check_fraction, check_percentile_band
 from .validation import check_distributed_setup_supported

@@ -12,7 +12,7 @@ from typing import Any
 HISTORY_FILENAME = "selection_history.jsonl"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader (or a process killed mid-write) sees the old or the new file, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,16 +37,16 @@ class SelectionHistory:
         self.path = Path(output_dir) / HISTORY_FILENAME
 
     def reset(self) -> None:
-        _write_atomically(self.path, b"")
+        write_atomically(self.path, b"")
 
     def rewrite(self, data: bytes) -> None:
         """Replace the whole file (a resume restores the checkpoint's copy)."""
-        _write_atomically(self.path, data)
+        write_atomically(self.path, data)
 
     def append(self, record: dict[str, Any]) -> None:
         existing = self.path.read_bytes() if self.path.exists() else b""
         line = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
-        _write_atomically(self.path, existing + line)
+        write_atomically(self.path, existing + line)
 
     def read(self) -> list[dict[str, Any]]:
         return read_history(self.path)

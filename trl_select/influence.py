@@ -31,16 +31,19 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from .registry import ScoringContext
 from .scores import PairLogProbs, influence_from_directional_derivatives, preference_loss
 from .scoring import NON_MODEL_KEYS, ROW_KEY, activation_checkpointing_off, build_pass_loader
+
+
+if TYPE_CHECKING:
+    from .registry import ScoringContext
 
 
 def completion_log_probs(

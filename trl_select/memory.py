@@ -255,29 +255,43 @@ def memory_breakdown(
     """Model-state bytes per device of a DPO run and of its aux model.
 
     Args:
-        shape: The policy's shape (`ModelShape.from_config` / `from_model`).
-        policy: `"full"` fine-tuning (P trained parameters at `precision.total` bytes, reference `precision.weight`
-            per parameter) or `"lora"` (frozen base at `precision.weight` bytes per parameter, adapter of
+        shape ([`ModelShape`]):
+            The policy's shape (`ModelShape.from_config` / `from_model`).
+        policy (`str`, *optional*, defaults to `"full"`):
+            `"full"` fine-tuning (P trained parameters at `precision.total` bytes, reference `precision.weight` per
+            parameter) or `"lora"` (frozen base at `precision.weight` bytes per parameter, adapter of
             `shape.lora_parameters(lora_r, lora_target_modules)` parameters at `adapter_precision.total`, no
             reference model).
-        aux: `"none"` (plain DPO, or a rule without LossDiff), `"full"` (a copy of the policy with its own AdamW: the
+        aux (`str`, *optional*, defaults to `"none"`):
+            `"none"` (plain DPO, or a rule without LossDiff), `"full"` (a copy of the policy with its own AdamW: the
             policy's trained-parameter bytes again; with a LoRA policy that is a second adapter) or `"lora"` (a rank
             `aux_lora_r` adapter on θ_t at `adapter_precision.total` bytes per adapter parameter; with a LoRA policy
             the same as `"full"`).
-        strategy, world_size: How the states are sharded (see the module docstring); bytes are per device, rounded
-            up.
-        precision, adapter_precision: Bytes per parameter of the policy's trained parameters and of LoRA adapters.
-        aux_adapter_precision: Bytes per parameter of the `aux="lora"` adapter on a fully fine-tuned policy (default
-            `adapter_precision`; `aux_mode="lora"` creates it in the policy's weight dtype, e.g. `BF16_ADAPTER`).
-        lora_r, lora_target_modules: The policy's adapter, when `policy="lora"` (default targets: all linear layers
-            but the LM head).
-        aux_lora_r, aux_lora_target_modules: The aux adapter when `aux="lora"` (default: `DEFAULT_AUX_LORA_R`, all
-            linear layers but the LM head).
-        gradients_persist: Whether the policy's gradients still exist during a refresh; default False for `"single"`
-            (the Trainer frees them after each step) and True otherwise (DDP buckets, DeepSpeed partitions).
+        strategy (`str`, *optional*, defaults to `"single"`):
+            How the states are sharded (see the module docstring); bytes are per device, rounded up.
+        world_size (`int`, *optional*, defaults to `1`):
+            Ranks the states are sharded over.
+        precision ([`Precision`], *optional*, defaults to `BF16_MIXED`):
+            Bytes per parameter of the policy's trained parameters.
+        adapter_precision ([`Precision`], *optional*, defaults to `FP32_ADAPTER`):
+            Bytes per parameter of LoRA adapters.
+        lora_r (`int`, *optional*, defaults to `16`):
+            Rank of the policy's adapter, when `policy="lora"`.
+        lora_target_modules (`Iterable[str]`, *optional*, defaults to `None`):
+            Modules of the policy's adapter (`None`: all linear layers but the LM head).
+        aux_lora_r (`int`, *optional*, defaults to `None`):
+            Rank of the aux adapter when `aux="lora"` (`None`: `DEFAULT_AUX_LORA_R`).
+        aux_lora_target_modules (`Iterable[str]`, *optional*, defaults to `None`):
+            Modules of the aux adapter (`None`: all linear layers but the LM head).
+        aux_adapter_precision ([`Precision`], *optional*, defaults to `None`):
+            Bytes per parameter of the `aux="lora"` adapter on a fully fine-tuned policy (`None`: `adapter_precision`;
+            `aux_mode="lora"` creates it in the policy's weight dtype, e.g. `BF16_ADAPTER`).
+        gradients_persist (`bool`, *optional*, defaults to `None`):
+            Whether the policy's gradients still exist during a refresh (`None`: False for `"single"`, where the
+            Trainer frees them after each step, and True otherwise: DDP buckets, DeepSpeed partitions).
 
     Returns:
-        A `MemoryBreakdown`; `.plain` is plain DPO's peak, `.peak` this run's, `.ratio` their quotient.
+        [`MemoryBreakdown`]: `.plain` is plain DPO's peak, `.peak` this run's, `.ratio` their quotient.
     """
     if policy not in ("full", "lora"):
         raise ValueError(f"`policy` must be 'full' or 'lora', got {policy!r}")

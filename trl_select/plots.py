@@ -31,7 +31,8 @@ from matplotlib.ticker import MaxNLocator
 from .compute import METRIC_PREFIX as COMPUTE_PREFIX
 from .compute import SELECTION_CATEGORIES
 from .history import HISTORY_FILENAME, read_history
-from .reporting import (
+from .rules import jaccard
+from .score_files import (
     MAX_SCATTER_POINTS,
     ScoreFile,
     integer_histogram,
@@ -39,7 +40,6 @@ from .reporting import (
     read_score_files,
     scatter_rows,
 )
-from .rules import jaccard
 
 
 logger = logging.getLogger(__name__)

@@ -14,12 +14,16 @@ config = SelectiveDPOConfig(..., selection_rule="drop_lowest_irm")
 A rule returns a boolean keep-mask over the pool rows, or `(mask, bands)` with `bands: dict[str, Band]` (the limits
 that get logged and plotted). A scorer is `fn(context: ScoringContext) -> np.ndarray`, registered with the inputs it
 `needs` (see `SCORER_INPUTS`), so the selection event computes only what its rule uses. The built-ins
-(`registry_builtins.py`) are registered on import of this module, before any config is validated.
+(`registry_builtins.py`) register themselves through the same decorators; the modules that look rules up (`config`,
+`engine`, the CLI) import them first, and so does `trl_select.register_rule` (and the package's other registry names),
+so they are registered before any plug-in or config. This module imports no
+plug-in: the registry sits below every rule and scorer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,12 +56,18 @@ class SelectionContext:
     """What a rule knows besides the scores.
 
     Attributes:
-        epoch: the epoch about to start (0-based).
-        seed: `args.seed`.
-        pool_size: number of pool rows; a rule's mask has this length.
-        pair_ids: the stable id of each pool row (the dataset's `id` column if it has one, else the row index).
-        args: the trainer's `SelectiveDPOConfig` (or the config the CLI built).
-        dataset: the training pool as given to the trainer (untokenized columns still present when available).
+        epoch (`int`):
+            The epoch about to start (0-based).
+        seed (`int`):
+            `args.seed`.
+        pool_size (`int`):
+            Number of pool rows; a rule's mask has this length.
+        pair_ids (`list`):
+            The stable id of each pool row (the dataset's `id` column if it has one, else the row index).
+        args ([`SelectiveDPOConfig`]):
+            The trainer's config (or the config the CLI built).
+        dataset ([`~datasets.Dataset`], *optional*, defaults to `None`):
+            The training pool as given to the trainer (untokenized columns still present when available).
     """
 
     epoch: int
@@ -162,6 +172,65 @@ def register_scorer(name: str, needs: Sequence[str], *, overwrite: bool = False)
     return decorator
 
 
+def unregister_rule(name: str) -> RuleSpec:
+    """Remove the rule registered as `name` and return its spec; a `ValueError` naming the registered rules otherwise.
+
+    A config built with `selection_rule=name` before this call keeps its name, but a trainer built from it fails.
+    """
+    spec = get_rule(name, "name")
+    del _RULES[name]
+    return spec
+
+
+def unregister_scorer(name: str) -> ScorerSpec:
+    """Remove the scorer registered as `name` and return its spec; a `ValueError` naming the registered scores
+    otherwise."""
+    spec = get_scorer(name, "name")
+    del _SCORERS[name]
+    return spec
+
+
+@contextlib.contextmanager
+def registered_rule(name: str, fn: RuleFn, scores: Sequence[str], *, overwrite: bool = False) -> Iterator[RuleFn]:
+    """Register `fn` as rule `name` for the duration of a `with` block, then restore the registry as it was.
+
+    With `overwrite=True` a rule already registered under `name` is replaced inside the block and put back after it.
+
+    Example:
+
+    ```python
+    >>> with registered_rule("keep_all", lambda scores, context: np.ones(context.pool_size, bool), scores=()):
+    ...     config = SelectiveDPOConfig(output_dir="out", selection_rule="keep_all")
+    ```
+    """
+    previous = _RULES.get(name)
+    register_rule(name, scores, overwrite=overwrite)(fn)
+    try:
+        yield fn
+    finally:
+        if previous is None:
+            _RULES.pop(name, None)
+        else:
+            _RULES[name] = previous
+
+
+@contextlib.contextmanager
+def registered_scorer(name: str, fn: ScorerFn, needs: Sequence[str], *, overwrite: bool = False) -> Iterator[ScorerFn]:
+    """Register `fn` as scorer `name` for the duration of a `with` block, then restore the registry as it was.
+
+    With `overwrite=True` a scorer already registered under `name` is replaced inside the block and put back after it.
+    """
+    previous = _SCORERS.get(name)
+    register_scorer(name, needs, overwrite=overwrite)(fn)
+    try:
+        yield fn
+    finally:
+        if previous is None:
+            _SCORERS.pop(name, None)
+        else:
+            _SCORERS[name] = previous
+
+
 def registered_rules() -> list[str]:
     return list(_RULES)
 
@@ -219,6 +288,3 @@ def apply_rule(
             f"of shape ({context.pool_size},)."
         )
     return mask, dict(bands)
-
-
-from . import registry_builtins  # noqa: E402, F401  (registers the built-in scorers and rules)

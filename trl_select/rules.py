@@ -14,17 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
-import torch
 
 
-ArrayLike = np.ndarray | torch.Tensor | Sequence[float]
+if TYPE_CHECKING:
+    import torch
+
+# Scores as NumPy arrays, torch tensors (read without importing torch here: this module stays pure NumPy) or lists.
+ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[float]]
 
 
 def _as_float_array(scores: ArrayLike) -> np.ndarray:
-    if isinstance(scores, torch.Tensor):
-        scores = scores.detach().to(torch.float64).cpu().numpy()
+    if callable(getattr(scores, "detach", None)):  # a torch.Tensor, possibly on an accelerator
+        scores = scores.detach().double().cpu().numpy()
     array = np.asarray(scores, dtype=np.float64)
     if array.ndim != 1:
         raise ValueError(f"Scores must be a 1-D array, got shape {array.shape}.")

@@ -51,12 +51,17 @@ class SelectionSampler(BatchRebalanceSampler):
     parent's logic is used. `len()` is live, so the dataloader built once sees every new selection's length.
 
     Args:
-        pool_size: Number of rows in the training pool; the initial selection is all of them.
-        max_batch_size: Largest batch a rank gets (`per_device_train_batch_size`). The trainer sets it again to its
-            live batch size each time it builds the training dataloader (`auto_find_batch_size` lowers it).
-        seed: Base seed of the per-epoch permutations.
-        world_size: Number of data-parallel ranks.
-        rank: This rank.
+        pool_size (`int`):
+            Number of rows in the training pool; the initial selection is all of them.
+        max_batch_size (`int`):
+            Largest batch a rank gets (`per_device_train_batch_size`). The trainer sets it again to its live batch
+            size each time it builds the training dataloader (`auto_find_batch_size` lowers it).
+        seed (`int`):
+            Base seed of the per-epoch permutations.
+        world_size (`int`, *optional*, defaults to `1`):
+            Number of data-parallel ranks.
+        rank (`int`, *optional*, defaults to `0`):
+            This rank.
     """
 
     def __init__(self, pool_size: int, *, max_batch_size: int, seed: int, world_size: int = 1, rank: int = 0) -> None:

@@ -21,8 +21,10 @@ class PairLogProbs:
     """Summed completion log-probabilities of one model over a pool of pairs.
 
     Attributes:
-        chosen: `log π(y_w|x)` per pair, shape `(num_pairs,)`, nats.
-        rejected: `log π(y_l|x)` per pair, shape `(num_pairs,)`, nats.
+        chosen (`torch.Tensor`):
+            `log π(y_w|x)` per pair, shape `(num_pairs,)`, nats.
+        rejected (`torch.Tensor`):
+            `log π(y_l|x)` per pair, shape `(num_pairs,)`, nats.
     """
 
     chosen: torch.Tensor

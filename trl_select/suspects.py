@@ -25,7 +25,7 @@ LossDiff alone (an offline `trl-select score` file of the final policy, passed w
 trained event and helps a little further). Percentiles, not raw values, because the scale of both scores changes from epoch to epoch as the
 policy moves away from π_ref.
 
-Everything here reads the score files with pyarrow directly: importing this module imports neither torch nor
+Everything here reads the score files with pyarrow (`score_files.py`): importing this module imports neither torch nor
 transformers nor TRL. `find_suspects` is the API; `trl_select.suspects_report` writes the ranking as JSONL, CSV, a
 text table or a self-contained HTML report, and builds the wandb table the trainer's wandb reporter logs.
 """
@@ -33,7 +33,6 @@ text table or a self-contained HTML report, and builds the wandb table the train
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -43,16 +42,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
+
+from .pair_files import load_pairs, pair_ids_of
+from .score_files import (  # noqa: F401  (ScoreEvent, read_score_event: re-exported, they lived here)
+    FIXED_COLUMNS,
+    FORMAT_VERSION,
+    METADATA_KEY,
+    SCORE_DIR,
+    ScoreEvent,
+    read_score_event,
+)
 
 
 logger = logging.getLogger(__name__)
-
-# The layout of a score file (`reporting.write_score_file`): kept in step by `tests/test_suspects.py`.
-SCORE_DIR = "selection"
-METADATA_KEY = b"trl_select"
-FORMAT_VERSION = 1
-FIXED_COLUMNS = ("epoch", "pair_id", "kept", "times_kept_so_far", "category")
 
 # Score -> which tail holds the suspects. Both: a flipped pair has a low (negative) margin and a low LossDiff.
 SUSPECT_SCORES: dict[str, str] = {"irm": "low", "lossdiff": "low"}
@@ -62,55 +64,6 @@ TEXT_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 # ----- reading score files -----
-
-
-@dataclass(frozen=True)
-class ScoreEvent:
-    """One score file: a selection event of a run, or an offline `trl-select score` pass.
-
-    `label` names the event in column headers (`epoch_2`, or the file's stem for an offline file); `kept` is the
-    event's keep-mask (all `True` for an offline file, whose rule is `none`).
-    """
-
-    label: str
-    epoch: int
-    kind: str
-    pair_ids: list[Any]
-    scores: dict[str, np.ndarray]
-    kept: np.ndarray
-    path: Path
-
-
-def read_score_event(path: str | os.PathLike) -> ScoreEvent:
-    """Read one score file (the layout of `reporting.write_score_file`) with pyarrow."""
-    path = Path(path)
-    table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(METADATA_KEY)
-    if raw is None or "pair_id" not in table.column_names:
-        raise ValueError(
-            f"{path} is not a trl-select score file (no {METADATA_KEY.decode()!r} schema metadata or no pair_id "
-            "column): pass a run's OUTPUT_DIR, its selection/ folder, or a file written by `trl-select score`."
-        )
-    metadata = json.loads(raw)
-    if metadata.get("format_version", 1) > FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has score-file format {metadata['format_version']}; this trl-select reads up to "
-            f"{FORMAT_VERSION}. Upgrade trl-select."
-        )
-    kind = metadata.get("kind", "selection")
-    epoch = int(metadata.get("epoch", 0))
-    scores = {
-        name: table[name].to_numpy(zero_copy_only=False).astype(np.float64)
-        for name in table.column_names
-        if name not in FIXED_COLUMNS
-    }
-    kept = (
-        table["kept"].to_numpy(zero_copy_only=False).astype(bool)
-        if "kept" in table.column_names
-        else np.ones(table.num_rows, dtype=bool)
-    )
-    label = f"epoch_{epoch}" if kind in ("selection", "warmup") else path.stem
-    return ScoreEvent(label, epoch, kind, table["pair_id"].to_pylist(), scores, kept, path)
 
 
 def _score_file_paths(path: Path) -> list[Path]:
@@ -408,8 +361,6 @@ def pair_texts(
     """
     import datasets
 
-    from .cli import load_pairs, pair_ids_of
-
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
@@ -458,16 +409,21 @@ def find_suspects(
     """The pairs of a run ranked by the evidence that their label is flipped, most suspect first.
 
     Args:
-        output_dir: a selective run's `output_dir` (its `selection/epoch_*.parquet`), a score file, a folder of score
-            files, or a list of these (e.g. a run and an offline `trl-select score` file of the same pool).
-        dataset: the training dataset (a `save_to_disk` folder, .jsonl, .json or .parquet) to attach the prompt,
-            chosen and rejected text of each pair, matched by its `id` column or row index.
-        top: keep the `top` most suspect pairs (default: all).
-        statistic: a name in `SUSPECT_STATISTICS` (default `DEFAULT_STATISTIC`, see the module docstring).
-        split: the split of a `DatasetDict` folder.
+        output_dir (`str`, `os.PathLike` or a sequence of them):
+            A selective run's `output_dir` (its `selection/epoch_*.parquet`), a score file, a folder of score files,
+            or a list of these (e.g. a run and an offline `trl-select score` file of the same pool).
+        dataset (`str` or `os.PathLike`, *optional*, defaults to `None`):
+            The training dataset (a `save_to_disk` folder, .jsonl, .json or .parquet) to attach the prompt, chosen
+            and rejected text of each pair, matched by its `id` column or row index.
+        top (`int`, *optional*, defaults to `None`):
+            Keep the `top` most suspect pairs (`None`: all).
+        statistic (`str`, *optional*, defaults to `"mean_log_odds"`):
+            A name in `SUSPECT_STATISTICS` (`DEFAULT_STATISTIC`, see the module docstring).
+        split (`str`, *optional*, defaults to `"train"`):
+            The split of a `DatasetDict` folder.
 
     Returns:
-        A list of `Suspect` rows (one dataclass per pair, `Suspect.to_record()` for a flat dict), `rank` 1 first.
+        `list[Suspect]`: one row per pair (`Suspect.to_record()` for a flat dict), `rank` 1 first.
     """
     paths = [output_dir] if isinstance(output_dir, (str, os.PathLike)) else list(output_dir)
     suspects = rank_suspects(load_score_files(*paths), statistic=statistic)

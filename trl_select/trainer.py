@@ -1,10 +1,10 @@
 """`SelectiveDPOTrainer` and `SelectiveSLiCTrainer`: `DPOTrainer` whose epochs train only on the selected pairs.
 
-The trainer itself stays thin: it wires the selection callback and sampler in, makes the per-epoch step counts, the
-run's horizon (`state.max_steps`) and the LR horizon follow the live selection, starts every training loop (each
-`train()`, each `auto_find_batch_size` retry) from the full pool, and knows how to get reference log-probs. The
-selection event is in `callback.py`, the math in `scores.py`/`rules.py`, the passes over the pool in
-`scoring.py`/`auxiliary.py`.
+The trainer itself stays thin: it wires the scoring engine, the selection callback, the reporters and the sampler in,
+makes the per-epoch step counts, the run's horizon (`state.max_steps`) and the LR horizon follow the live selection,
+starts every training loop (each `train()`, each `auto_find_batch_size` retry) from the full pool, and knows how to get
+reference log-probs. The selection event is in `callback.py`, the scores and their caches in `engine.py`, the math in
+`scores.py`/`rules.py`, the passes over the pool in `scoring.py`/`auxiliary.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,8 @@ from .checkpoint import (
     save_selection_state,
 )
 from .config import SelectiveDPOConfig, SelectiveSLiCConfig
+from .engine import ScoringEngine
+from .event import Reporter
 from .history import HISTORY_FILENAME
 from .memory import warn_if_aux_memory_costly
 from .reporting import default_reporters
@@ -80,6 +82,11 @@ class SelectiveDPOTrainer(DPOTrainer):
         validation_dataset ([`~datasets.Dataset`], *optional*):
             Preference pairs the auxiliary model is aligned on (the LossDiff direction). Defaults to `eval_dataset`.
             Required when `selection_rule` uses LossDiff.
+        selection_reporters (`list[Callable]`, *optional*, defaults to `None`):
+            Extra reporters, each called as `reporter(event, args, state)` on every rank after every selection event
+            (a [`~trl_select.event.SelectionEvent`]), after the built-in ones (score files, per-category scalars,
+            wandb). A reporter that writes files checks `state.is_world_process_zero`; one that logs scalars hands them
+            to `trainer.log_selection_metrics`. See docs/monitoring.md.
 
     Each pair's stable id is the training dataset's `id` column if it has one, else its row index in the dataset as
     passed (before TRL drops pairs whose prompt fills `max_length`). Ids are what `selection_history.jsonl` records.
@@ -113,6 +120,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         quantization_config: BitsAndBytesConfig | None = None,
         peft_config: PeftConfig | None = None,
         validation_dataset: Dataset | None = None,
+        selection_reporters: Sequence[Reporter] | None = None,
     ) -> None:
         args = self._check_args(model, args)
         # Again here: the environment (`accelerate launch --use_fsdp`) or the model (`tp_plan`) may say what the
@@ -148,6 +156,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         )
 
         self.selection_sampler: SelectionSampler | None = None
+        self.selection_engine: ScoringEngine | None = None
         self.selection_callback: SelectionCallback | None = None
         self._pool_fingerprint: dict[str, Any] | None = None
         self._resumed_selection: tuple[SelectionState, dict[str, torch.Tensor], str] | None = None
@@ -188,8 +197,10 @@ class SelectiveDPOTrainer(DPOTrainer):
             world_size=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
         )
-        self.selection_callback = SelectionCallback(self, validation_dataset)
-        self.selection_callback.reporters.extend(default_reporters(self))  # score files, wandb, per-category
+        self.selection_engine = ScoringEngine(self, validation_dataset)
+        self.selection_callback = SelectionCallback(self, self.selection_engine)
+        self.selection_callback.reporters.extend(default_reporters(self))  # score files, per-category, wandb
+        self.selection_callback.reporters.extend(selection_reporters or [])
         self.add_callback(self.selection_callback)
 
     # ----- construction checks -----
@@ -309,8 +320,19 @@ class SelectiveDPOTrainer(DPOTrainer):
         with inference_mode(self.accelerator.unwrap_model(model), self.args.gradient_checkpointing_kwargs):
             return run_log_prob_pass(loader, forward, self.accelerator, len(dataset), desc="Scoring with reference")
 
+    def log_selection_metrics(self, metrics: dict[str, float]) -> None:
+        """Send `metrics` (`selection/*` scalars) to every `report_to` backend with the next training log.
+
+        Not `log`: `DPOTrainer.log` picks train/eval from `model.training` and clears its buffer. The values go into
+        TRL's train metric buffer, which is averaged and merged into the next train log; a later value of the same key
+        before that log replaces the earlier one.
+        """
+        buffer = self._metrics["train"]
+        for key, value in metrics.items():
+            buffer[key] = [float(value)]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        recorder = self.selection_callback.training_log_probs if self.selection_callback is not None else None
+        recorder = self.selection_engine.training_log_probs if self.selection_engine is not None else None
         if recorder is None or not recorder.recording or not self.model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # The step's own θ and π_ref forwards, summed per pair for the next selection event (`scoring_reuse`).

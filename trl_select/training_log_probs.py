@@ -38,8 +38,10 @@ class TrainingLogProbs:
     reference forward (TRL runs it under `no_grad`). Each rank records its own rows; `gathered(kind)` combines the ranks.
 
     Args:
-        pool_size: Rows of the training pool.
-        device: Where the buffers live (the accelerator's device: recording never synchronises with the host).
+        pool_size (`int`):
+            Rows of the training pool.
+        device (`torch.device` or `str`, *optional*, defaults to `"cpu"`):
+            Where the buffers live (the accelerator's device: recording never synchronises with the host).
     """
 
     def __init__(self, pool_size: int, device: torch.device | str = "cpu") -> None:

@@ -30,7 +30,7 @@ from accelerate import PartialState  # noqa: E402
 from datasets import Dataset, load_dataset  # noqa: E402
 
 import trl_select.auxiliary  # noqa: E402
-import trl_select.callback  # noqa: E402
+import trl_select.engine  # noqa: E402
 from tests.recording import RecordingTrainer  # noqa: E402
 from tests.testing_utils import DEMO_DATA, fast_config  # noqa: E402
 from trl_select import read_history  # noqa: E402
@@ -213,7 +213,7 @@ def main() -> None:
     trl_select.auxiliary.AuxiliaryModel.refresh = checked_refresh
 
     if options.break_rank1_scoring and int(os.environ.get("RANK", "0")) == 1:
-        build_pass_loader = trl_select.callback.build_pass_loader
+        build_pass_loader = trl_select.engine.build_pass_loader
 
         class OneBatchShort:
             def __init__(self, loader) -> None:
@@ -225,7 +225,7 @@ def main() -> None:
             def __iter__(self):
                 return itertools.islice(iter(self.loader), len(self))
 
-        trl_select.callback.build_pass_loader = lambda *a, **k: OneBatchShort(build_pass_loader(*a, **k))
+        trl_select.engine.build_pass_loader = lambda *a, **k: OneBatchShort(build_pass_loader(*a, **k))
 
     if options.deepspeed:
         # DeepSpeed on CPU (DS_ACCELERATOR=cpu): with no GPU and no backend named, accelerate counts a world of 1 under
@@ -279,11 +279,11 @@ def main() -> None:
     if options.check_aux_identity:
         import dataclasses
 
-        callback = trainer.selection_callback
-        auxiliary = callback.auxiliary()
+        engine = trainer.selection_engine
+        auxiliary = engine.auxiliary()
         auxiliary.settings = dataclasses.replace(auxiliary.settings, learning_rate=0.0)
-        aux = auxiliary.refresh(callback.pool_loader(), trainer.selection_sampler.pool_size).pool_log_probs
-        policy = callback.policy_log_probs()
+        aux = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size).pool_log_probs
+        policy = engine.policy_log_probs()
         aux_identity_gap = max(
             float((aux.chosen - policy.chosen).abs().max()), float((aux.rejected - policy.rejected).abs().max())
         )

@@ -1,0 +1,433 @@
+"""The scoring engine: every score a selection event (or `trl-select score`) computes, with the inputs it needs.
+
+`ScoringEngine` owns what the scores are computed from, on every rank:
+
+- the pool's scoring loader and the tokens per pair of the pool and of the validation pairs;
+- the log-prob caches: π_ref over the pool and over the validation pairs (computed once), θ_aux over the pool (at each
+  refresh), and the `TrainingLogProbs` recorder of the training steps' own log-probs (`scoring_reuse`);
+- the auxiliary model θ_aux (docs/design.md §6), built on first use;
+- the `ComputeLedger` of forward-token equivalents (§7.1).
+
+`compute_scores(epoch, metrics, score_names, reuse_training)` computes the named scores, running only the passes the
+scores declared (`registry.scorer_needs`). The selection callback calls it at each event and keeps the Trainer hooks,
+the record and the checkpoint state; the CLI's `score` calls it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from accelerate.logging import get_logger
+
+from . import registry_builtins  # noqa: F401  (the built-in scorers, registered before any lookup)
+from .auxiliary import AlignmentSettings, AuxiliaryModel
+from .compute import FORWARD, TRAIN_STEP, ComputeLedger, pair_token_counts, rows_tokens
+from .registry import ScoringContext, SelectionContext, run_scorer, scorer_needs
+from .scores import PairLogProbs
+from .scoring import build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
+from .training_log_probs import POLICY, REFERENCE, TrainingLogProbs, fill_rows, missing_rows
+
+
+if TYPE_CHECKING:
+    from .trainer import SelectiveDPOTrainer
+
+
+logger = get_logger(__name__)  # logs on the main process only
+
+# Which recorded kinds each `scoring_reuse` setting lets an event reuse.
+REUSABLE_KINDS: dict[str, set[str]] = {
+    "none": set(),
+    "reference": {REFERENCE},
+    "reference_and_policy": {REFERENCE, POLICY},
+}
+
+
+@contextlib.contextmanager
+def timed(metrics: dict[str, float], key: str) -> Iterator[None]:
+    """Store the seconds the `with` block took as `metrics[key]`."""
+    start = time.perf_counter()
+    yield
+    metrics[key] = time.perf_counter() - start
+
+
+def alignment_settings(trainer: SelectiveDPOTrainer) -> AlignmentSettings:
+    """The aux stage's settings (docs/design.md §6) from the trainer's config and accelerator."""
+    args, accelerator = trainer.args, trainer.accelerator
+    if args.aux_lora_target_modules is None:
+        target_modules = "all-linear"
+    elif isinstance(args.aux_lora_target_modules, str):
+        target_modules = (args.aux_lora_target_modules,)
+    else:
+        target_modules = tuple(args.aux_lora_target_modules)
+    return AlignmentSettings(
+        beta=args.beta,
+        loss_type=args.loss_type[0],
+        learning_rate=args.aux_learning_rate or args.learning_rate,
+        weight_decay=args.weight_decay,
+        batch_size=args.aux_batch_size or args.per_device_train_batch_size,
+        num_epochs=args.aux_num_train_epochs,
+        max_steps=args.aux_max_steps,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        mode=args.aux_mode,
+        lora_r=args.aux_lora_r,
+        lora_alpha=float(args.aux_lora_alpha),
+        lora_target_modules=target_modules,
+        deepspeed_config=(
+            accelerator.state.deepspeed_plugin.deepspeed_config if trainer.is_deepspeed_enabled else None
+        ),
+        # DeepSpeed's fp16 block brings its own loss scaler; the plain torch path needs one
+        loss_scaling=accelerator.mixed_precision == "fp16" and not trainer.is_deepspeed_enabled,
+    )
+
+
+class ScoringEngine:
+    """Computes per-pair scores of the trainer's pool, caching the log-probs that do not change between events.
+
+    Args:
+        trainer ([`SelectiveDPOTrainer`]):
+            The trainer whose model, reference, tokenized pool (`train_dataset`), collator, accelerator and config the
+            passes use. Its `selection_sampler` gives the pool size and the batches the training steps record.
+        validation_dataset ([`~datasets.Dataset`], *optional*, defaults to `None`):
+            The tokenized validation pairs θ_aux aligns on (and influence reads). Required by scores that need
+            `auxiliary` or `validation`.
+    """
+
+    def __init__(self, trainer: SelectiveDPOTrainer, validation_dataset=None) -> None:
+        self.trainer = trainer
+        self.validation_dataset = validation_dataset
+        self.pair_ids: list[Any] = trainer.pair_ids
+        self._pool_loader = None
+        self._reference: PairLogProbs | None = None
+        self._validation_reference: PairLogProbs | None = None
+        self._auxiliary_log_probs: PairLogProbs | None = None
+        self._auxiliary: AuxiliaryModel | None = None
+        self._restored_aux_num_refreshes = 0
+        # Cumulative FTE per category (`compute.py`), counted from the tokenized datasets' lengths: exact, global
+        # (every rank counts the same), and without collectives or the scoring passes' padding duplicates.
+        self.compute = ComputeLedger()
+        self._token_counts: dict[str, np.ndarray] = {}
+        self._precompute_pass_counted = False
+        # The log-probs the training steps compute, kept for the next event (`scoring_reuse`).
+        self.training_log_probs = TrainingLogProbs(self.pool_size, trainer.accelerator.device)
+        self._checkpoint_training_log_probs: dict[str, torch.Tensor] = {}
+
+    @property
+    def sampler(self):
+        return self.trainer.selection_sampler
+
+    @property
+    def pool_size(self) -> int:
+        return len(self.pair_ids)
+
+    @property
+    def auxiliary_model(self) -> AuxiliaryModel | None:
+        """θ_aux's builder if a refresh has built it, else `None` (it is built on first use)."""
+        return self._auxiliary
+
+    @property
+    def aux_num_refreshes(self) -> int:
+        """How many aux refreshes this run has made (the aux shuffle seeds continue from it after a resume)."""
+        return self._auxiliary.num_refreshes if self._auxiliary is not None else self._restored_aux_num_refreshes
+
+    def token_counts(self, split: str) -> np.ndarray:
+        """Tokens per pair of the pool (`split="pool"`) or the validation pairs, as the collator builds them."""
+        if split not in self._token_counts:
+            dataset = self.trainer.train_dataset if split == "pool" else self.validation_dataset
+            max_length = getattr(self.trainer.data_collator, "max_length", self.trainer.args.max_length)
+            self._token_counts[split] = pair_token_counts(dataset, max_length)
+        return self._token_counts[split]
+
+    def selection_context(self, epoch: int) -> SelectionContext:
+        """What a rule sees besides the scores (the same on every rank)."""
+        trainer = self.trainer
+        return SelectionContext(
+            epoch=epoch,
+            seed=trainer.args.seed,
+            pool_size=self.pool_size,
+            pair_ids=self.pair_ids,
+            args=trainer.args,
+            dataset=trainer.train_dataset,
+        )
+
+    # ----- scores -----
+
+    def compute_scores(
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        score_names: tuple[str, ...] | None = None,
+        reuse_training: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """Every score in `score_names` (default: those `selection_rule` needs), computing only the inputs they need.
+
+        Timings and aux-stage figures go into `metrics` (`selection/seconds_*`, `selection/aux/*`). With
+        `reuse_training` (a selection event), the pool log-probs the training steps recorded (`scoring_reuse`) stand
+        in for the passes over the pairs they cover.
+        """
+        args, trainer = self.trainer.args, self.trainer
+        score_names = args.required_scores if score_names is None else score_names
+        needs = scorer_needs(score_names)
+        inputs: dict[str, Any] = {}
+        if needs & {"reference", "auxiliary"}:
+            with timed(metrics, "selection/seconds_reference"):
+                inputs["reference"] = self.reference_log_probs(reuse_training=reuse_training)
+        if "policy" in needs:
+            with timed(metrics, "selection/seconds_policy"):
+                inputs["policy"] = self.policy_log_probs(reuse_training=reuse_training, metrics=metrics)
+        if "auxiliary" in needs:
+            inputs["auxiliary"] = self.auxiliary_log_probs(epoch, metrics)
+        if "model" in needs:
+            inputs.update(
+                model=trainer.accelerator.unwrap_model(trainer.model),
+                pool=trainer.train_dataset,
+                collator=trainer.data_collator,
+                accelerator=trainer.accelerator,
+                batch_size=trainer.scoring_batch_size,
+                checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            )
+        if "validation" in needs:
+            inputs.update(
+                validation=self.validation_dataset, validation_reference=self.validation_reference_log_probs()
+            )
+        context = ScoringContext(
+            pool_size=self.pool_size,
+            beta=args.beta,
+            loss_type=args.loss_type[0],
+            selection=self.selection_context(epoch),
+            **inputs,
+        )
+        return {name: run_scorer(name, context) for name in score_names}
+
+    # ----- log-prob passes (every rank) -----
+
+    def pool_loader(self):
+        """The scoring loader over the whole pool (length-sorted batches, sharded over ranks), built once."""
+        if self._pool_loader is None:
+            trainer = self.trainer
+            self._pool_loader = build_pass_loader(
+                trainer.train_dataset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
+            )
+        return self._pool_loader
+
+    def _pool_subset(self, rows: list[int]):
+        """The pool restricted to `rows` and a scoring loader over it (the cached whole-pool loader for all rows)."""
+        trainer = self.trainer
+        if len(rows) == self.pool_size:
+            return trainer.train_dataset, self.pool_loader()
+        subset = trainer.train_dataset.select(rows)
+        return subset, build_pass_loader(
+            subset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
+        )
+
+    def _recorded(self, kind: str, reuse_training: bool) -> tuple[PairLogProbs | None, list[int]]:
+        """The training steps' records of `kind` if this call reuses them, and the rows still to score."""
+        if reuse_training and kind in REUSABLE_KINDS[self.trainer.args.scoring_reuse]:
+            recorded = self.training_log_probs.gathered(kind, self.trainer.accelerator)
+            return recorded, missing_rows(recorded)
+        return None, list(range(self.pool_size))
+
+    def policy_log_probs(self, reuse_training: bool = False, metrics: dict[str, float] | None = None) -> PairLogProbs:
+        """θ_t's pool log-probs: a pass over the pool, or over the pairs the last epoch did not train (`reuse_training`
+        with `scoring_reuse="reference_and_policy"`, the others taken from their training steps)."""
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        recorded, rows = self._recorded(POLICY, reuse_training)
+
+        def forward(batch):
+            with trainer.accelerator.autocast():
+                return sequence_log_probs(model, batch)
+
+        fresh = None
+        if rows:
+            dataset, loader = self._pool_subset(rows)
+            with inference_mode(model, trainer.args.gradient_checkpointing_kwargs):
+                fresh = run_log_prob_pass(
+                    loader, forward, trainer.accelerator, len(dataset), desc="Scoring pool with policy"
+                )
+            self.compute.add("policy_scoring", rows_tokens(self.token_counts("pool"), rows), FORWARD)
+        if metrics is not None:
+            metrics["selection/policy_rescored_fraction"] = len(rows) / self.pool_size
+        if recorded is None:
+            return fresh
+        return fill_rows(recorded, rows, fresh) if fresh is not None else recorded
+
+    def reference_log_probs(self, reuse_training: bool = False) -> PairLogProbs:
+        """π_ref's pool log-probs, cached: read from TRL's precomputed columns, taken from the warm-up epochs' training
+        steps (`reuse_training` with `scoring_reuse` other than `"none"`; a pass over the pairs they missed), or a
+        pass over the pool."""
+        if self._reference is None:
+            trainer, pool = self.trainer, self.trainer.train_dataset
+            if trainer.reads_precomputed_reference(pool):
+                self._reference = trainer.reference_log_probs(pool, None)  # TRL's columns: no forward
+            else:
+                recorded, rows = self._recorded(REFERENCE, reuse_training)
+                fresh = trainer.reference_log_probs(*self._pool_subset(rows)) if rows else None
+                self.compute.add("reference", rows_tokens(self.token_counts("pool"), rows), FORWARD)
+                self._reference = (
+                    fresh if recorded is None else recorded if fresh is None else fill_rows(recorded, rows, fresh)
+                )
+            self.training_log_probs.clear(REFERENCE)
+        return self._reference
+
+    def validation_reference_log_probs(self) -> PairLogProbs:
+        """π_ref's log-probs over the validation pairs: computed once and cached.
+
+        With `precompute_ref_log_probs=True` they were computed before training began (the trainer adds the columns
+        to the validation set as TRL does to `eval_dataset`): without a `ref_model`, π_ref is only available then.
+        """
+        if self._validation_reference is None:
+            trainer = self.trainer
+            self._validation_reference = trainer.reference_log_probs(
+                self.validation_dataset,
+                build_pass_loader(
+                    self.validation_dataset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
+                ),
+            )
+            # π_ref over the validation pairs, once: live here, or precomputed by the trainer for the selection
+            self.compute.add("reference", self.token_counts("validation").sum(), FORWARD)
+        return self._validation_reference
+
+    def auxiliary(self) -> AuxiliaryModel:
+        """θ_aux's builder (docs/design.md §6), built on first use."""
+        if self._auxiliary is None:
+            trainer = self.trainer
+            self._auxiliary = AuxiliaryModel(
+                policy=trainer.accelerator.unwrap_model(trainer.model),
+                accelerator=trainer.accelerator,
+                collator=trainer.data_collator,
+                validation=self.validation_dataset,
+                validation_reference=self.validation_reference_log_probs(),
+                settings=alignment_settings(trainer),
+                gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+            )
+            # A resumed run continues the aux shuffle seeds (`seed + num_refreshes`) where the checkpoint left them.
+            self._auxiliary.num_refreshes = self._restored_aux_num_refreshes
+        return self._auxiliary
+
+    def auxiliary_log_probs(self, epoch: int, metrics: dict[str, float]) -> PairLogProbs:
+        """θ_aux's pool log-probs: rebuilt and realigned when due (`aux_refresh_epochs`), else the cached ones."""
+        args = self.trainer.args
+        if self._auxiliary_log_probs is None or (epoch - args.selection_warmup_epochs) % args.aux_refresh_epochs == 0:
+            with timed(metrics, "selection/seconds_aux"):
+                result = self.auxiliary().refresh(self.pool_loader(), self.pool_size)
+            self._auxiliary_log_probs = result.pool_log_probs
+            metrics["selection/aux/refreshed"] = 1.0
+            metrics["selection/aux/val_loss_before"] = result.validation_loss_before
+            metrics["selection/aux/val_loss_after"] = result.validation_loss_after
+            metrics["selection/aux/steps"] = float(result.num_steps)
+            metrics["selection/aux/skipped_steps"] = float(result.skipped_steps)
+            validation_tokens = self.token_counts("validation")
+            self.compute.add("aux_alignment", rows_tokens(validation_tokens, result.alignment_rows), TRAIN_STEP)
+            self.compute.add("aux_validation", 2 * validation_tokens.sum(), FORWARD)  # the losses before and after
+            self.compute.add("aux_pool", self.token_counts("pool").sum(), FORWARD)
+            logger.info(
+                "Aux model refreshed at epoch %d: validation loss %.4f -> %.4f in %d steps",
+                epoch,
+                result.validation_loss_before,
+                result.validation_loss_after,
+                result.num_steps,
+            )
+        return self._auxiliary_log_probs
+
+    # ----- the training steps' log-probs and compute -----
+
+    def count_precompute_pass(self) -> None:
+        """Count TRL's precompute pass (π_ref over the pool, before training) once, as training compute."""
+        if self.trainer.args.precompute_ref_log_probs and not self._precompute_pass_counted:
+            self.compute.add("train", self.token_counts("pool").sum(), FORWARD)
+            self._precompute_pass_counted = True
+
+    def count_training(self, micro_batches: int) -> None:
+        """Count an epoch's first `micro_batches` training micro-batches: 3 FTE per token for the policy's forward and
+        backward, plus 1 for π_ref's forward inside the step unless precomputed."""
+        factor = TRAIN_STEP + (0.0 if self.trainer.args.precompute_ref_log_probs else FORWARD)
+        self.compute.add(
+            "train", rows_tokens(self.token_counts("pool"), self.sampler.trained_rows(micro_batches)), factor
+        )
+
+    def reused_kinds(self, epoch: int, num_train_epochs: float) -> set[str]:
+        """Which log-probs epoch `epoch`'s training steps record for a later event (`scoring_reuse`).
+
+        π_ref's during the warm-up epochs, until the reference is cached (not when TRL precomputed them: those are
+        read from the dataset's columns); θ's in every epoch that a selection event follows.
+        """
+        args = self.trainer.args
+        needs = scorer_needs(args.required_scores)
+        kinds = set()
+        if (
+            args.scoring_reuse != "none"
+            and needs & {"reference", "auxiliary"}
+            and not args.precompute_ref_log_probs
+            and epoch < args.selection_warmup_epochs
+            and self._reference is None
+        ):
+            kinds.add(REFERENCE)
+        if args.scoring_reuse == "reference_and_policy" and "policy" in needs and epoch + 1 < num_train_epochs:
+            kinds.add(POLICY)
+        return kinds
+
+    def record_training_log_probs(self, epoch: int, first_batch: int, num_train_epochs: float) -> None:
+        """Record the log-probs of epoch `epoch`'s training steps from its micro-batch `first_batch` on."""
+        self.training_log_probs.begin_epoch(
+            self.sampler.rank_batches(), first_batch, self.reused_kinds(epoch, num_train_epochs)
+        )
+
+    # ----- checkpoint state -----
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The cached log-probs a checkpoint keeps: π_ref's, θ_aux's and the training steps' records."""
+        tensors = dict(self._checkpoint_training_log_probs)
+        for name, log_probs in (("reference", self._reference), ("auxiliary", self._auxiliary_log_probs)):
+            if log_probs is not None:
+                tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = log_probs.chosen, log_probs.rejected
+        return tensors
+
+    def gather_for_checkpoint(self) -> None:
+        """Combine the ranks' training-step records for the checkpoint `checkpoint_tensors` writes. Every rank calls
+        it."""
+        self._checkpoint_training_log_probs = {}
+        if self.trainer.args.scoring_reuse == "none":
+            return
+        for kind in (REFERENCE, POLICY):
+            recorded = self.training_log_probs.gathered(kind, self.trainer.accelerator)
+            if not bool(torch.isnan(recorded.chosen).all()):
+                self._checkpoint_training_log_probs[f"training_{kind}.chosen"] = recorded.chosen
+                self._checkpoint_training_log_probs[f"training_{kind}.rejected"] = recorded.rejected
+
+    def start_new_loop(self) -> None:
+        """Forget the previous training loop: θ_aux's log-probs are dropped and its shuffle seeds restart, the
+        training-step records are cleared; π_ref's cached log-probs stay (π_ref never changes)."""
+        self._auxiliary_log_probs = None
+        self._restored_aux_num_refreshes = 0
+        if self._auxiliary is not None:
+            self._auxiliary.num_refreshes = 0
+        for kind in (REFERENCE, POLICY):
+            self.training_log_probs.clear(kind)
+
+    def restore(self, tensors: dict[str, torch.Tensor], aux_num_refreshes: int) -> None:
+        """Continue from a checkpoint's cached log-probs and aux refresh count."""
+        self._restored_aux_num_refreshes = aux_num_refreshes
+        if self._auxiliary is not None:  # built by an earlier `train()` of this trainer
+            self._auxiliary.num_refreshes = aux_num_refreshes
+        if "reference.chosen" in tensors:
+            self._reference = PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"])
+        if "auxiliary.chosen" in tensors:
+            self._auxiliary_log_probs = PairLogProbs(tensors["auxiliary.chosen"], tensors["auxiliary.rejected"])
+        for kind in (REFERENCE, POLICY):
+            if f"training_{kind}.chosen" in tensors:
+                recorded = PairLogProbs(tensors[f"training_{kind}.chosen"], tensors[f"training_{kind}.rejected"])
+                self.training_log_probs.restore(kind, recorded)
+
+    def forget_cached_log_probs(self) -> None:
+        """Drop every cached pool and validation log-prob, so the next `compute_scores` runs every pass again (for
+        timing a cold event)."""
+        self._reference = self._validation_reference = self._auxiliary_log_probs = None
+
+
+__all__ = ["REUSABLE_KINDS", "ScoringEngine", "alignment_settings", "timed"]
