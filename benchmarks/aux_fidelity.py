@@ -1,9 +1,9 @@
 """Does the low-rank aux model (`aux_mode="lora"`) score like the full copy (`aux_mode="full"`)? Paired over seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/aux_fidelity.py                   # 10 seeds: scores, then exact-match
-    OMP_NUM_THREADS=1 python benchmarks/aux_fidelity.py --quick           # seeds 0 and 1
-    OMP_NUM_THREADS=1 python benchmarks/aux_fidelity.py --no_training     # the score comparison only (cheaper)
-    python benchmarks/aux_fidelity.py --report_only                       # rewrite the tables from the cached runs
+    OMP_NUM_THREADS=1 python -m benchmarks.aux_fidelity                   # 10 seeds: scores, then exact-match
+    OMP_NUM_THREADS=1 python -m benchmarks.aux_fidelity --quick           # seeds 0 and 1
+    OMP_NUM_THREADS=1 python -m benchmarks.aux_fidelity --no_training     # the score comparison only (cheaper)
+    python -m benchmarks.aux_fidelity --report_only                       # rewrite the tables from the cached runs
 
 Protocol: `benchmarks/quality.py`'s (reverse digits, tiny Llama, per-seed task, SFT warm start, DPO beta 0.5, lr 1e-4
 constant, batch 32, bands 10-90, aux stage = one pass over the 256 validation pairs at the policy's lr).
@@ -30,20 +30,17 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks import quality
+from benchmarks.common import machine_description, markdown_table, paired_delta
+
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "recipes" / "data"))
-
-from benchmarks import quality  # noqa: E402
-from benchmarks.common import machine_description, markdown_table, paired_delta  # noqa: E402
 
 
 logger = logging.getLogger("benchmarks.aux_fidelity")
@@ -82,7 +79,7 @@ def score_seed(seed: int, task: dict, sft_state: dict, tokenizer, work_dir: Path
     from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
     from trl_select.rules import overlap_coefficient
     from trl_select.scores import implicit_reward_margin, loss_difference
-    from trl_select.toy import build_tiny_llama
+    from trl_select.testing import build_tiny_llama
 
     model = build_tiny_llama(tokenizer, seed=seed)
     model.load_state_dict(sft_state)
@@ -269,14 +266,14 @@ def main() -> None:
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "benchmark-aux-fidelity")
     options = parser.parse_args()
     seeds = [0, 1] if options.quick else options.seeds
-    command = "OMP_NUM_THREADS=1 python benchmarks/aux_fidelity.py" + (" --quick" if options.quick else "")
+    command = "OMP_NUM_THREADS=1 python -m benchmarks.aux_fidelity" + (" --quick" if options.quick else "")
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     if not options.report_only:
         os.environ.setdefault("TQDM_DISABLE", "1")
         import datasets
 
         datasets.disable_progress_bars()
-        from trl_select.toy import build_char_tokenizer
+        from trl_select.testing import build_char_tokenizer
 
         tokenizer = build_char_tokenizer()
         # The cheap part first for every seed, so that the score table is complete before the training runs start

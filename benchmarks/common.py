@@ -121,7 +121,7 @@ def save_tiny_llama(path: Path, shape: tuple[int, int, int, int], max_position_e
     """Build a Llama of `shape` = (hidden, layers, heads, intermediate) with the character tokenizer, save both to
     `path`, and return the parameter count. Benchmarks load it back by path, so every arm starts from the same weights.
     """
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama
+    from trl_select.testing import build_char_tokenizer, build_tiny_llama
 
     hidden, layers, heads, intermediate = shape
     tokenizer = build_char_tokenizer()

@@ -1,6 +1,6 @@
 """Rescoring cost of the embedded demo, relative to its training epochs, measured side by side in one run.
 
-    python benchmarks/demo_overhead.py [--output results/demo_overhead.md]
+    python -m benchmarks.demo_overhead [--output results/demo_overhead.md]
 
 Runs the demo recipe's configuration (tiny Llama, 2,000 reverse-digits pairs, 3 epochs, LossDiff-IRM) and reports, per
 epoch: the training time of the epoch (from after the selection event to the end of the epoch, no evaluation), and
@@ -11,6 +11,7 @@ the selection event's time split into the reference pass (once per run, cached),
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import platform
 import sys
@@ -22,9 +23,19 @@ from transformers import TrainerCallback
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "recipes"))
 
-from dpo_lossdiff_irm import main, make_parser  # noqa: E402
+
+def _load_recipe():
+    """The demo recipe module, loaded from its file (recipes/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("dpo_lossdiff_irm", REPO / "recipes" / "dpo_lossdiff_irm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+_recipe = _load_recipe()
+main, make_parser = _recipe.main, _recipe.make_parser
 
 
 class EpochTimer(TrainerCallback):

@@ -106,7 +106,7 @@ def build_model(path: Path, size: str) -> int:
 
 def model_shape(size: str) -> ModelShape:
     """The shape of the benchmark's Llama, from its config (the model is not built)."""
-    from trl_select.toy import build_char_tokenizer
+    from trl_select.testing import build_char_tokenizer
 
     hidden, layers, heads, intermediate = MODEL_SIZES[size]
     return ModelShape.from_config(
@@ -132,7 +132,7 @@ def run_arm(arm: str, model_path: Path, work_dir: Path, size: str) -> dict[str, 
     from transformers import PrinterCallback
 
     from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
-    from trl_select.toy import make_reverse_digits_pairs
+    from trl_select.testing import make_reverse_digits_pairs
 
     num_pairs, num_validation, batch = POOL_SIZES[size]
     train = make_reverse_digits_pairs(num_pairs, flip_fraction=0.3, seed=0, min_digits=DIGITS, max_digits=DIGITS)

@@ -31,7 +31,7 @@ One run, one model, one machine:
    the counted runs of a tiny model with the same data shapes (the ledger counts tokens, not parameters) can come from
    several invocations.
 
-Pairs are reverse-digits pairs with 127-digit prompts (`trl_select.toy.make_reverse_digits_pairs`): with the character
+Pairs are reverse-digits pairs with 127-digit prompts (`trl_select.testing.make_reverse_digits_pairs`): with the character
 tokenizer each sequence (prompt + completion + EOS) is exactly 256 tokens.
 """
 
@@ -85,7 +85,7 @@ def build_model(path: Path, size: str) -> int:
 def pairs(num_pairs: int, num_validation: int):
     from datasets import Dataset
 
-    from trl_select.toy import make_reverse_digits_pairs
+    from trl_select.testing import make_reverse_digits_pairs
 
     train = make_reverse_digits_pairs(num_pairs, flip_fraction=0.3, seed=0, min_digits=DIGITS, max_digits=DIGITS)
     validation = make_reverse_digits_pairs(
@@ -285,8 +285,19 @@ def run_memory_arms(model_path: Path, work_dir: Path) -> list[dict[str, float]]:
     results = []
     for arm in MEMORY_ARMS:
         out = work_dir / f"memory-{arm}.json"
-        command = [sys.executable, "-m", "benchmarks.overhead", "--memory_arm", arm, "--model_path", str(model_path),
-                   "--work_dir", str(work_dir), "--json", str(out)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.overhead",
+            "--memory_arm",
+            arm,
+            "--model_path",
+            str(model_path),
+            "--work_dir",
+            str(work_dir),
+            "--json",
+            str(out),
+        ]
         env = {**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
         done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
@@ -433,8 +444,19 @@ def realistic_report(runs: list[dict[str, Any]], num_parameters: dict[str, int])
         return ""
     hidden, layers, heads, intermediate = MODEL_SIZES["full"]
     tiny = MODEL_SIZES["tiny"]
-    plain_row = ["plain run (`selection_rule=\"none\"`)", "", "counted from the pool", "0", "1.000", "1.000",
-                 "", f"{REALISTIC_EPOCHS * plain_epoch_s:.0f}" if timed else "", "0", "0", "1.000"]  # fmt: skip
+    plain_row = [
+        'plain run (`selection_rule="none"`)',
+        "",
+        "counted from the pool",
+        "0",
+        "1.000",
+        "1.000",
+        "",
+        f"{REALISTIC_EPOCHS * plain_epoch_s:.0f}" if timed else "",
+        "0",
+        "0",
+        "1.000",
+    ]
     load = sorted({f"{run['load_average_at_start']:.1f}" for run in timed})
     return "\n".join(
         [
@@ -466,7 +488,7 @@ def realistic_report(runs: list[dict[str, Any]], num_parameters: dict[str, int])
                     "total s × plain",
                 ],
                 [plain_row, *rows],
-            ),  # fmt: skip
+            ),
             "FTE = forward-token equivalents (`trl_select/compute.py`): a training step is 3 per token plus 1 for "
             "the live reference forward; each scoring forward 1 per token. Plain = 3 full-pool epochs of training "
             "compute (counted from the pool's tokens); its seconds are 3 × the mean full-pool epoch 0 of the timed "
@@ -509,11 +531,18 @@ def run_realistic(options) -> None:
 
 def save_param_count(model: str) -> int:
     """The parameter count of a model size, without saving it."""
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama
+    from trl_select.testing import build_char_tokenizer, build_tiny_llama
 
     hidden, layers, heads, intermediate = MODEL_SIZES[model]
-    built = build_tiny_llama(build_char_tokenizer(), hidden_size=hidden, num_layers=layers, num_heads=heads,
-                             intermediate_size=intermediate, max_position_embeddings=512, seed=0)  # fmt: skip
+    built = build_tiny_llama(
+        build_char_tokenizer(),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=512,
+        seed=0,
+    )
     return sum(p.numel() for p in built.parameters())
 
 
@@ -552,13 +581,28 @@ def report(size: str, num_parameters: int, timing: dict[str, float], memory: lis
     cheap, pool = timing["lossdiff_irm_per_pair_s"], timing["pool_pairs"]
     jvp = timing["influence_per_pair_s"]
     per_pair_rows = [
-        ["LossDiff-IRM: policy pass + aux refresh (reference cached)", f"{timing['lossdiff_irm_scores_s']:.1f}",
-         f"{timing['lossdiff_irm_scores_s'] - cheap * pool:.1f}", f"{1e3 * cheap:.0f}", "1.0"],
-        ["exact influence, batched JVP (`trl_select` `influence` scorer)", f"{timing['influence_scores_s']:.1f}",
-         f"{timing['validation_gradient_s']:.1f}", f"{1e3 * jvp:.0f}", f"{jvp / cheap:.1f}"],
-        [f"exact influence, one backward per pair (paper's TIF way; {timing['backward_pairs']} pairs)", "", "",
-         f"{1e3 * timing['backward_per_pair_s']:.0f}", f"{timing['backward_per_pair_s'] / cheap:.1f}"],
-    ]  # fmt: skip
+        [
+            "LossDiff-IRM: policy pass + aux refresh (reference cached)",
+            f"{timing['lossdiff_irm_scores_s']:.1f}",
+            f"{timing['lossdiff_irm_scores_s'] - cheap * pool:.1f}",
+            f"{1e3 * cheap:.0f}",
+            "1.0",
+        ],
+        [
+            "exact influence, batched JVP (`trl_select` `influence` scorer)",
+            f"{timing['influence_scores_s']:.1f}",
+            f"{timing['validation_gradient_s']:.1f}",
+            f"{1e3 * jvp:.0f}",
+            f"{jvp / cheap:.1f}",
+        ],
+        [
+            f"exact influence, one backward per pair (paper's TIF way; {timing['backward_pairs']} pairs)",
+            "",
+            "",
+            f"{1e3 * timing['backward_per_pair_s']:.0f}",
+            f"{timing['backward_per_pair_s'] / cheap:.1f}",
+        ],
+    ]
     by_arm = {m["arm"]: m for m in memory}
     memory_rows = []
     for arm in MEMORY_ARMS:

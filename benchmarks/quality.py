@@ -9,7 +9,7 @@
 Protocol 2 (issue 13; protocol 1, issue 7, is kept in `results/quality/quality_v1.md`):
 
 - Task: the prompt is 3-6 digits and "="; the correct response is the digits reversed. A tiny random Llama
-  (`trl_select.toy.build_tiny_llama`: hidden 64, 2 layers, 95k parameters with the 100-token character vocabulary).
+  (`trl_select.testing.build_tiny_llama`: hidden 64, 2 layers, 95k parameters with the 100-token character vocabulary).
 - Per seed s a fresh task is drawn with `recipes/data/make_reverse_digits.py`'s `build_splits(1000 * s)` (seed 0 is the
   shipped data): SFT 1000 rows, half reversal and half copy rule; pool 2000 pairs, exactly 30% label-flipped, rejected
   = 50% near miss / 50% copy rule; clean validation: the first 100 of the 256 clean validation pairs (5% of the pool,
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import logging
 import math
@@ -197,19 +196,18 @@ def equal_compute_verdict(delta: PairedDelta, arm: str, baseline: str) -> str:
 
 
 def build_task(seed: int) -> dict[str, list[dict]]:
-    """The task of `seed` (`recipes/data/make_reverse_digits.py`, loaded from its file: `recipes` is not a package)."""
-    path = REPO / "recipes" / "data" / "make_reverse_digits.py"
-    spec = importlib.util.spec_from_file_location("make_reverse_digits", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    task = module.build_splits(seed_offset=1000 * seed)
+    """The task of `seed` (`trl_select.testing.build_splits`, as `recipes/data/make_reverse_digits.py` writes it),
+    with the first `VALIDATION_PAIRS` clean validation pairs."""
+    from trl_select.testing import build_splits
+
+    task = build_splits(seed_offset=1000 * seed)
     task["validation"] = task["validation"][:VALIDATION_PAIRS]
     return task
 
 
 def sft_model(seed: int, task: dict[str, list[dict]], tokenizer) -> tuple[dict, float, float]:
     """Warm-start the tiny Llama of `seed` on the task's SFT mix; return its state dict, exact-match and seconds."""
-    from trl_select.toy import build_tiny_llama, greedy_exact_match, sft_warm_start
+    from trl_select.testing import build_tiny_llama, greedy_exact_match, sft_warm_start
 
     start = time.perf_counter()
     model = build_tiny_llama(tokenizer, seed=seed)
@@ -228,8 +226,15 @@ def has_scoring_reuse() -> bool:
 
 # Arms whose meaning depends on the default `scoring_reuse` (directly, or through LossDiff-IRM's run): before the field
 # existed, the trainer always scored the exact way, so only lossdiff_irm_exact can run on such a checkout.
-NEEDS_SCORING_REUSE = ("lossdiff_irm", "lossdiff_irm_stale", "lossdiff_irm_aux2", "lossdiff_irm_cheapest",
-                       "cm_full", "cm_random", "random")  # fmt: skip
+NEEDS_SCORING_REUSE = (
+    "lossdiff_irm",
+    "lossdiff_irm_stale",
+    "lossdiff_irm_aux2",
+    "lossdiff_irm_cheapest",
+    "cm_full",
+    "cm_random",
+    "random",
+)
 
 
 def arm_config(arm: str) -> dict[str, Any]:
@@ -273,7 +278,7 @@ def run_arm(
 
     from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer, read_history
     from trl_select.compute import FORWARD, TRAIN_STEP
-    from trl_select.toy import build_tiny_llama, greedy_exact_match
+    from trl_select.testing import build_tiny_llama, greedy_exact_match
 
     settings = {**PROTOCOL, **arm_config(arm), **(overrides or {})}
     scoring_reuse = settings.get("scoring_reuse")
@@ -447,8 +452,10 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         pa = np.array([r["preference_accuracy"] for r in runs_arm])
         d_full = paired(arm, "full") if arm != "full" else None
         d_pa = paired(arm, "full", "preference_accuracy") if arm != "full" else None
-        kept = [np.mean([e["num_kept"] for r in runs_arm for e in r["epochs"] if e["epoch"] == k] or [np.nan])
-                for k in (1, 2)]  # fmt: skip
+        kept = [
+            np.mean([e["num_kept"] for r in runs_arm for e in r["epochs"] if e["epoch"] == k] or [np.nan])
+            for k in (1, 2)
+        ]
         compute, compute_se = mean_se([total_compute(r) for r in runs_arm])
         rows.append(
             [
@@ -465,9 +472,19 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
                 f"{np.mean([r['selection_seconds'] for r in runs_arm]):.1f}",
             ]
         )
-    header = ["arm", "seeds", "exact-match (mean ± sd)", "Δ vs full (± SE)", "seeds won", "pref. acc.",
-              "Δ pref. acc. vs full (± SE)", "kept pairs ep1 / ep2", "compute × plain run", "wall s",
-              "of which selection s"]  # fmt: skip
+    header = [
+        "arm",
+        "seeds",
+        "exact-match (mean ± sd)",
+        "Δ vs full (± SE)",
+        "seeds won",
+        "pref. acc.",
+        "Δ pref. acc. vs full (± SE)",
+        "kept pairs ep1 / ep2",
+        "compute × plain run",
+        "wall s",
+        "of which selection s",
+    ]
 
     # At equal compute
     equal_compute = []
@@ -475,8 +492,13 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
     d_cm = paired("lossdiff_irm", "cm_full")
     if d_cm is not None:
         verdict_cm = equal_compute_verdict(d_cm, "LossDiff-IRM", "cm_full")
-    for arm, baseline in (("lossdiff_irm", "cm_full"), ("lossdiff_irm", "cm_random"), ("lossdiff_irm", "random"),
-                          ("cm_full", "full"), ("cm_random", "full")):  # fmt: skip
+    for arm, baseline in (
+        ("lossdiff_irm", "cm_full"),
+        ("lossdiff_irm", "cm_random"),
+        ("lossdiff_irm", "random"),
+        ("cm_full", "full"),
+        ("cm_random", "full"),
+    ):
         d = paired(arm, baseline)
         if d is not None:
             equal_compute.append([f"{arm} − {baseline}", fmt(d), won(d)])
@@ -496,9 +518,16 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
             cheapest_within = (compute, arm)
         reuse = runs_arm[0].get("scoring_reuse")
         mode_rows.append(
-            [arm, f"{reuse}, aux every {runs_arm[0]['aux_refresh_epochs']}", f"{selection:.2f}", f"{compute:.2f}",
-             fmt(d) if d else "(exact)", won(d), "yes" if close and d else ("" if not d else "no")]
-        )  # fmt: skip
+            [
+                arm,
+                f"{reuse}, aux every {runs_arm[0]['aux_refresh_epochs']}",
+                f"{selection:.2f}",
+                f"{compute:.2f}",
+                fmt(d) if d else "(exact)",
+                won(d),
+                "yes" if close and d else ("" if not d else "no"),
+            ]
+        )
 
     # Time to quality: compute at which each arm first reaches the full arm's final exact-match, per seed
     ttq_rows = []
@@ -515,9 +544,13 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         n = len(reached) + missed
         mean, se = mean_se(reached)
         ttq_rows.append(
-            [arm, f"{len(reached)}/{n}", f"{mean:.2f} ± {se:.2f}" if reached else "not reached",
-             f"{mean / PROTOCOL['num_train_epochs']:.2f}" if reached else ""]
-        )  # fmt: skip
+            [
+                arm,
+                f"{len(reached)}/{n}",
+                f"{mean:.2f} ± {se:.2f}" if reached else "not reached",
+                f"{mean / PROTOCOL['num_train_epochs']:.2f}" if reached else "",
+            ]
+        )
 
     flip_rows = []
     for arm in ordered:
@@ -525,8 +558,12 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         cells = [arm]
         for k in (1, 2):
             kept = [e["flipped_in_kept"] for r in runs_arm for e in r["epochs"] if e["epoch"] == k]
-            dropped = [e["flipped_in_dropped"] for r in runs_arm for e in r["epochs"]
-                       if e["epoch"] == k and e["flipped_in_dropped"] is not None]  # fmt: skip
+            dropped = [
+                e["flipped_in_dropped"]
+                for r in runs_arm
+                for e in r["epochs"]
+                if e["epoch"] == k and e["flipped_in_dropped"] is not None
+            ]
             cells += [f"{np.mean(kept):.3f}" if kept else "-", f"{np.mean(dropped):.3f}" if dropped else "-"]
         flip_rows.append(cells)
 
@@ -597,7 +634,7 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
                 "within 1 SE",
             ],
             mode_rows,
-        ),  # fmt: skip
+        ),
         cheapest_line,
         "",
         "## Time to quality",
@@ -609,7 +646,7 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         "",
         markdown_table(
             ["arm", "seeds reached", "compute to full's final exact-match (epochs)", "× plain run"], ttq_rows
-        ),  # fmt: skip
+        ),
         "Greedy exact-match against cumulative compute: `compute_curve.png`.",
         "",
         "## Flipped share (pool: 0.30) in the kept and dropped sets at each selection epoch, mean over seeds",
@@ -619,14 +656,23 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
     report = "\n".join(text)
     (out_dir / "quality.md").write_text(report)
     with (out_dir / "quality.csv").open("w") as f:
-        f.write("arm,seed,exact_match,preference_accuracy,compute_x_plain,wall_seconds,selection_seconds,"
-                "kept_ep1,flipped_in_kept_ep1,kept_ep2,flipped_in_kept_ep2,exact_match_by_epoch\n")  # fmt: skip
+        f.write(
+            "arm,seed,exact_match,preference_accuracy,compute_x_plain,wall_seconds,selection_seconds,"
+            "kept_ep1,flipped_in_kept_ep1,kept_ep2,flipped_in_kept_ep2,exact_match_by_epoch\n"
+        )
         for run in sorted(runs, key=lambda r: (r["seed"], r["arm"])):
             if run["arm"] == "sft":
                 continue
             epochs = {e["epoch"]: e for e in run.get("epochs", [])}
-            cells = [run["arm"], run["seed"], run["exact_match"], run.get("preference_accuracy", ""),
-                     f"{total_compute(run):.4f}", run.get("wall_seconds", ""), run.get("selection_seconds", "")]  # fmt: skip
+            cells = [
+                run["arm"],
+                run["seed"],
+                run["exact_match"],
+                run.get("preference_accuracy", ""),
+                f"{total_compute(run):.4f}",
+                run.get("wall_seconds", ""),
+                run.get("selection_seconds", ""),
+            ]
             for k in (1, 2):
                 e = epochs.get(k)
                 cells += [e["num_kept"], e["flipped_in_kept"]] if e else ["", ""]
@@ -724,7 +770,7 @@ def main() -> None:
         import datasets
 
         datasets.disable_progress_bars()
-        from trl_select.toy import build_char_tokenizer
+        from trl_select.testing import build_char_tokenizer
 
         tokenizer = build_char_tokenizer()
         arms = [arm for arm in ALL_ARMS if arm in options.arms]
@@ -739,8 +785,13 @@ def main() -> None:
             task = build_task(seed)
             sft_state, sft_exact, sft_seconds = sft_model(seed, task, tokenizer)
             if "sft" not in done:
-                record = {"protocol": PROTOCOL_ID, "arm": "sft", "seed": seed, "exact_match": sft_exact,
-                          "wall_seconds": sft_seconds}  # fmt: skip
+                record = {
+                    "protocol": PROTOCOL_ID,
+                    "arm": "sft",
+                    "seed": seed,
+                    "exact_match": sft_exact,
+                    "wall_seconds": sft_seconds,
+                }
                 _append(runs_path, record)
             logger.info("seed %d: SFT exact-match %.3f (%.0fs)", seed, sft_exact, sft_seconds)
             flipped_by_id = {row["id"]: row["flipped"] for row in task["train"]}

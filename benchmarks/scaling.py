@@ -1,7 +1,7 @@
 """How rescoring scales: with the pool size (1k-16k pairs, it must be linear) and with the number of ranks (1 vs 2).
 
-    python benchmarks/scaling.py            # pools 1k, 2k, 4k, 8k, 16k; 1 vs 2 ranks on 8k (~5-10 min on 2 busy cores)
-    python benchmarks/scaling.py --quick    # pools 1k, 2k, 4k; 1 vs 2 ranks on 2k
+    python -m benchmarks.scaling            # pools 1k, 2k, 4k, 8k, 16k; 1 vs 2 ranks on 8k (~5-10 min on 2 busy cores)
+    python -m benchmarks.scaling --quick    # pools 1k, 2k, 4k; 1 vs 2 ranks on 2k
 
 Rescoring = what one selection event costs once the reference (and aux) log-probs are cached: the policy's no-grad
 pass over the whole pool through the real `SelectionCallback.policy_log_probs` (TRL's collator and fused LM head,
@@ -26,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import fit_line, machine_description, markdown_table
+
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.common import fit_line, machine_description, markdown_table  # noqa: E402
 
 
 logger = logging.getLogger("benchmarks.scaling")
@@ -46,7 +45,7 @@ def time_rescoring(pool_sizes: list[int], repeats: int, work_dir: Path) -> list[
     from transformers import PrinterCallback
 
     from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama, make_reverse_digits_pairs
+    from trl_select.testing import build_char_tokenizer, build_tiny_llama, make_reverse_digits_pairs
 
     tokenizer = build_char_tokenizer()
     model = build_tiny_llama(tokenizer, **MODEL, seed=0)
@@ -111,14 +110,14 @@ def rescore(trainer, reference) -> tuple[float, float]:
 
 def launch(pool_sizes: list[int], repeats: int, num_processes: int, work_dir: Path) -> list[dict[str, float]]:
     out = work_dir / f"ranks{num_processes}.json"
-    worker = [__file__, "--worker", "--pools", *map(str, pool_sizes), "--repeats", str(repeats),
+    worker = ["-m", "benchmarks.scaling", "--worker", "--pools", *map(str, pool_sizes), "--repeats", str(repeats),
               "--work_dir", str(work_dir), "--json", str(out)]  # fmt: skip
     if num_processes == 1:
         command = [sys.executable, *worker]
     else:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), *worker]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise RuntimeError(f"{num_processes}-rank run failed:\n{done.stderr[-4000:]}")
     return json.loads(out.read_text())
@@ -127,7 +126,7 @@ def launch(pool_sizes: list[int], repeats: int, num_processes: int, work_dir: Pa
 def report(
     sizes: list[dict[str, float]], ranks: dict[int, dict[str, float]], rank_pool: int, repeats: int, command: str
 ) -> str:
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama
+    from trl_select.testing import build_char_tokenizer, build_tiny_llama
 
     num_parameters = sum(p.numel() for p in build_tiny_llama(build_char_tokenizer(), **MODEL).parameters())
     pools = [r["pool"] for r in sizes]
@@ -204,7 +203,7 @@ def main() -> None:
     pools = options.pools or ([1000, 2000, 4000] if options.quick else [1000, 2000, 4000, 8000, 16000])
     rank_pool = options.rank_pool or (2000 if options.quick else 8000)
     output = options.output or RESULTS / ("scaling_quick.md" if options.quick else "scaling.md")
-    command = "python benchmarks/scaling.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.scaling " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="scaling-") as tmp:
         sizes = launch(pools, options.repeats, 1, Path(tmp))
         # 1, 2, 1 ranks right after each other, so the load from other jobs is as similar as it gets

@@ -1,6 +1,6 @@
 """How well do the cheap selectors track the exact-TIF selection? The LossDiff-IRM paper's Tables 1-2, in kind.
 
-    python benchmarks/tif_overlap.py [--seeds 0 1 2] [--pool 2000] [--output-dir benchmarks/results]
+    python -m benchmarks.tif_overlap [--seeds 0 1 2] [--pool 2000] [--output-dir benchmarks/results]
 
 Per seed: the tiny reverse-digits Llama (95k parameters) is SFT-warm-started (20 epochs on the SFT rows, lr 1e-3),
 then trained one DPO epoch on the pool (the paper's warm-up stage; demo settings: β 0.5, lr 1e-4, batch 32). At that
@@ -23,7 +23,6 @@ import csv
 import logging
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,13 +32,12 @@ import torch
 from datasets import Dataset
 from scipy.stats import spearmanr
 
+from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
+from trl_select.rules import band_intersection, overlap_coefficient
+from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl, sft_warm_start
+
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer  # noqa: E402
-from trl_select.rules import band_intersection, overlap_coefficient  # noqa: E402
-from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl, sft_warm_start  # noqa: E402
 
 
 DATA = REPO / "recipes" / "data" / "reverse_digits"
@@ -150,7 +148,7 @@ def markdown(rows: list[dict], options: argparse.Namespace) -> str:
     lines = [
         "# Overlap of cheap selections with the exact-TIF selection",
         "",
-        f"`python benchmarks/tif_overlap.py --seeds {' '.join(map(str, options.seeds))} --pool {options.pool}` on "
+        f"`python -m benchmarks.tif_overlap --seeds {' '.join(map(str, options.seeds))} --pool {options.pool}` on "
         f"{platform.machine()} CPU, one thread (times are CPU time), torch {torch.__version__}. Tiny reverse-digits "
         "Llama (95k parameters), SFT warm start + one DPO epoch; bands 10-90 for every score. Means over seeds; "
         "per-seed values in `tif_overlap.csv`. *Above chance*: `(overlap − chance) / (1 − chance)`, 0 for a random "

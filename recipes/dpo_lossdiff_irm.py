@@ -91,7 +91,7 @@ class RecipeArguments(ScriptArguments):
 
 def build_demo_model(output_dir: str, sft_epochs: int, sft_learning_rate: float, seed: int) -> str:
     """Build the tiny Llama and its tokenizer locally, warm-start it with SFT, save it; return its path."""
-    from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl, sft_warm_start
+    from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl, sft_warm_start
 
     path = Path(output_dir) / "sft-model"
     tokenizer = build_char_tokenizer()
@@ -118,7 +118,7 @@ def report_demo(trainer: SelectiveDPOTrainer, train: Dataset, test: Dataset, sft
     """
     from transformers import AutoModelForCausalLM
 
-    from trl_select.toy import greedy_exact_match
+    from trl_select.testing import greedy_exact_match
 
     flipped = dict(zip(train["id"], train["flipped"], strict=True))
     selecting = trainer.args.selection_enabled

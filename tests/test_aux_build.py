@@ -23,9 +23,13 @@ from trl_select.auxiliary import (
 
 def _tiny(tie: bool, dtype: torch.dtype = torch.bfloat16) -> transformers.LlamaForCausalLM:
     config = transformers.LlamaConfig(
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
         tie_word_embeddings=tie,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).to(dtype)
 

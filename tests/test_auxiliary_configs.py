@@ -23,9 +23,9 @@ from trl_select import SelectiveDPOTrainer
 from trl_select.auxiliary import AuxiliaryModel
 from trl_select.scores import PairLogProbs, loss_difference, preference_loss, reference_normalised_margin
 from trl_select.scoring import build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
-from .conftest import fast_config
+from .testing_utils import fast_config
 
 
 def _log_probs(model: torch.nn.Module, dataset, trainer) -> PairLogProbs:
@@ -89,9 +89,13 @@ def test_reference_columns_are_read_only_when_precomputing(tmp_path, tokenizer, 
     reference = copy.deepcopy(model)
     args = fast_config(tmp_path, num_train_epochs=1)
     trainer = SelectiveDPOTrainer(
-        model, ref_model=reference, args=args, train_dataset=with_bogus_reference(pool),
-        validation_dataset=with_bogus_reference(validation), processing_class=tokenizer,
-    )  # fmt: skip
+        model,
+        ref_model=reference,
+        args=args,
+        train_dataset=with_bogus_reference(pool),
+        validation_dataset=with_bogus_reference(validation),
+        processing_class=tokenizer,
+    )
     callback = trainer.selection_callback
     assert "ref_chosen_logps" in trainer.train_dataset.column_names  # the columns survived TRL's preprocessing
     live = trainer.accelerator.unwrap_model(trainer.ref_model)
@@ -144,9 +148,13 @@ def test_fp16_aux_stage_scales_its_loss_and_skips_non_finite_steps(tmp_path, tok
     model = build_tiny_llama(tokenizer, seed=0)
     args = fast_config(tmp_path, num_train_epochs=1, fp16=True, aux_max_steps=4)
     trainer = SelectiveDPOTrainer(
-        model, ref_model=copy.deepcopy(model), args=args, train_dataset=pool, validation_dataset=validation,
+        model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=pool,
+        validation_dataset=validation,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     callback = trainer.selection_callback
     assert callback.auxiliary().settings.loss_scaling  # fp16 without DeepSpeed: the aux stage scales its loss
 
@@ -178,9 +186,13 @@ def test_fp16_loss_scaling_leaves_finite_steps_unchanged(tmp_path, tokenizer, po
     model = build_tiny_llama(tokenizer, seed=0)
     args = fast_config(tmp_path, num_train_epochs=1, aux_max_steps=3)
     trainer = SelectiveDPOTrainer(
-        model, ref_model=copy.deepcopy(model), args=args, train_dataset=pool, validation_dataset=validation,
+        model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=pool,
+        validation_dataset=validation,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     callback = trainer.selection_callback
     auxiliary = callback.auxiliary()
     assert not auxiliary.settings.loss_scaling

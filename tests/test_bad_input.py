@@ -22,7 +22,7 @@ from trl_select import SelectiveDPOTrainer, read_history
 from trl_select.callback import SelectionCallback
 from trl_select.validation import check_preference_rows
 
-from .conftest import fast_config
+from .testing_utils import fast_config
 
 
 def _rows(n: int = 20) -> list[dict]:
@@ -31,9 +31,13 @@ def _rows(n: int = 20) -> list[dict]:
 
 def _build(tmp_path, model, tokenizer, train, validation=None, **overrides):
     return SelectiveDPOTrainer(
-        model, ref_model=copy.deepcopy(model), args=fast_config(tmp_path, **overrides), train_dataset=train,
-        eval_dataset=validation, processing_class=tokenizer,
-    )  # fmt: skip
+        model,
+        ref_model=copy.deepcopy(model),
+        args=fast_config(tmp_path, **overrides),
+        train_dataset=train,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+    )
 
 
 def _edited(row_index: int, **changes) -> Dataset:
@@ -47,8 +51,11 @@ def _edited(row_index: int, **changes) -> Dataset:
     [
         (Dataset.from_list(_rows()).remove_columns("chosen"), ValueError, "`train_dataset` has no `chosen` column"),
         (Dataset.from_list(_rows()).rename_column("rejected", "loser"), ValueError, "no `rejected` column.*rename"),
-        (Dataset.from_list(_rows()).map(lambda r, i: {"chosen": i}, with_indices=True), TypeError,
-         r"column `chosen` must hold strings or conversations.*20 row\(s\) do not, e.g. int 0 at row 0 \(id 'p0'\)"),
+        (
+            Dataset.from_list(_rows()).map(lambda r, i: {"chosen": i}, with_indices=True),
+            TypeError,
+            r"column `chosen` must hold strings or conversations.*20 row\(s\) do not, e.g. int 0 at row 0 \(id 'p0'\)",
+        ),
         (_edited(3, prompt=None), TypeError, r"column `prompt` .* row 3 \(id 'p3'\)"),
         (_edited(4, chosen=""), ValueError, r"column `chosen` is empty in 1 row\(s\): row 4 \(id 'p4'\).*drop"),
         (_edited(5, rejected="  \n"), ValueError, r"column `rejected` is empty in 1 row\(s\): row 5 \(id 'p5'\)"),
@@ -56,9 +63,18 @@ def _edited(row_index: int, **changes) -> Dataset:
         (_edited(7, id="p2"), ValueError, r"duplicated value\(s\): id 'p2' at rows \[2, 7\]"),
         (_edited(8, id=None), ValueError, r"column `id` is missing \(None\) in 1 row\(s\): row 8"),
     ],
-    ids=["no_chosen", "no_rejected", "int_chosen", "none_prompt", "empty_chosen", "blank_rejected", "identical",
-         "duplicate_id", "missing_id"],
-)  # fmt: skip
+    ids=[
+        "no_chosen",
+        "no_rejected",
+        "int_chosen",
+        "none_prompt",
+        "empty_chosen",
+        "blank_rejected",
+        "identical",
+        "duplicate_id",
+        "missing_id",
+    ],
+)
 def test_bad_training_rows_fail_at_construction(tmp_path, tokenizer, tiny_model, validation, dataset, error, message):
     with pytest.raises(error, match=message):
         _build(tmp_path, tiny_model, tokenizer, dataset, validation)
@@ -86,8 +102,11 @@ def test_bad_validation_rows_and_sizes(tmp_path, tokenizer, tiny_model, pool, va
     with pytest.raises(ValueError, match="`validation_dataset` is empty"):
         _build(tmp_path, tiny_model, tokenizer, pool, validation.select([]))
     # 16 pairs per rank is one batch; 12 is not
-    with pytest.raises(ValueError, match=r"`validation_dataset` has 12 pairs, fewer than one aux batch per rank.*"
-                                         "`aux_batch_size`"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"`validation_dataset` has 12 pairs, fewer than one aux batch per rank.*"
+        "`aux_batch_size`",
+    ):
         _build(tmp_path, tiny_model, tokenizer, pool, validation.select(range(12)))
     trainer = _build(tmp_path, tiny_model, tokenizer, pool, validation.select(range(12)), aux_batch_size=4)
     assert trainer.selection_callback.validation_dataset.num_rows == 12
@@ -100,10 +119,27 @@ def test_bad_validation_rows_and_sizes(tmp_path, tokenizer, tiny_model, pool, va
 def test_bands_that_cannot_fill_a_batch_fail_at_construction(tmp_path, tokenizer, tiny_model, pool, validation):
     # 100 pairs x 10% x 10% ≈ 1 pair, one batch is 16
     with pytest.raises(ValueError, match=r"`irm_lo_percentile`/`irm_hi_percentile` = 45.0/55.0.*about 1.0 of the 100"):
-        _build(tmp_path, tiny_model, tokenizer, pool, validation, irm_lo_percentile=45.0, irm_hi_percentile=55.0,
-               lossdiff_lo_percentile=45.0, lossdiff_hi_percentile=55.0)  # fmt: skip
-    _build(tmp_path, tiny_model, tokenizer, pool, validation, irm_lo_percentile=45.0, irm_hi_percentile=65.0,
-           selection_rule="irm_band")  # fmt: skip  # 20 pairs >= 16
+        _build(
+            tmp_path,
+            tiny_model,
+            tokenizer,
+            pool,
+            validation,
+            irm_lo_percentile=45.0,
+            irm_hi_percentile=55.0,
+            lossdiff_lo_percentile=45.0,
+            lossdiff_hi_percentile=55.0,
+        )
+    _build(
+        tmp_path,
+        tiny_model,
+        tokenizer,
+        pool,
+        validation,
+        irm_lo_percentile=45.0,
+        irm_hi_percentile=65.0,
+        selection_rule="irm_band",
+    )  # 20 pairs >= 16
 
 
 def test_a_selection_fraction_that_cannot_fill_a_batch_fails_at_construction(tmp_path, tokenizer, tiny_model, pool):
@@ -151,8 +187,11 @@ def test_a_selection_smaller_than_one_batch_per_rank_stops_the_run(tmp_path, tok
     # An fp16 overflow, say: all but 10 scores are NaN, so the band keeps 10 pairs < one batch of 16
     _scores_with(monkeypatch, lambda scores: scores["irm"].__setitem__(slice(10, None), np.nan))
     trainer = _build(tmp_path, tiny_model, tokenizer, pool, selection_rule="irm_band", num_train_epochs=2)
-    with pytest.raises(RuntimeError, match=r"kept \d+ of 100 pairs, fewer than one batch per rank \(16\).*"
-                                           r"\{'irm': 90\}.*bf16/fp32"):  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"kept \d+ of 100 pairs, fewer than one batch per rank \(16\).*"
+        r"\{'irm': 90\}.*bf16/fp32",
+    ):
         trainer.train()
     assert trainer.state.global_step == 7  # the warm-up epoch trained (100 pairs / 16), nothing after
     assert [r["event"] for r in read_history(tmp_path)] == ["warmup"]

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import fit_line, markdown_table, paired_delta  # noqa: E402
-from benchmarks.quality import (  # noqa: E402
+from benchmarks.common import fit_line, markdown_table, paired_delta
+from benchmarks.quality import (
     compute_to_reach,
     counted_compute,
     equal_compute_verdict,
@@ -26,7 +21,7 @@ from benchmarks.quality import (  # noqa: E402
     total_compute,
     within_one_se,
 )
-from trl_select import SelectionContext  # noqa: E402
+from trl_select import SelectionContext
 
 
 def test_paired_delta_mean_se_and_wins():

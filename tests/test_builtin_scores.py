@@ -10,8 +10,8 @@ import torch
 
 from trl_select import SelectiveDPOTrainer, read_score_files
 
-from .conftest import fast_config
 from .independent import pair_log_probs, token_rows
+from .testing_utils import fast_config
 
 
 BETA = 0.5

@@ -16,7 +16,7 @@ import torch
 from trl_select import SelectiveDPOTrainer, read_history
 from trl_select.scoring import inference_mode
 
-from .conftest import fast_config
+from .testing_utils import fast_config
 
 
 def _layer_state(model: torch.nn.Module) -> list[tuple[bool, dict]]:
@@ -38,9 +38,10 @@ def _deprecated_checkpointing_calls_from_trl_select(run: Callable[[], object]) -
     def record(message, category, filename, lineno, file=None, line=None) -> None:
         if issubclass(category, FutureWarning) and "checkpointing" in str(message):
             frames = [
-                f for f in traceback.extract_stack()[:-1]
+                f
+                for f in traceback.extract_stack()[:-1]
                 if "/transformers/" not in f.filename and not f.filename.endswith("warnings.py")
-            ]  # fmt: skip
+            ]
             if "/trl_select/" in frames[-1].filename:
                 callers.append(f"{frames[-1].filename}:{frames[-1].lineno}: {message}")
 
@@ -69,13 +70,20 @@ def test_inference_mode_restores_every_n_layers_and_checkpoint_kwargs_without_de
 def test_influence_pass_restores_the_trainers_checkpoint_kwargs(tmp_path, tokenizer, tiny_model, pool, validation):
     """The `influence` scorer turns checkpointing off for its JVPs and back on with the trainer's kwargs."""
     args = fast_config(
-        tmp_path, num_train_epochs=1, selection_rule="tif", activation_checkpointing=True,
+        tmp_path,
+        num_train_epochs=1,
+        selection_rule="tif",
+        activation_checkpointing=True,
         activation_checkpointing_kwargs={"use_reentrant": True},
-    )  # fmt: skip
+    )
     trainer = SelectiveDPOTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool.select(range(32)),
-        eval_dataset=validation.select(range(16)), processing_class=tokenizer,
-    )  # fmt: skip
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=args,
+        train_dataset=pool.select(range(32)),
+        eval_dataset=validation.select(range(16)),
+        processing_class=tokenizer,
+    )
     trainer.train()  # the Trainer enables checkpointing with the kwargs; one warm-up epoch
     model = trainer.accelerator.unwrap_model(trainer.model)
     before = _layer_state(model)
@@ -96,9 +104,13 @@ def test_short_selective_train_with_checkpointing_calls_no_deprecated_api(
     """Every pass of a selection event (reference, policy, auxiliary) toggles checkpointing through the current API."""
     args = fast_config(tmp_path, num_train_epochs=2, activation_checkpointing=True)
     trainer = SelectiveDPOTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, eval_dataset=validation,
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=args,
+        train_dataset=pool,
+        eval_dataset=validation,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     assert _deprecated_checkpointing_calls_from_trl_select(trainer.train) == []
     assert [record["event"] for record in read_history(tmp_path)] == ["warmup", "selection"]  # the passes ran
 

@@ -14,9 +14,12 @@ from datasets import load_from_disk
 
 from trl_select import read_score_file
 from trl_select.cli import main
-from trl_select.toy import build_tiny_llama, write_jsonl
+from trl_select.testing import build_tiny_llama, write_jsonl
 
 from .independent import pair_log_probs
+
+
+pytestmark = pytest.mark.slow  # every test here launches a subprocess
 
 
 BETA = 0.5
@@ -44,12 +47,31 @@ def scored(tmp_path_factory, tokenizer, reverse_rows):
     write_jsonl(reverse_rows["train"][:40], root / "train.jsonl")
     write_jsonl(reverse_rows["validation"][:16], root / "validation.jsonl")
     result = _run_cli(
-        "score", "--model", str(root / "policy"), "--ref_model", str(root / "reference"),
-        "--dataset", str(root / "train.jsonl"), "--validation", str(root / "validation.jsonl"),
-        "--scores", "lossdiff,irm,reward_gap,davir,influence", "--beta", str(BETA), "--max_length", "64",
-        "--batch_size", "16", "--aux_max_steps", "3", "--aux_learning_rate", "1e-3", "--use_cpu",
-        "--out", str(root / "scores.parquet"),
-    )  # fmt: skip
+        "score",
+        "--model",
+        str(root / "policy"),
+        "--ref_model",
+        str(root / "reference"),
+        "--dataset",
+        str(root / "train.jsonl"),
+        "--validation",
+        str(root / "validation.jsonl"),
+        "--scores",
+        "lossdiff,irm,reward_gap,davir,influence",
+        "--beta",
+        str(BETA),
+        "--max_length",
+        "64",
+        "--batch_size",
+        "16",
+        "--aux_max_steps",
+        "3",
+        "--aux_learning_rate",
+        "1e-3",
+        "--use_cpu",
+        "--out",
+        str(root / "scores.parquet"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return {"root": root, "policy": policy, "reference": reference, "stdout": result.stdout}
 
@@ -83,9 +105,15 @@ def test_select_writes_the_rules_subset_and_overlap_compares_them(scored, capsys
     root = scored["root"]
     event = read_score_file(root / "scores.parquet").event
     result = _run_cli(
-        "select", str(root / "scores.parquet"), "--rule", "lossdiff_irm", "--dataset", str(root / "train.jsonl"),
-        "--out", str(root / "lossdiff_irm"),
-    )  # fmt: skip
+        "select",
+        str(root / "scores.parquet"),
+        "--rule",
+        "lossdiff_irm",
+        "--dataset",
+        str(root / "train.jsonl"),
+        "--out",
+        str(root / "lossdiff_irm"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     in_band = np.ones(40, dtype=bool)
     for name in ("lossdiff", "irm"):
@@ -96,8 +124,23 @@ def test_select_writes_the_rules_subset_and_overlap_compares_them(scored, capsys
     assert set(subset["id"]) == expected_ids and {"prompt", "chosen", "rejected"} <= set(subset.column_names)
     assert f"kept {len(expected_ids)}/40" in result.stdout
 
-    assert main(["select", str(root / "scores.parquet"), "--rule", "reward_gap", "--set", "selection_fraction=0.1",
-                 "--dataset", str(root / "train.jsonl"), "--out", str(root / "hard")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "select",
+                str(root / "scores.parquet"),
+                "--rule",
+                "reward_gap",
+                "--set",
+                "selection_fraction=0.1",
+                "--dataset",
+                str(root / "train.jsonl"),
+                "--out",
+                str(root / "hard"),
+            ]
+        )
+        == 0
+    )
     hardest = {event.pair_ids[i] for i in np.argsort(event.scores["reward_gap"], kind="stable")[:4]}
     assert set(load_from_disk(str(root / "hard"))["id"]) == hardest
 
@@ -135,8 +178,21 @@ def test_select_plugins_and_errors(scored, tmp_path, capsys):
     from trl_select.reporting import write_score_file
 
     write_score_file(missing, table_event.event, table_event.times_kept)
-    assert main(["select", str(missing), "--rule", "lossdiff_irm", "--dataset", str(root / "train.jsonl"),
-                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "select",
+                str(missing),
+                "--rule",
+                "lossdiff_irm",
+                "--dataset",
+                str(root / "train.jsonl"),
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "has no ['lossdiff'] column" in capsys.readouterr().err
 
 
@@ -144,23 +200,50 @@ def test_score_with_two_processes_matches_one(scored, tmp_path):
     root = scored["root"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     common = [
-        "--model", str(root / "policy"), "--ref_model", str(root / "reference"), "--dataset", str(root / "train.jsonl"),
-        "--beta", str(BETA), "--max_length", "64", "--batch_size", "16", "--use_cpu",
-    ]  # fmt: skip
+        "--model",
+        str(root / "policy"),
+        "--ref_model",
+        str(root / "reference"),
+        "--dataset",
+        str(root / "train.jsonl"),
+        "--beta",
+        str(BETA),
+        "--max_length",
+        "64",
+        "--batch_size",
+        "16",
+        "--use_cpu",
+    ]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "trl_select.cli", "score"]
     result = subprocess.run(
         [*launch, *common, "--scores", "irm", "--out", str(tmp_path / "two.parquet")],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = (read_score_file(path).event for path in (root / "scores.parquet", tmp_path / "two.parquet"))
     assert two.pair_ids == one.pair_ids
     np.testing.assert_allclose(two.scores["irm"], one.scores["irm"], rtol=1e-5, atol=1e-5)
     # The influence score refuses several processes instead of returning per-rank numbers.
     result = subprocess.run(
-        [*launch, *common, "--validation", str(root / "validation.jsonl"), "--scores", "influence",
-         "--out", str(tmp_path / "influence.parquet")],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [
+            *launch,
+            *common,
+            "--validation",
+            str(root / "validation.jsonl"),
+            "--scores",
+            "influence",
+            "--out",
+            str(tmp_path / "influence.parquet"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode != 0 and "runs on one process only; this run has 2" in result.stderr
     assert not (tmp_path / "influence.parquet").exists()

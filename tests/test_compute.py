@@ -21,7 +21,7 @@ from trl_select.compute import (
 )
 from trl_select.sampler import SelectionSampler, shard_batches
 
-from .conftest import fast_config
+from .testing_utils import fast_config
 
 
 def test_ledger_arithmetic():
@@ -47,13 +47,19 @@ def test_ledger_arithmetic():
 
 def test_pair_token_counts_match_the_collators_attention_mask(tmp_path, tokenizer, tiny_model, pool, validation):
     trainer = SelectiveDPOTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model), args=fast_config(tmp_path, max_length=10),
-        train_dataset=pool, eval_dataset=validation, processing_class=tokenizer,
-    )  # fmt: skip
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=fast_config(tmp_path, max_length=10),
+        train_dataset=pool,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+    )
     dataset = trainer.train_dataset
     counts = pair_token_counts(dataset, 10)
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(*(dataset[k] for k in ("prompt_ids", "chosen_ids",
-                                                                                        "rejected_ids")))]  # fmt: skip
+    lengths = [
+        len(p) + max(len(c), len(r))
+        for p, c, r in zip(*(dataset[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")))
+    ]
     assert max(lengths) > 10  # some pairs are truncated, so the cut is exercised
     for start in range(0, len(dataset), 16):
         rows = list(range(start, min(start + 16, len(dataset))))
@@ -77,12 +83,18 @@ class _MetricsProbe(TrainerCallback):
             self.by_epoch.setdefault(epoch, {k: v for k, v in logs.items() if k.startswith("selection/")})
 
 
-def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool, validation, caplog):
+@pytest.mark.parametrize("scoring_reuse", ["none", "reference"])
+def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool, validation, caplog, scoring_reuse):
     probe = _MetricsProbe()
     trainer = SelectiveDPOTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model), args=fast_config(tmp_path), train_dataset=pool,
-        eval_dataset=validation, processing_class=tokenizer, callbacks=[probe],
-    )  # fmt: skip
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=fast_config(tmp_path, scoring_reuse=scoring_reuse),
+        train_dataset=pool,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+        callbacks=[probe],
+    )
     with caplog.at_level(logging.INFO, logger="trl_select.callback"):
         trainer.train()
 
@@ -106,7 +118,10 @@ def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool
     for epoch in (1, 2):
         m = {k.removeprefix("selection/compute/"): v for k, v in probe.by_epoch[epoch].items() if "compute/" in k}
         assert m["train"] == pytest.approx(4 * sum(trained[:epoch]))
-        assert m["reference"] == pytest.approx(pool_tokens.sum() + validation_tokens.sum())  # once
+        # π_ref once over the validation pairs, and over the pool unless the warm-up steps' forwards are reused (the
+        # warm-up trained every pool pair: one process trims nothing)
+        reference = validation_tokens.sum() + (pool_tokens.sum() if scoring_reuse == "none" else 0)
+        assert m["reference"] == pytest.approx(reference)
         assert m["policy_scoring"] == pytest.approx(epoch * pool_tokens.sum())
         assert m["aux_alignment"] == pytest.approx(3 * sum(validation_tokens[rows].sum() for rows in aux_rows[:epoch]))
         assert m["aux_validation"] == pytest.approx(2 * epoch * validation_tokens.sum())
@@ -121,20 +136,34 @@ def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool
     assert len(summary) == 1 and "% of the run): reference" in summary[0]
     print(summary[0])  # noqa: T201 - shown with -s, for the docs
     # The history stays timing- and compute-free
-    expected_keys = {"epoch", "event", "global_step", "pool_size", "num_selected", "rule", "thresholds",
-                     "selected_ids", "trimmed_ids"}  # fmt: skip
+    expected_keys = {
+        "epoch",
+        "event",
+        "global_step",
+        "pool_size",
+        "num_selected",
+        "rule",
+        "thresholds",
+        "selected_ids",
+        "trimmed_ids",
+    }
     assert set(history[0]) == expected_keys
     assert set(history[1]) == expected_keys | {"percentiles", "aux_refreshed"}
 
 
-def test_precomputed_reference_costs_training_once_and_nothing_per_step(tmp_path, tokenizer, tiny_model, pool,
-                                                                        validation):  # fmt: skip
+def test_precomputed_reference_costs_training_once_and_nothing_per_step(
+    tmp_path, tokenizer, tiny_model, pool, validation
+):
     probe = _MetricsProbe()
     trainer = SelectiveDPOTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model),
-        args=fast_config(tmp_path, num_train_epochs=2, precompute_ref_log_probs=True), train_dataset=pool,
-        eval_dataset=validation, processing_class=tokenizer, callbacks=[probe],
-    )  # fmt: skip
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=fast_config(tmp_path, num_train_epochs=2, precompute_ref_log_probs=True),
+        train_dataset=pool,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+        callbacks=[probe],
+    )
     trainer.train()
     pool_tokens = pair_token_counts(trainer.train_dataset, 32).sum()
     validation_tokens = pair_token_counts(trainer.eval_dataset, 32).sum()

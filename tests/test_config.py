@@ -28,7 +28,7 @@ def test_every_selection_field_has_help():
 
     base = {f.name for f in dataclasses.fields(DPOConfig)}
     added = [f for f in dataclasses.fields(SelectiveDPOConfig) if f.name not in base]
-    assert len(added) == 20
+    assert len(added) == 21
     assert all(f.metadata.get("help") for f in added)
 
 
@@ -47,6 +47,7 @@ def test_every_selection_field_has_help():
         ({"aux_max_steps": 0}, "aux_max_steps"),
         ({"aux_learning_rate": -1.0}, "aux_learning_rate"),
         ({"scoring_batch_size": 0}, "scoring_batch_size"),
+        ({"scoring_reuse": "policy"}, "scoring_reuse"),
         ({"aux_batch_size": 0}, "aux_batch_size"),
         ({"aux_mode": "copy"}, "aux_mode"),
         ({"aux_lora_r": 0}, "aux_lora_r"),
@@ -78,11 +79,27 @@ def test_trl_parser_reads_the_selection_flags():
     parser = TrlParser((ScriptArguments, SelectiveDPOConfig, ModelConfig))
     _, config, _ = parser.parse_args_and_config(
         args=[
-            "--output_dir", "x", "--bf16", "False", "--report_to", "none",
-            "--selection_rule", "irm_band", "--irm_lo_percentile", "20", "--aux_learning_rate", "3e-4",
-            "--aux_mode", "lora", "--aux_lora_r", "8", "--aux_lora_target_modules", "q_proj", "v_proj",
+            "--output_dir",
+            "x",
+            "--bf16",
+            "False",
+            "--report_to",
+            "none",
+            "--selection_rule",
+            "irm_band",
+            "--irm_lo_percentile",
+            "20",
+            "--aux_learning_rate",
+            "3e-4",
+            "--aux_mode",
+            "lora",
+            "--aux_lora_r",
+            "8",
+            "--aux_lora_target_modules",
+            "q_proj",
+            "v_proj",
         ]
-    )  # fmt: skip
+    )
     assert isinstance(config, SelectiveDPOConfig)
     assert config.selection_rule == "irm_band" and config.irm_lo_percentile == 20.0
     assert config.aux_learning_rate == 3e-4

@@ -40,11 +40,20 @@ def _run(out: Path, nproc: int, *flags: str) -> subprocess.CompletedProcess:
     if nproc == 1:
         command = [sys.executable, str(SCRIPT), str(out), *flags]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), str(SCRIPT),
-                   str(out), *flags]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            str(SCRIPT),
+            str(out),
+            *flags,
+        ]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("peft", [False, True], ids=["full", "lora"])
 def test_ddp_ranks_train_disjoint_shards_of_one_selection(tmp_path, peft):
     # 100 pairs, 2 ranks x 16: the pool is not divisible by world size x batch, nor is every selection by 2
@@ -108,6 +117,7 @@ def deepspeed_runs(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(DEEPSPEED_RUNS))
 def test_deepspeed_ranks_agree_and_never_hang(deepspeed_runs, name):
     ranks = deepspeed_runs(name)
@@ -125,6 +135,7 @@ def test_deepspeed_ranks_agree_and_never_hang(deepspeed_runs, name):
 FULL_COPY_RUNS = [name for name in DEEPSPEED_RUNS if "lora" not in name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_COPY_RUNS)
 def test_deepspeed_aux_is_built_sharded_in_the_policy_dtype(deepspeed_runs, name):
     """What the full-copy aux build hands to `deepspeed.initialize`, recorded from inside the build on every rank.
@@ -163,6 +174,7 @@ def test_deepspeed_aux_is_built_sharded_in_the_policy_dtype(deepspeed_runs, name
                 assert build["gathers"] == []  # each rank copied its own partitions
 
 
+@pytest.mark.slow
 def test_zero3_aux_copied_by_partition_equals_the_gathered_copy(deepspeed_runs):
     """The partition-wise copy and the parameter-by-parameter gathered copy build the same aux: same aligned weights
     after every refresh, same selection."""
@@ -171,6 +183,7 @@ def test_zero3_aux_copied_by_partition_equals_the_gathered_copy(deepspeed_runs):
     assert [r["selected_ids"] for r in direct[0]["history"]] == [r["selected_ids"] for r in gathered[0]["history"]]
 
 
+@pytest.mark.slow
 def test_zero3_with_trl_precomputed_reference_selects_the_same(deepspeed_runs):
     """TRL's precompute path (its own inference engine over the ZeRO-3 shards) gives the reference our pass gives."""
     cached, live = deepspeed_runs("zero3-precompute")[0]["history"], deepspeed_runs("zero3")[0]["history"]
@@ -194,6 +207,7 @@ def test_precomputed_reference_on_in_memory_data_is_refused_before_any_forward()
     )
 
 
+@pytest.mark.slow
 def test_zero3_precomputed_reference_without_ref_model_for_a_separate_validation_set(deepspeed_runs):
     """No `ref_model`, validation pairs apart from the eval set: π_ref's validation log-probs are precomputed before
     training (TRL's engine over the ZeRO-3 shards, its cache file shared by the ranks), not taken from the policy at
@@ -214,6 +228,7 @@ def test_zero3_precomputed_reference_without_ref_model_for_a_separate_validation
         assert history[1]["thresholds"][name]["hi"] == pytest.approx(band["hi"], abs=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["", "-lora"], ids=["full", "lora"])
 def test_zero3_selects_what_zero2_selects(deepspeed_runs, variant):
     """Same seed, fp32: sharding the parameters changes nothing the scores can see.
@@ -241,12 +256,14 @@ def _check_lora_aux_run(ranks: list[dict]) -> None:
     assert len(set(ranks[0]["aux_hashes"][:2])) == 2  # the second refresh is a new adapter
 
 
+@pytest.mark.slow
 def test_ddp_lora_aux(tmp_path):
     ranks = _launch(tmp_path, 2, "--aux_mode", "lora", "--check_aux_identity")
     _check_disjoint_shards_of_one_selection(ranks)
     _check_lora_aux_run(ranks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_lora_aux(deepspeed_runs, stage):
     """Under ZeRO-3 the LoRA layers wrap the partitioned modules (their DeepSpeed hooks still gather the weights), and
@@ -256,6 +273,7 @@ def test_deepspeed_lora_aux(deepspeed_runs, stage):
     _check_lora_aux_run(ranks)
 
 
+@pytest.mark.slow
 def test_zero2_offload_aux_engine_uses_deepspeed_cpu_adam(deepspeed_runs):
     """`offload_optimizer` without PEFT: the aux engine gets DeepSpeedCPUAdam (a torch AdamW is refused by DeepSpeed).
 
@@ -274,10 +292,14 @@ def test_zero2_offload_aux_engine_uses_deepspeed_cpu_adam(deepspeed_runs):
         assert history[1]["thresholds"][name]["hi"] == pytest.approx(band["hi"], abs=1e-3)
 
 
-def test_ddp_selection_matches_the_single_process_run(tmp_path):
-    # 96 pairs: 2 ranks x 16 per step sees exactly the rows of 1 process x 32 per step (fp32, same seed)
-    two = _launch(tmp_path / "two", 2, "--pool", "96")[0]["history"]
-    one = _launch(tmp_path / "one", 1, "--pool", "96", "--per_device_batch", "32")[0]["history"]
+@pytest.mark.slow
+@pytest.mark.parametrize("reuse", ["reference", "reference_and_policy"])
+def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse):
+    # 96 pairs: 2 ranks x 16 per step sees exactly the rows of 1 process x 32 per step (fp32, same seed). The log-probs
+    # each rank's training steps recorded are gathered into the same pool-wide ones as the single process's.
+    reuse_args = ("--pool", "96", "--scoring_reuse", reuse)
+    two = _launch(tmp_path / "two", 2, *reuse_args)[0]["history"]
+    one = _launch(tmp_path / "one", 1, *reuse_args, "--per_device_batch", "32")[0]["history"]
     assert two[1]["selected_ids"] == one[1]["selected_ids"]
     for name, band in one[1]["thresholds"].items():
         assert two[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
@@ -286,14 +308,24 @@ def test_ddp_selection_matches_the_single_process_run(tmp_path):
     assert overlap_coefficient(two[2]["selected_ids"], one[2]["selected_ids"]) >= 0.9
 
 
+@pytest.mark.slow
 def test_ddp_resume_mid_epoch_continues_every_rank(tmp_path):
     """Resume 2 ranks inside the second shortened epoch: every rank trains the same pairs at the same LR as before."""
-    full = _launch(tmp_path / "full", 2, "--per_device_batch", "8", "--save_steps", "1")
+    # With the policy log-probs of the training steps reused: the checkpoint carries every rank's records.
+    reuse = ("--scoring_reuse", "reference_and_policy")
+    full = _launch(tmp_path / "full", 2, "--per_device_batch", "8", "--save_steps", "1", *reuse)
     history = full[0]["history"]
     step = history[2]["global_step"] + 1
     assert step < max(int(s) for s in full[0]["step_ids"])  # inside epoch 2, not at its end
-    resumed = _launch(tmp_path / "resumed", 2, "--per_device_batch", "8",
-                      "--resume", str(tmp_path / "full" / "run" / f"checkpoint-{step}"))  # fmt: skip
+    resumed = _launch(
+        tmp_path / "resumed",
+        2,
+        "--per_device_batch",
+        "8",
+        *reuse,
+        "--resume",
+        str(tmp_path / "full" / "run" / f"checkpoint-{step}"),
+    )
     for before, after in zip(full, resumed, strict=True):
         expected = {s: ids for s, ids in before["step_ids"].items() if int(s) > step}
         assert expected and after["step_ids"] == expected
@@ -319,6 +351,7 @@ def test_a_selection_that_differs_across_ranks_fails_loudly():
     check_same_on_all_ranks([1, 2, 3], SameRanks(), "The selection for epoch 1")  # no error
 
 
+@pytest.mark.slow
 def test_a_rank_one_scoring_batch_short_fails_fast_instead_of_hanging(tmp_path):
     """The broken variant: under ZeRO-3 (every forward a collective), rank 1's scoring loader has one batch fewer.
 

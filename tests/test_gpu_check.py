@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 
 
+pytestmark = pytest.mark.slow  # every test here launches a subprocess
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 PLAIN_KEYS = (
@@ -111,9 +114,20 @@ def test_selective_arm(smoke, mode):
     arm = smoke["selective"][mode]
     assert set(SELECTIVE_KEYS) <= set(arm)
     assert arm["aux_mode"] == mode
-    for key in ("warmup_s", "train_peak_mib", "event_peak_mib", "peak_mib", "event_scores_s", "reference_pass_s",
-                "policy_pass_s", "policy_pass_pairs_per_s", "aux_refresh_s", "peak_vs_plain",
-                "policy_pass_vs_epoch", "aux_refresh_vs_epoch"):  # fmt: skip
+    for key in (
+        "warmup_s",
+        "train_peak_mib",
+        "event_peak_mib",
+        "peak_mib",
+        "event_scores_s",
+        "reference_pass_s",
+        "policy_pass_s",
+        "policy_pass_pairs_per_s",
+        "aux_refresh_s",
+        "peak_vs_plain",
+        "policy_pass_vs_epoch",
+        "aux_refresh_vs_epoch",
+    ):
         assert _finite_positive(arm[key]), (key, arm[key])
     assert arm["peak_mib"] == max(arm["train_peak_mib"], arm["event_peak_mib"])
     # the event ran with the policy's AdamW state held, as at a real epoch boundary

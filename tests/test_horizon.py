@@ -22,8 +22,8 @@ from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback
 
 from trl_select import read_history
 
-from .conftest import fast_config
 from .recording import RecordingTrainer
+from .testing_utils import fast_config
 
 
 POOL_SIZE = 100
@@ -100,9 +100,14 @@ def _check_run(trainer: RecordingTrainer, pool, batch_size: int) -> list[dict]:
 def _trainer(cls, output_dir, tokenizer, model, pool, validation, *, extra=None, **overrides):
     args = fast_config(output_dir, lr_scheduler_type="linear", **overrides)
     return cls(
-        model, ref_model=copy.deepcopy(model), args=args, train_dataset=pool, eval_dataset=validation,
-        processing_class=tokenizer, **(extra or {}),
-    )  # fmt: skip
+        model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=pool,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+        **(extra or {}),
+    )
 
 
 def test_the_fake_oom_is_one_accelerate_retries():
@@ -130,9 +135,15 @@ def test_oom_retry_restarts_from_the_full_pool_at_the_smaller_batch(
     # Optimizer step 3 is inside the warm-up epoch; step 9 is the second of epoch 1, after its selection was made.
     fail_at_step = {"epoch0": 2, "after_selection": FULL_STEPS_PER_EPOCH + 1}[where]
     trainer = _trainer(
-        OOMOnceTrainer, tmp_path, tokenizer, tiny_model, pool, validation, auto_find_batch_size=True,
+        OOMOnceTrainer,
+        tmp_path,
+        tokenizer,
+        tiny_model,
+        pool,
+        validation,
+        auto_find_batch_size=True,
         extra={"fail_at_step": fail_at_step},
-    )  # fmt: skip
+    )
     trainer.train()
 
     reduced = int(BATCH * 0.9)  # accelerate's find_executable_batch_size: 16 -> 14
@@ -146,10 +157,20 @@ def test_oom_retry_restarts_from_the_full_pool_at_the_smaller_batch(
 
 def test_final_step_saves_and_evaluates(tmp_path, tokenizer, tiny_model, pool, validation):
     trainer = _trainer(
-        RecordingTrainer, tmp_path, tokenizer, tiny_model, pool, validation, save_strategy="steps", save_steps=4,
-        eval_strategy="steps", eval_steps=4, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+        RecordingTrainer,
+        tmp_path,
+        tokenizer,
+        tiny_model,
+        pool,
+        validation,
+        save_strategy="steps",
+        save_steps=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
         disable_tqdm=False,
-    )  # fmt: skip
+    )
     probe = _BarProbe(trainer)
     trainer.add_callback(probe)
     trainer.train()
@@ -169,9 +190,16 @@ def test_final_step_saves_and_evaluates(tmp_path, tokenizer, tiny_model, pool, v
 
 def test_fractional_steps_resolve_against_the_full_pool_horizon(tmp_path, tokenizer, tiny_model, pool, validation):
     trainer = _trainer(
-        RecordingTrainer, tmp_path, tokenizer, tiny_model, pool, validation, save_strategy="steps", save_steps=0.25,
+        RecordingTrainer,
+        tmp_path,
+        tokenizer,
+        tiny_model,
+        pool,
+        validation,
+        save_strategy="steps",
+        save_steps=0.25,
         logging_steps=0.1,
-    )  # fmt: skip
+    )
     trainer.train()
 
     save_steps = math.ceil(FULL_HORIZON * 0.25)  # 6, not a quarter of the shorter real run
@@ -199,8 +227,13 @@ def test_transformers_internals_the_horizon_relies_on():
     assert loop.index("self.get_train_dataloader()") < loop.index("self.set_initial_training_values(")
     assert loop.index("self._init_training_state(") < loop.index("on_train_begin")
     assert list(inspect.signature(transformers.Trainer._inner_training_loop).parameters) == [
-        "self", "batch_size", "args", "resume_from_checkpoint", "trial", "ignore_keys_for_eval"
-    ]  # fmt: skip
+        "self",
+        "batch_size",
+        "args",
+        "resume_from_checkpoint",
+        "trial",
+        "ignore_keys_for_eval",
+    ]
     flow = inspect.getsource(DefaultFlowCallback.on_step_end)
     assert "state.global_step >= state.max_steps" in flow and "control.should_save = True" in flow
     assert "tqdm(total=state.max_steps" in inspect.getsource(ProgressCallback.on_train_begin)

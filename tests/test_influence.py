@@ -14,8 +14,8 @@ from trl_select.influence import influence_scores
 from trl_select.registry import ScoringContext
 from trl_select.scores import preference_loss, preference_loss_slope
 
-from .conftest import fast_config
 from .independent import pair_log_probs, token_rows
+from .testing_utils import fast_config
 
 
 BETA = 0.5
@@ -37,7 +37,7 @@ def setup(tmp_path_factory, tokenizer, reverse_rows):
     """A float64 tiny model moved off its reference, and the trainer's tokenized pool/validation and collator."""
     from datasets import Dataset
 
-    from trl_select.toy import build_tiny_llama
+    from trl_select.testing import build_tiny_llama
 
     reference = build_tiny_llama(tokenizer, seed=0).double()
     policy = copy.deepcopy(reference)
@@ -151,9 +151,13 @@ def test_influence_leaves_the_model_as_it_was(setup):
 def test_tif_rule_drives_a_training_run(tmp_path, tokenizer, tiny_model, pool, validation):
     args = fast_config(tmp_path, num_train_epochs=2, selection_rule="tif")
     trainer = SelectiveDPOTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, eval_dataset=validation,
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=args,
+        train_dataset=pool,
+        eval_dataset=validation,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     trainer.train()
     record = read_history(tmp_path)[1]
     assert record["rule"] == "tif" and set(record["thresholds"]) == {"influence"}
@@ -163,12 +167,17 @@ def test_tif_rule_drives_a_training_run(tmp_path, tokenizer, tiny_model, pool, v
 def test_influence_under_peft_is_over_the_lora_parameters(tmp_path, tokenizer, tiny_model, pool, validation):
     from peft import LoraConfig
 
-    args = fast_config(tmp_path, num_train_epochs=1, selection_rule="tif", beta=BETA, learning_rate=5e-3,
-                       max_length=64)  # fmt: skip
+    args = fast_config(
+        tmp_path, num_train_epochs=1, selection_rule="tif", beta=BETA, learning_rate=5e-3, max_length=64
+    )
     trainer = SelectiveDPOTrainer(
-        tiny_model, args=args, train_dataset=pool.select(range(32)), eval_dataset=validation.select(range(8)),
-        processing_class=tokenizer, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )  # fmt: skip
+        tiny_model,
+        args=args,
+        train_dataset=pool.select(range(32)),
+        eval_dataset=validation.select(range(8)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     trainer.train()  # one warm-up epoch moves the LoRA weights off zero
     scores = trainer.selection_callback._compute_scores(1, {}, ("influence",))["influence"]
 

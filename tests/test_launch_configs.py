@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from .conftest import REPO
+from .testing_utils import REPO
 
 
 CONFIGS = REPO / "recipes" / "accelerate_configs"

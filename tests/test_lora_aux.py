@@ -19,19 +19,23 @@ from peft.tuners.lora import LoraLayer
 from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer, read_history
 from trl_select.auxiliary import INJECTED_AUX_ADAPTER, AuxiliaryModel
 from trl_select.scores import loss_difference
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
-from .conftest import fast_config
 from .test_model_families import FAMILIES, build_tiny
+from .testing_utils import fast_config
 
 
 def _trainer(tmp_path, tokenizer, pool, validation, model=None, **overrides) -> SelectiveDPOTrainer:
     model = model if model is not None else build_tiny_llama(tokenizer, seed=0)
     settings = {"num_train_epochs": 1, "aux_mode": "lora", "aux_max_steps": 4, **overrides}
     return SelectiveDPOTrainer(
-        model, ref_model=copy.deepcopy(model), args=fast_config(tmp_path, **settings), train_dataset=pool,
-        eval_dataset=validation, processing_class=tokenizer,
-    )  # fmt: skip
+        model,
+        ref_model=copy.deepcopy(model),
+        args=fast_config(tmp_path, **settings),
+        train_dataset=pool,
+        eval_dataset=validation,
+        processing_class=tokenizer,
+    )
 
 
 def _record_aux_parameters(monkeypatch) -> list[dict[str, torch.Tensor]]:
@@ -221,10 +225,13 @@ def test_peft_policy_ignores_aux_mode(tmp_path, tokenizer, pool, validation, mon
         monkeypatch.setattr(AuxiliaryModel, name, recording)
     model = build_tiny_llama(tokenizer, seed=0)
     trainer = SelectiveDPOTrainer(
-        model, args=fast_config(tmp_path, num_train_epochs=1, aux_mode="lora"), train_dataset=pool,
-        eval_dataset=validation, processing_class=tokenizer,
+        model,
+        args=fast_config(tmp_path, num_train_epochs=1, aux_mode="lora"),
+        train_dataset=pool,
+        eval_dataset=validation,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )  # fmt: skip
+    )
     callback = trainer.selection_callback
     callback.auxiliary().refresh(callback.pool_loader(), trainer.selection_sampler.pool_size)
     assert built == ["_build_adapter"]
@@ -259,11 +266,22 @@ def test_lora_aux_on_each_model_family(tmp_path, tokenizer, pool, validation, mo
     policy's modules and weights as they were."""
     model = build_tiny(family, tokenizer)
     trainer = SelectiveDPOTrainer(
-        model, ref_model=build_tiny(family, tokenizer), train_dataset=pool.select(range(48)),
-        eval_dataset=validation.select(range(16)), processing_class=tokenizer,
-        args=fast_config(tmp_path, num_train_epochs=1, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-                         aux_mode="lora", aux_max_steps=3, learning_rate=1e-2, aux_lora_r=4),
-    )  # fmt: skip
+        model,
+        ref_model=build_tiny(family, tokenizer),
+        train_dataset=pool.select(range(48)),
+        eval_dataset=validation.select(range(16)),
+        processing_class=tokenizer,
+        args=fast_config(
+            tmp_path,
+            num_train_epochs=1,
+            per_device_train_batch_size=8,
+            per_device_eval_batch_size=16,
+            aux_mode="lora",
+            aux_max_steps=3,
+            learning_rate=1e-2,
+            aux_lora_r=4,
+        ),
+    )
     callback = trainer.selection_callback
     auxiliary = callback.auxiliary()
     modules_before = [(n, id(m)) for n, m in model.named_modules()]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from tests.conftest import fast_config, reference_copy
+from tests.testing_utils import fast_config, reference_copy
 from trl_select import SelectiveDPOTrainer
 from trl_select.memory import (
     BF16_MIXED,

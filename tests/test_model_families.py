@@ -20,7 +20,7 @@ from peft import LoraConfig
 
 from trl_select import SelectiveDPOTrainer, read_history
 
-from .conftest import fast_config
+from .testing_utils import fast_config
 
 
 WIDTH = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
@@ -34,8 +34,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3_moe": (
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
-        {**ROPE, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
-         "decoder_sparse_step": 1, "output_router_logits": True, "router_aux_loss_coef": 0.01},
+        {
+            **ROPE,
+            "head_dim": 8,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "decoder_sparse_step": 1,
+            "output_router_logits": True,
+            "router_aux_loss_coef": 0.01,
+        },
     ),
     "mistral": ("MistralConfig", "MistralForCausalLM", {**ROPE, "sliding_window": 16}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**ROPE, "head_dim": 8, "query_pre_attn_scalar": 8}),
@@ -46,10 +54,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "opt": (
         "OPTConfig",
         "OPTForCausalLM",
-        {"hidden_size": 16, "ffn_dim": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-         "word_embed_proj_dim": 16, "max_position_embeddings": 64},
+        {
+            "hidden_size": 16,
+            "ffn_dim": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "word_embed_proj_dim": 16,
+            "max_position_embeddings": 64,
+        },
     ),
-}  # fmt: skip
+}
 # LoRA on two families with different module layouts: separate q/v projections, and GPT-2's fused Conv1D `c_attn`
 # (whose weight is stored transposed, hence `fan_in_fan_out`).
 LORA: dict[str, dict[str, Any]] = {
@@ -90,13 +104,21 @@ def test_selection_trains_each_model_family(tmp_path, tokenizer, pool, validatio
         else {"ref_model": build_tiny(family, tokenizer)}  # same seed: identical weights, no hub path needed
     )
     args = fast_config(
-        tmp_path, num_train_epochs=2, per_device_train_batch_size=8, per_device_eval_batch_size=16, aux_max_steps=1,
+        tmp_path,
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        aux_max_steps=1,
         learning_rate=5e-3,
-    )  # fmt: skip
+    )
     trainer = SelectiveDPOTrainer(
-        model, args=args, train_dataset=pool.select(range(48)), eval_dataset=validation.select(range(16)),
-        processing_class=tokenizer, **extra,
-    )  # fmt: skip
+        model,
+        args=args,
+        train_dataset=pool.select(range(48)),
+        eval_dataset=validation.select(range(16)),
+        processing_class=tokenizer,
+        **extra,
+    )
     trainer.train()
 
     warmup, selection = read_history(tmp_path)

@@ -37,24 +37,34 @@ def make_run(output_dir, num_pairs=300, epochs=3, rule_bands=None, categories=Tr
             keep, bands = band_intersection(scores, rule_bands)
             metrics = {"selection/aux/val_loss_before": 0.7 - 0.01 * epoch, "selection/aux/val_loss_after": 0.6}
             if compute:  # cumulative FTE as the callback logs it: training 4000/epoch, selection 1000/event
-                metrics |= {"selection/compute/train": 4000.0 * epoch, "selection/compute/policy_scoring": 600.0 * epoch,
-                            "selection/compute/aux_pool": 400.0 * epoch,
-                            "selection/compute/selection_share": 1000 / 5000}  # fmt: skip
+                metrics |= {
+                    "selection/compute/train": 4000.0 * epoch,
+                    "selection/compute/policy_scoring": 600.0 * epoch,
+                    "selection/compute/aux_pool": 400.0 * epoch,
+                    "selection/compute/selection_share": 1000 / 5000,
+                }
             event = SelectionEvent(epoch, 10 * epoch, "selection", rule, ids, keep, scores, bands, metrics, True)
         history.append(
             {
-                "epoch": epoch, "event": event.kind, "pool_size": num_pairs, "num_selected": int(event.keep.sum()),
-                "rule": rule, "thresholds": {n: {"lo": b.lo, "hi": b.hi} for n, b in event.bands.items()},
+                "epoch": epoch,
+                "event": event.kind,
+                "pool_size": num_pairs,
+                "num_selected": int(event.keep.sum()),
+                "rule": rule,
+                "thresholds": {n: {"lo": b.lo, "hi": b.hi} for n, b in event.bands.items()},
                 "percentiles": {n: {"lo": b.lo_percentile, "hi": b.hi_percentile} for n, b in event.bands.items()},
                 "selected_ids": [i for i, k in zip(ids, event.keep, strict=True) if k],
             }
-        )  # fmt: skip
+        )
         times_kept = tally.times_kept(event)
         if score_files:
             write_score_file(
-                score_file_path(output_dir, epoch), event, times_kept, kinds if categories else None,
+                score_file_path(output_dir, epoch),
+                event,
+                times_kept,
+                kinds if categories else None,
                 "rejected_kind" if categories else None,
-            )  # fmt: skip
+            )
     return history.read()
 
 
@@ -115,8 +125,9 @@ def test_overview_figure_follows_the_history(tmp_path):
     kept_ax, churn_ax, lossdiff_ax, _, aux_ax, _ = figure.axes
     overall, *per_category = kept_ax.get_lines()
     np.testing.assert_allclose(overall.get_ydata(), [r["num_selected"] / r["pool_size"] for r in history])
-    assert [line.get_label() for line in per_category] == [f"rejected_kind = {v}" for v in ("copy", "near_miss",
-                                                                                             "other")]  # fmt: skip
+    assert [line.get_label() for line in per_category] == [
+        f"rejected_kind = {v}" for v in ("copy", "near_miss", "other")
+    ]
     churn = [1 - jaccard(b["selected_ids"], a["selected_ids"]) for a, b in zip(history, history[1:], strict=False)]
     np.testing.assert_allclose([bar.get_height() for bar in churn_ax.containers[0]], churn)
     lower = next(line for line in lossdiff_ax.get_lines() if "lower" in line.get_label())

@@ -14,10 +14,10 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from trl_select import read_history
-from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl, write_jsonl
+from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl, write_jsonl
 
-from .conftest import DEMO_DATA
 from .test_recipes import RECIPES, _accelerate, _run
+from .testing_utils import DEMO_DATA
 
 
 def _load_recipe():
@@ -46,16 +46,35 @@ def model_and_data(tmp_path_factory) -> tuple[Path, Path]:
     return model_dir, data_dir
 
 
+@pytest.mark.slow
 def test_dataset_test_split_supplies_the_validation_pairs_and_the_console_stays_clean(tmp_path, model_and_data):
     """TRL's `--dataset_test_split` with no `--dataset_validation_split`: the recipe aligns on the test split, says so,
     and the console has one line per selection event and none of accelerate's per-metric remainder messages."""
     model_dir, data_dir = model_and_data
     flags = [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--dataset_test_split", "test",
-        "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "3", "--per_device_train_batch_size", "32",
-        "--max_length", "32", "--activation_checkpointing", "True", "--report_to", "none", "--save_strategy", "no",
-        "--aux_max_steps", "2",
-    ]  # fmt: skip
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data_dir),
+        "--dataset_test_split",
+        "test",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--num_train_epochs",
+        "3",
+        "--per_device_train_batch_size",
+        "32",
+        "--max_length",
+        "32",
+        "--activation_checkpointing",
+        "True",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--aux_max_steps",
+        "2",
+    ]
     output = _run(_accelerate(RECIPES / "dpo_lossdiff_irm.py", *flags), cwd=tmp_path, timeout=600)
     assert "No `validation` split: aligning on the test split `test` (40 pairs)" in output
     assert len(re.findall(r"Aux model refreshed at epoch \d", output)) == 2  # aligned on those pairs
@@ -84,15 +103,29 @@ def test_missing_validation_split_names_the_flags():
     assert recipe.validation_split(with_validation, args, needs_validation=True) == "validation"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["dpo_lossdiff_irm.py", "slic_lossdiff_irm.py"])
 def test_selection_rule_none_prints_the_baseline_summary(tmp_path, script):
     """The demo's comparison run: full pool every epoch, and the same exact-match summary as a selective run."""
-    flags = ["--selection_rule", "none", "--output_dir", str(tmp_path / "none"), "--num_train_epochs", "1",
-             "--demo_sft_epochs", "1", "--report_to", "none"]  # fmt: skip
+    flags = [
+        "--selection_rule",
+        "none",
+        "--output_dir",
+        str(tmp_path / "none"),
+        "--num_train_epochs",
+        "1",
+        "--demo_sft_epochs",
+        "1",
+        "--report_to",
+        "none",
+    ]
     output = _run(_accelerate(RECIPES / script, *flags), cwd=tmp_path, timeout=600)
     assert re.search(r"no selection \(--selection_rule none\): all 2000 pairs trained every epoch", output)
-    match = re.search(r"Greedy exact-match on 500 unseen test prompts: SFT ([\d.]+) -> after \w+ without selection "
-                      r"([\d.]+)", output)  # fmt: skip
+    match = re.search(
+        r"Greedy exact-match on 500 unseen test prompts: SFT ([\d.]+) -> after \w+ without selection "
+        r"([\d.]+)",
+        output,
+    )
     assert match, output[-3000:]
     assert 0.0 <= float(match[1]) <= 1.0 and 0.0 <= float(match[2]) <= 1.0
     assert not (tmp_path / "none" / "selection_history.jsonl").exists()

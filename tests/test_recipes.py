@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 
 from trl_select import read_history
-from trl_select.toy import build_char_tokenizer, build_tiny_llama
+from trl_select.testing import build_char_tokenizer, build_tiny_llama
 
-from .conftest import DEMO_DATA, REPO
+from .testing_utils import DEMO_DATA, REPO
+
+
+pytestmark = pytest.mark.slow  # every test here launches a subprocess
 
 
 RECIPES = REPO / "recipes"
-# The README's command, turning TRL's installed dpo.py into a selective one by swapping two imports.
+# docs/recipes.md's command, turning TRL's installed dpo.py into a selective one by swapping two imports.
 SED_TO_SELECTIVE = [
     "-e", r"s/^\( *\)from trl import DPOTrainer,/\1from trl_select import SelectiveDPOTrainer as DPOTrainer\n\1from trl import/",
     "-e", r"s/^\( *\)from trl import DatasetMixtureConfig, DPOConfig,/\1from trl_select import SelectiveDPOConfig as DPOConfig\n\1from trl import DatasetMixtureConfig,/",
@@ -56,8 +59,16 @@ def test_demo_recipe_with_no_arguments(tmp_path):
 
 
 def test_slic_recipe(tmp_path):
-    flags = ["--output_dir", str(tmp_path / "slic"), "--num_train_epochs", "2", "--demo_sft_epochs", "2",
-             "--report_to", "none"]  # fmt: skip
+    flags = [
+        "--output_dir",
+        str(tmp_path / "slic"),
+        "--num_train_epochs",
+        "2",
+        "--demo_sft_epochs",
+        "2",
+        "--report_to",
+        "none",
+    ]
     _run(_accelerate(RECIPES / "slic_lossdiff_irm.py", *flags), cwd=tmp_path, timeout=600)
     history = read_history(tmp_path / "slic")
     assert [r["event"] for r in history] == ["warmup", "selection"]
@@ -77,12 +88,35 @@ def test_trl_dpo_script_with_selective_classes(tmp_path):
     build_tiny_llama(tokenizer).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     flags = [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(DEMO_DATA),
-        "--dataset_test_split", "validation", "--eval_strategy", "epoch",
-        "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "2", "--learning_rate", "1e-3",
-        "--per_device_train_batch_size", "64", "--max_length", "32", "--gradient_checkpointing", "False",
-        "--bf16", "False", "--report_to", "none", "--save_strategy", "no", "--aux_max_steps", "2",
-    ]  # fmt: skip
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(DEMO_DATA),
+        "--dataset_test_split",
+        "validation",
+        "--eval_strategy",
+        "epoch",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--num_train_epochs",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        "64",
+        "--max_length",
+        "32",
+        "--gradient_checkpointing",
+        "False",
+        "--bf16",
+        "False",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--aux_max_steps",
+        "2",
+    ]
     _run([sys.executable, str(script), *flags], cwd=tmp_path, timeout=600)
     history = read_history(tmp_path / "out")
     assert [r["event"] for r in history] == ["warmup", "selection"]

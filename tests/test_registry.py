@@ -20,7 +20,7 @@ from trl_select import (
 from trl_select.rules import Band
 from trl_select.scores import implicit_reward_margin
 
-from .conftest import fast_config
+from .testing_utils import fast_config
 
 
 @pytest.fixture

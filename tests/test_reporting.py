@@ -36,9 +36,9 @@ from trl_select.reporting import (
     write_score_file,
 )
 from trl_select.rules import band_intersection
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
-from .conftest import fast_config
+from .testing_utils import fast_config
 
 
 def synthetic_event(num_pairs: int, epoch: int = 1, seed: int = 0, float32_scores: bool = True, ids=None):
@@ -98,8 +98,12 @@ def test_score_file_round_trips_every_field(tmp_path):
     for name, values in event.scores.items():
         np.testing.assert_array_equal(read.event.scores[name], values)  # bit for bit, NaN and inf included
     assert read.event.bands == event.bands
-    assert (read.event.epoch, read.event.global_step, read.event.kind, read.event.rule) == (1, 7, "selection",
-                                                                                            "lossdiff_irm")  # fmt: skip
+    assert (read.event.epoch, read.event.global_step, read.event.kind, read.event.rule) == (
+        1,
+        7,
+        "selection",
+        "lossdiff_irm",
+    )
     assert read.event.aux_refreshed is True
     # Timings vary between identical runs, so files leave them out; every other metric survives
     assert read.event.metrics == {k: v for k, v in event.metrics.items() if not k.startswith("selection/seconds")}
@@ -171,9 +175,11 @@ def test_times_kept_counts_every_epoch_and_resumes_from_the_history(tmp_path):
 def test_selection_scalars_of_warmup_and_categories():
     event = warmup_event(4)
     assert selection_scalars(event) == {
-        "selection/epoch": 0.0, "selection/pool_size": 4.0, "selection/num_selected": 4.0,
+        "selection/epoch": 0.0,
+        "selection/pool_size": 4.0,
+        "selection/num_selected": 4.0,
         "selection/kept_fraction": 1.0,
-    }  # fmt: skip
+    }
     event = synthetic_event(6)
     event.keep = np.array([True, False, True, True, False, False])
     categories = np.array(["a/b c", "a/b c", "x", "x", "x", "x"], dtype=object)
@@ -280,13 +286,20 @@ def wandb_run(tmp_path_factory, tokenizer, reverse_rows):
     validation = Dataset.from_list(reverse_rows["validation"][:32])
     model = build_tiny_llama(tokenizer, seed=0)
     args = fast_config(
-        root / "out", report_to=["wandb"], num_train_epochs=2, selection_category_column="rejected_kind",
+        root / "out",
+        report_to=["wandb"],
+        num_train_epochs=2,
+        selection_category_column="rejected_kind",
         run_name="reporting-test",
-    )  # fmt: skip
+    )
     trainer = SelectiveDPOTrainer(
-        model, ref_model=copy.deepcopy(model), args=args, train_dataset=pool, eval_dataset=validation,
+        model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=pool,
+        eval_dataset=validation,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     try:
         trainer.train()
     finally:

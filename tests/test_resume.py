@@ -18,10 +18,10 @@ from peft import LoraConfig
 from trl_select import read_history
 from trl_select.checkpoint import LOG_PROBS_FILENAME, STATE_FILENAME, SelectionState, resume_position
 from trl_select.history import HISTORY_FILENAME
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
-from .conftest import REPO, fast_config
 from .recording import RecordingTrainer
+from .testing_utils import REPO, fast_config
 
 
 # 3 epochs over 64 pairs in batches of 8 with accumulation 2: epoch 0 has 4 optimizer steps, the selected epochs ~3.
@@ -101,8 +101,12 @@ def test_resume_continues_the_same_run(tmp_path, tokenizer, small_pool, uninterr
     source_dir, reference_trainer, reference_steps = uninterrupted
     pool, validation = small_pool
     starts = _checkpoint_steps(source_dir)
-    step = {"mid_epoch1": starts["epoch1_start"] + 1, "mid_epoch2": starts["epoch2_start"] + 1,
-            "end_epoch0": starts["epoch1_start"], "end_epoch1": starts["epoch2_start"]}[where]  # fmt: skip
+    step = {
+        "mid_epoch1": starts["epoch1_start"] + 1,
+        "mid_epoch2": starts["epoch2_start"] + 1,
+        "end_epoch0": starts["epoch1_start"],
+        "end_epoch1": starts["epoch2_start"],
+    }[where]
     # The mid-epoch checkpoints really are inside their epochs
     assert starts["epoch2_start"] - starts["epoch1_start"] >= 3
     assert reference_trainer.state.global_step - starts["epoch2_start"] >= 3
@@ -112,9 +116,11 @@ def test_resume_continues_the_same_run(tmp_path, tokenizer, small_pool, uninterr
     shutil.copy(source_dir / HISTORY_FILENAME, tmp_path / HISTORY_FILENAME)
     saved = json.loads((checkpoint / STATE_FILENAME).read_text())
     assert saved["aux_num_refreshes"] == (1 if step > starts["epoch1_start"] else 0)  # seeds the next aux shuffle
-    assert saved["global_step"] == step and (checkpoint / LOG_PROBS_FILENAME).exists() == (
-        step > starts["epoch1_start"]
-    )
+    assert saved["global_step"] == step and (checkpoint / LOG_PROBS_FILENAME).exists()
+    # Before the first event: π_ref's log-probs as the warm-up steps recorded them (`scoring_reuse="reference"`);
+    # after it: the cached ones the event computed from them.
+    cached = "reference.chosen" in saved["log_probs"]
+    assert cached == (step > starts["epoch1_start"]) and cached != ("training_reference.chosen" in saved["log_probs"])
 
     trainer = _trainer(tmp_path, tokenizer, pool, validation)
     trainer.train(resume_from_checkpoint=str(checkpoint))
@@ -136,8 +142,16 @@ def test_resume_continues_the_same_run(tmp_path, tokenizer, small_pool, uninterr
 def test_peft_resume_mid_epoch_continues_the_same_run(tmp_path, tokenizer, small_pool):
     """A LoRA policy: the adapter is what the checkpoint holds, π_ref is the base model with the adapter disabled."""
     pool, validation = small_pool
-    reference = _trainer(tmp_path / "full", tokenizer, pool, validation, peft=True, learning_rate=5e-3,
-                         save_strategy="steps", save_steps=1)  # fmt: skip
+    reference = _trainer(
+        tmp_path / "full",
+        tokenizer,
+        pool,
+        validation,
+        peft=True,
+        learning_rate=5e-3,
+        save_strategy="steps",
+        save_steps=1,
+    )
     reference.train()
     step = read_history(tmp_path / "full")[2]["global_step"] + 1
     assert step < reference.state.global_step
@@ -177,8 +191,8 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl_select.auxiliary import AuxiliaryModel
 from trl_select.callback import SelectionCallback
-from trl_select.toy import build_char_tokenizer, read_jsonl
-from tests.conftest import DEMO_DATA
+from trl_select.testing import build_char_tokenizer, read_jsonl
+from tests.testing_utils import DEMO_DATA
 from tests.test_resume import _trainer
 
 output_dir, where, marker = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -199,6 +213,7 @@ _trainer(output_dir, build_char_tokenizer(), pool, validation, save_strategy="ep
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "where, last_epoch_saved",
     [
@@ -206,16 +221,20 @@ _trainer(output_dir, build_char_tokenizer(), pool, validation, save_strategy="ep
         ("scoring", 1),  # killed scoring the pool with the policy for the second selection (epoch 2)
     ],
 )
-def test_sigkill_during_a_selection_leaves_a_usable_checkpoint(tmp_path, tokenizer, small_pool, uninterrupted, where,
-                                                               last_epoch_saved):  # fmt: skip
+def test_sigkill_during_a_selection_leaves_a_usable_checkpoint(
+    tmp_path, tokenizer, small_pool, uninterrupted, where, last_epoch_saved
+):
     source_dir, reference_trainer, reference_steps = uninterrupted
     pool, validation = small_pool
     marker = tmp_path / "marker"
     output_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-c", CRASH_SCRIPT, str(output_dir), where, str(marker)],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -240,9 +259,16 @@ def test_sigkill_during_a_selection_leaves_a_usable_checkpoint(tmp_path, tokeniz
 
 def _state(epoch_start_step: int, batches_in_epoch: int) -> SelectionState:
     return SelectionState(
-        global_step=0, epoch=2, epoch_start_step=epoch_start_step, batches_in_epoch=batches_in_epoch,
-        selected_rows=[0, 1], previous_selection=None, aux_num_refreshes=1, pool={}, config={},
-    )  # fmt: skip
+        global_step=0,
+        epoch=2,
+        epoch_start_step=epoch_start_step,
+        batches_in_epoch=batches_in_epoch,
+        selected_rows=[0, 1],
+        previous_selection=None,
+        aux_num_refreshes=1,
+        pool={},
+        config={},
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Band, intersection and set algebra (DESIGN.md §4), incl. ties, NaN, ±inf and all-equal scores."""
+"""Band, intersection and set algebra (docs/design.md §4), incl. ties, NaN, ±inf and all-equal scores."""
 
 from __future__ import annotations
 

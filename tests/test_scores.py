@@ -1,4 +1,4 @@
-"""Every score formula of DESIGN.md §2-3 against an independent scalar computation."""
+"""Every score formula of docs/design.md §2-3 against an independent scalar computation."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .testing_utils import REPO
 
 
 SCANNED = ("tests", "benchmarks", "recipes", "trl_select")

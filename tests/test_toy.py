@@ -1,4 +1,4 @@
-"""Tests for ``trl_select.toy``: tokenizer, tiny Llama, reverse-digits data, SFT warm start and greedy evaluation."""
+"""Tests for ``trl_select.testing``: tokenizer, tiny Llama, reverse-digits data, SFT warm start and greedy evaluation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from trl_select.toy import (
+from trl_select.testing import (
     build_char_tokenizer,
     build_tiny_llama,
     greedy_exact_match,

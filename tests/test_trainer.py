@@ -17,10 +17,10 @@ from trl import DPOConfig, DPOTrainer
 from trl_select import SelectiveDPOTrainer, SelectiveSLiCConfig, SelectiveSLiCTrainer, read_history
 from trl_select.auxiliary import AUX_ADAPTER
 from trl_select.scores import implicit_reward_margin
-from trl_select.toy import build_tiny_llama
+from trl_select.testing import build_tiny_llama
 
-from .conftest import HH_RLHF_SLICE, fast_config
 from .recording import RecordingTrainer
+from .testing_utils import HH_RLHF_SLICE, fast_config
 
 
 @pytest.mark.parametrize(
@@ -31,13 +31,18 @@ from .recording import RecordingTrainer
         (2, {"selection_rule": "irm_band", "irm_lo_percentile": 30.0, "irm_hi_percentile": 70.0}),
     ],
 )
-def test_each_epoch_trains_exactly_its_selection(tmp_path, tokenizer, tiny_model, pool, validation, accumulation,
-                                                 rule_settings):  # fmt: skip
+def test_each_epoch_trains_exactly_its_selection(
+    tmp_path, tokenizer, tiny_model, pool, validation, accumulation, rule_settings
+):
     args = fast_config(tmp_path, gradient_accumulation_steps=accumulation, lr_scheduler_type="linear", **rule_settings)
     trainer = RecordingTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, eval_dataset=validation,
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=args,
+        train_dataset=pool,
+        eval_dataset=validation,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     trainer.train()
 
     history = read_history(tmp_path)
@@ -188,9 +193,13 @@ def test_slic_scores_with_the_hinge_loss(tmp_path, tokenizer, tiny_model, pool, 
         monkeypatch.setattr(module, name, spy)
     args = fast_config(tmp_path, config_class=SelectiveSLiCConfig, num_train_epochs=2)
     trainer = SelectiveSLiCTrainer(
-        tiny_model, ref_model=copy.deepcopy(tiny_model), args=args, train_dataset=pool, eval_dataset=validation,
+        tiny_model,
+        ref_model=copy.deepcopy(tiny_model),
+        args=args,
+        train_dataset=pool,
+        eval_dataset=validation,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     trainer.train()
     first_loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
     assert first_loss == pytest.approx(1.0, abs=0.02)  # hinge max(0, 1 - βh) at h ≈ 0; sigmoid would be 0.693
@@ -201,9 +210,13 @@ def test_slic_scores_with_the_hinge_loss(tmp_path, tokenizer, tiny_model, pool, 
 def test_peft_selection_run(tmp_path, tokenizer, tiny_model, pool, validation):
     args = fast_config(tmp_path, num_train_epochs=2, learning_rate=5e-3)
     trainer = SelectiveDPOTrainer(
-        tiny_model, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer,
+        tiny_model,
+        args=args,
+        train_dataset=pool,
+        eval_dataset=validation,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )  # fmt: skip
+    )
     trainer.train()
     history = read_history(tmp_path)
     assert history[1]["event"] == "selection" and 50 <= history[1]["num_selected"] <= 80
@@ -221,9 +234,13 @@ def test_real_hh_rlhf_pairs_train_with_their_original_row_ids(tmp_path, tokenize
     # aux_batch_size=4: TRL keeps 7 of the 16 validation pairs (long prompts), fewer than one batch of 8
     args = fast_config(tmp_path, num_train_epochs=2, max_length=384, per_device_train_batch_size=8, aux_batch_size=4)
     trainer = SelectiveDPOTrainer(
-        model, ref_model=copy.deepcopy(model), args=args, train_dataset=train, eval_dataset=validation,
+        model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
         processing_class=tokenizer,
-    )  # fmt: skip
+    )
     pool_size = len(trainer.train_dataset)
     assert 10 < pool_size < 56  # TRL dropped the pairs whose prompt alone fills max_length
     trainer.train()
@@ -240,23 +257,32 @@ def test_construction_errors_name_the_fix(tmp_path, tokenizer, tiny_model, pool,
     with pytest.raises(ValueError, match="validation_dataset="):
         SelectiveDPOTrainer(tiny_model, args=fast_config(tmp_path), train_dataset=pool, **base)
     with pytest.raises(TypeError, match="map-style"):
-        SelectiveDPOTrainer(tiny_model, args=fast_config(tmp_path), train_dataset=pool.to_iterable_dataset(),
-                            eval_dataset=validation, **base)  # fmt: skip
+        SelectiveDPOTrainer(
+            tiny_model,
+            args=fast_config(tmp_path),
+            train_dataset=pool.to_iterable_dataset(),
+            eval_dataset=validation,
+            **base,
+        )
     with pytest.raises(ValueError, match="`train_dataset` is empty"):
-        SelectiveDPOTrainer(tiny_model, args=fast_config(tmp_path), train_dataset=pool.select([]),
-                            eval_dataset=validation, **base)  # fmt: skip
+        SelectiveDPOTrainer(
+            tiny_model, args=fast_config(tmp_path), train_dataset=pool.select([]), eval_dataset=validation, **base
+        )
     with pytest.raises(TypeError, match="SelectiveDPOConfig"):
         SelectiveDPOTrainer(tiny_model, args=DPOConfig(str(tmp_path), bf16=False), train_dataset=pool, **base)
     with pytest.raises(TypeError, match="SelectiveSLiCConfig"):
-        SelectiveSLiCTrainer(tiny_model, args=fast_config(tmp_path), train_dataset=pool, eval_dataset=validation,
-                             **base)  # fmt: skip
+        SelectiveSLiCTrainer(
+            tiny_model, args=fast_config(tmp_path), train_dataset=pool, eval_dataset=validation, **base
+        )
     duplicated = pool.map(lambda row: {"id": row["id"] % 50})
     with pytest.raises(ValueError, match="duplicate"):
-        SelectiveDPOTrainer(tiny_model, args=fast_config(tmp_path), train_dataset=duplicated,
-                            eval_dataset=validation, **base)  # fmt: skip
+        SelectiveDPOTrainer(
+            tiny_model, args=fast_config(tmp_path), train_dataset=duplicated, eval_dataset=validation, **base
+        )
     # IRM alone needs no validation data
-    trainer = SelectiveDPOTrainer(tiny_model, args=fast_config(tmp_path, selection_rule="irm_band"),
-                                  train_dataset=pool, **base)  # fmt: skip
+    trainer = SelectiveDPOTrainer(
+        tiny_model, args=fast_config(tmp_path, selection_rule="irm_band"), train_dataset=pool, **base
+    )
     assert trainer.selection_callback is not None
     assert isinstance(pool.to_iterable_dataset(), IterableDataset)
 
@@ -271,7 +297,9 @@ def test_private_trainer_hooks_we_override_still_exist():
     assert "steps_in_epoch=steps_in_epoch" in loop and "num_update_steps_per_epoch=num_update_steps_per_epoch" in loop
     assert "iter(train_dataloader)" in inspect.getsource(transformers.Trainer._run_epoch)
     assert list(inspect.signature(transformers.Trainer.create_scheduler).parameters)[:3] == [
-        "self", "num_training_steps", "optimizer"
-    ]  # fmt: skip
+        "self",
+        "num_training_steps",
+        "optimizer",
+    ]
     assert "fused_lm_head=True" in inspect.getsource(DPOTrainer.compute_ref_log_probs)
     assert transformers.__version__ == "5.23.0"

@@ -17,7 +17,7 @@ from trl import DPOTrainer
 
 from trl_select import SelectiveDPOTrainer
 
-from .conftest import fast_config
+from .testing_utils import fast_config
 
 
 @pytest.fixture
@@ -44,12 +44,20 @@ SUPPORTED = "DDP.*DeepSpeed ZeRO-2 or ZeRO-3"
         ({"parallelism_config": ParallelismConfig(cp_size=2)}, r"`parallelism_config.cp_size=2`.*context parallelism"),
         ({"parallelism_config": ParallelismConfig(sp_size=2)}, r"`parallelism_config.sp_size=2`.*sequence paral"),
         ({"parallelism_config": ParallelismConfig(dp_shard_size=2)}, r"`parallelism_config.dp_shard_size=2`.*FSDP"),
-        ({"deepspeed": {"tensor_parallel": {"autotp_size": 2}, "zero_optimization": {"stage": 2},
-                        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}},
-         r"`tensor_parallel.autotp_size=2`"),
+        (
+            {
+                "deepspeed": {
+                    "tensor_parallel": {"autotp_size": 2},
+                    "zero_optimization": {"stage": 2},
+                    "train_micro_batch_size_per_gpu": "auto",
+                    "gradient_accumulation_steps": "auto",
+                }
+            },
+            r"`tensor_parallel.autotp_size=2`",
+        ),
     ],
     ids=["fsdp", "fsdp_legacy_string", "tp", "cp", "sp", "dp_shard", "deepspeed_autotp"],
-)  # fmt: skip
+)
 def test_sharded_and_model_parallel_setups_are_refused_by_the_config(tmp_path, settings, message):
     with pytest.raises(
         ValueError, match=f"{message}.*not supported with `selection_rule='lossdiff_irm'`.*{SUPPORTED}"
@@ -78,23 +86,35 @@ def test_fsdp_switched_on_after_the_config_is_refused_by_the_trainer(
     args = fast_config(tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "1")
     with pytest.raises(ValueError, match="`ACCELERATE_USE_FSDP=1`"):
-        SelectiveDPOTrainer(tiny_model, args=args, train_dataset=pool, eval_dataset=validation,
-                            processing_class=tokenizer)  # fmt: skip
+        SelectiveDPOTrainer(
+            tiny_model, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer
+        )
 
 
 def test_a_tensor_parallel_model_is_refused(tmp_path, tokenizer, tiny_model, pool, validation, no_parent_init):
     tiny_model._tp_size = 2  # what `from_pretrained(..., tp_plan="auto")` sets on 2 ranks
     with pytest.raises(ValueError, match=f"tensor-parallel.*`tp_plan`.*{SUPPORTED}"):
-        SelectiveDPOTrainer(tiny_model, args=fast_config(tmp_path), train_dataset=pool, eval_dataset=validation,
-                            processing_class=tokenizer)  # fmt: skip
+        SelectiveDPOTrainer(
+            tiny_model,
+            args=fast_config(tmp_path),
+            train_dataset=pool,
+            eval_dataset=validation,
+            processing_class=tokenizer,
+        )
     # ... and a model TRL would load tensor-parallel from its path
     with pytest.raises(ValueError, match=f"`model_init_kwargs\\['tp_plan'\\]='auto'`.*{SUPPORTED}"):
-        SelectiveDPOTrainer("local/checkpoint", args=fast_config(tmp_path, model_init_kwargs={"tp_plan": "auto"}),
-                            train_dataset=pool, eval_dataset=validation, processing_class=tokenizer)  # fmt: skip
+        SelectiveDPOTrainer(
+            "local/checkpoint",
+            args=fast_config(tmp_path, model_init_kwargs={"tp_plan": "auto"}),
+            train_dataset=pool,
+            eval_dataset=validation,
+            processing_class=tokenizer,
+        )
 
 
-def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(tmp_path, monkeypatch, tokenizer, tiny_model, pool,
-                                                             validation):  # fmt: skip
+def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(
+    tmp_path, monkeypatch, tokenizer, tiny_model, pool, validation
+):
     # `use_configured_state=True` reuses an AcceleratorState whose FSDP plugin no argument shows; stand one in
     original = DPOTrainer.__init__
 
@@ -104,8 +124,14 @@ def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(tmp_path, monkeypat
 
     monkeypatch.setattr(DPOTrainer, "__init__", with_fsdp_plugin)
     with pytest.raises(ValueError, match=f"Accelerator's FSDP plugin.*{SUPPORTED}"):
-        SelectiveDPOTrainer(tiny_model, ref_model=copy.deepcopy(tiny_model), args=fast_config(tmp_path),
-                            train_dataset=pool, eval_dataset=validation, processing_class=tokenizer)  # fmt: skip
+        SelectiveDPOTrainer(
+            tiny_model,
+            ref_model=copy.deepcopy(tiny_model),
+            args=fast_config(tmp_path),
+            train_dataset=pool,
+            eval_dataset=validation,
+            processing_class=tokenizer,
+        )
 
 
 # ----- vision-language datasets -----
@@ -135,16 +161,21 @@ def _with_images(dataset: Dataset, column: str = "images") -> Dataset:
 
 def _build_vision(tmp_path, model, processor, train, validation, **overrides):
     return SelectiveDPOTrainer(
-        model, ref_model=copy.deepcopy(model), args=fast_config(tmp_path, **overrides), train_dataset=train,
-        eval_dataset=validation, processing_class=processor,
-    )  # fmt: skip
+        model,
+        ref_model=copy.deepcopy(model),
+        args=fast_config(tmp_path, **overrides),
+        train_dataset=train,
+        eval_dataset=validation,
+        processing_class=processor,
+    )
 
 
 VISION_FIX = r"selection rescores the pool from tokenized text pairs.*`selection_rule='none'`"
 
 
-def test_a_vision_dataset_is_refused_before_trl_runs(tmp_path, tokenizer, tiny_model, pool, validation,
-                                                     no_parent_init):  # fmt: skip
+def test_a_vision_dataset_is_refused_before_trl_runs(
+    tmp_path, tokenizer, tiny_model, pool, validation, no_parent_init
+):
     with pytest.raises(ValueError, match=f"`train_dataset` has an `images` column.*{VISION_FIX}"):
         _build_vision(tmp_path, tiny_model, TextOnlyProcessor(tokenizer), _with_images(pool), validation)
     # TRL's other spelling, a single `image`, and with a plain tokenizer (TRL would blame the model instead)
@@ -156,17 +187,26 @@ def test_a_vision_dataset_is_refused_before_trl_runs(tmp_path, tokenizer, tiny_m
 
 def test_a_vision_dataset_without_selection_is_left_to_trl(tmp_path, tokenizer, tiny_model, pool, no_parent_init):
     with pytest.raises(AssertionError, match="DPOTrainer.__init__ was reached"):
-        _build_vision(tmp_path, tiny_model, TextOnlyProcessor(tokenizer), _with_images(pool), None,
-                      selection_rule="none")  # fmt: skip
+        _build_vision(
+            tmp_path, tiny_model, TextOnlyProcessor(tokenizer), _with_images(pool), None, selection_rule="none"
+        )
 
 
-def test_the_vision_dataset_that_crashed_after_warm_up_now_fails_at_construction(tmp_path, tokenizer, tiny_model,
-                                                                                 pool, validation):  # fmt: skip
+def test_the_vision_dataset_that_crashed_after_warm_up_now_fails_at_construction(
+    tmp_path, tokenizer, tiny_model, pool, validation
+):
     """End to end, no patching: the exact setup that trained one epoch and then crashed at the first selection."""
     train = _with_images(pool.select(range(48)))
     with pytest.raises(ValueError, match=f"`train_dataset` has an `images` column.*{VISION_FIX}"):
-        trainer = _build_vision(tmp_path, tiny_model, TextOnlyProcessor(tokenizer), train,
-                                _with_images(validation.select(range(16))), num_train_epochs=2,
-                                per_device_train_batch_size=8, aux_max_steps=1)  # fmt: skip
+        trainer = _build_vision(
+            tmp_path,
+            tiny_model,
+            TextOnlyProcessor(tokenizer),
+            train,
+            _with_images(validation.select(range(16))),
+            num_train_epochs=2,
+            per_device_train_batch_size=8,
+            aux_max_steps=1,
+        )
         trainer.train()  # the old code got here, trained the warm-up epoch, then failed
     assert not (tmp_path / "selection_history.jsonl").exists()  # nothing trained

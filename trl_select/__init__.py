@@ -29,6 +29,8 @@ _EXPORTS: dict[str, str] = {
     "overlap_coefficient": "rules",
     "percentile_band": "rules",
     "union": "rules",
+    "Suspect": "suspects",
+    "find_suspects": "suspects",
     "PairLogProbs": "scores",
     "implicit_reward_margin": "scores",
     "loss_difference": "scores",
@@ -46,6 +48,8 @@ __all__ = [
     "SelectiveDPOTrainer",
     "SelectiveSLiCConfig",
     "SelectiveSLiCTrainer",
+    "Suspect",
+    "find_suspects",
     "implicit_reward_margin",
     "intersection",
     "jaccard",
@@ -82,4 +86,5 @@ if TYPE_CHECKING:
     from .reporting import read_score_file, read_score_files
     from .rules import intersection, jaccard, overlap_coefficient, percentile_band, union
     from .scores import PairLogProbs, implicit_reward_margin, loss_difference, preference_loss
+    from .suspects import Suspect, find_suspects
     from .trainer import SelectiveDPOTrainer, SelectiveSLiCTrainer

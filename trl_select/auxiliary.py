@@ -1,4 +1,4 @@
-"""The validation-aligned auxiliary model θ_aux (DESIGN.md §5-6).
+"""The validation-aligned auxiliary model θ_aux (docs/design.md §6).
 
 At each refresh θ_aux is rebuilt from the current policy θ_t, trained for a fixed number of steps on the validation
 pairs with the trainer's own preference loss (same β, same reference), used for one no-grad pass over the pool, and

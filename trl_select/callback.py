@@ -23,6 +23,7 @@ from .rules import Band, jaccard, score_quantiles
 from .schedule import RetimedLR, selective_horizon
 from .scores import PairLogProbs
 from .scoring import build_pass_loader, check_same_on_all_ranks, inference_mode, run_log_prob_pass, sequence_log_probs
+from .training_log_probs import POLICY, REFERENCE, TrainingLogProbs, fill_rows, missing_rows
 from .validation import min_selection_size
 
 
@@ -98,6 +99,9 @@ class SelectionCallback(TrainerCallback):
         self.compute = ComputeLedger()
         self._token_counts: dict[str, np.ndarray] = {}
         self._precompute_pass_counted = False
+        # The log-probs the training steps compute, kept for the next event (`scoring_reuse`).
+        self.training_log_probs = TrainingLogProbs(self.sampler.pool_size, trainer.accelerator.device)
+        self._checkpoint_training_log_probs: dict[str, torch.Tensor] = {}
 
     # ----- hooks -----
 
@@ -119,6 +123,7 @@ class SelectionCallback(TrainerCallback):
         )
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        self.training_log_probs.stop()
         logger.info(self.compute.summary())
 
     def on_epoch_begin(
@@ -126,6 +131,9 @@ class SelectionCallback(TrainerCallback):
     ) -> None:
         epoch = math.floor(state.epoch + 1e-6)
         if epoch == self._last_epoch_handled:
+            # Resumed mid-epoch: the Trainer skips the micro-batches the checkpoint had trained.
+            skipped = 0 if args.ignore_data_skip else (state.global_step - self._epoch_start_step)
+            self._record_training_log_probs(epoch, skipped * args.gradient_accumulation_steps, state)
             return
         self._last_epoch_handled = epoch
         self._epoch_start_step = state.global_step
@@ -133,6 +141,33 @@ class SelectionCallback(TrainerCallback):
             self._record_warmup(epoch, state)
         else:
             self._select(epoch, state, train_dataloader)
+        if POLICY in self._reused_kinds(epoch, state):
+            self.training_log_probs.clear(POLICY)  # the event has used the previous epoch's
+        self._record_training_log_probs(epoch, 0, state)
+
+    def _reused_kinds(self, epoch: int, state: TrainerState) -> set[str]:
+        """Which log-probs epoch `epoch`'s training steps record for a later event (`scoring_reuse`).
+
+        π_ref's during the warm-up epochs, until the reference is cached (not when TRL precomputed them: those are
+        read from the dataset's columns); θ's in every epoch that a selection event follows.
+        """
+        args = self.trainer.args
+        needs = scorer_needs(args.required_scores)
+        kinds = set()
+        if (
+            args.scoring_reuse != "none"
+            and needs & {"reference", "auxiliary"}
+            and not args.precompute_ref_log_probs
+            and epoch < args.selection_warmup_epochs
+            and self._reference is None
+        ):
+            kinds.add(REFERENCE)
+        if args.scoring_reuse == "reference_and_policy" and "policy" in needs and epoch + 1 < state.num_train_epochs:
+            kinds.add(POLICY)
+        return kinds
+
+    def _record_training_log_probs(self, epoch: int, first_batch: int, state: TrainerState) -> None:
+        self.training_log_probs.begin_epoch(self.sampler.rank_batches(), first_batch, self._reused_kinds(epoch, state))
 
     # ----- the event -----
 
@@ -180,7 +215,7 @@ class SelectionCallback(TrainerCallback):
         args = self.trainer.args
         start = time.perf_counter()
         metrics: dict[str, float] = {}
-        scores = self._compute_scores(epoch, metrics)
+        scores = self._compute_scores(epoch, metrics, reuse_training=True)
         keep, bands = apply_rule(args.selection_rule, scores, self.selection_context(epoch))
         selected = np.flatnonzero(keep).tolist()
         pool_size = self.sampler.pool_size
@@ -264,19 +299,27 @@ class SelectionCallback(TrainerCallback):
         )
 
     def _compute_scores(
-        self, epoch: int, metrics: dict[str, float], score_names: tuple[str, ...] | None = None
+        self,
+        epoch: int,
+        metrics: dict[str, float],
+        score_names: tuple[str, ...] | None = None,
+        reuse_training: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Every score in `score_names` (default: those `selection_rule` needs), computing only the inputs they need."""
+        """Every score in `score_names` (default: those `selection_rule` needs), computing only the inputs they need.
+
+        With `reuse_training` (a selection event), the pool log-probs the training steps recorded (`scoring_reuse`)
+        stand in for the passes over the pairs they cover.
+        """
         args, trainer = self.trainer.args, self.trainer
         score_names = args.required_scores if score_names is None else score_names
         needs = scorer_needs(score_names)
         inputs: dict[str, Any] = {}
         if needs & {"reference", "auxiliary"}:
             with _timed(metrics, "selection/seconds_reference"):
-                inputs["reference"] = self.reference_log_probs()
+                inputs["reference"] = self.reference_log_probs(reuse_training=reuse_training)
         if "policy" in needs:
             with _timed(metrics, "selection/seconds_policy"):
-                inputs["policy"] = self.policy_log_probs()
+                inputs["policy"] = self.policy_log_probs(reuse_training=reuse_training, metrics=metrics)
         if "auxiliary" in needs:
             inputs["auxiliary"] = self._auxiliary_pool_log_probs(epoch, metrics)
         if "model" in needs:
@@ -355,32 +398,68 @@ class SelectionCallback(TrainerCallback):
             )
         return self._pool_loader
 
-    def policy_log_probs(self) -> PairLogProbs:
+    def _pool_subset(self, rows: list[int]):
+        """The pool restricted to `rows` and a scoring loader over it (the cached whole-pool loader for all rows)."""
+        trainer = self.trainer
+        if len(rows) == self.sampler.pool_size:
+            return trainer.train_dataset, self.pool_loader()
+        subset = trainer.train_dataset.select(rows)
+        return subset, build_pass_loader(
+            subset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
+        )
+
+    def _recorded(self, kind: str, reuse_training: bool) -> tuple[PairLogProbs | None, list[int]]:
+        """The training steps' records of `kind` if this call reuses them, and the rows still to score."""
+        if reuse_training and kind in self._reusable_kinds():
+            recorded = self.training_log_probs.gathered(kind, self.trainer.accelerator)
+            return recorded, missing_rows(recorded)
+        return None, list(range(self.sampler.pool_size))
+
+    def _reusable_kinds(self) -> set[str]:
+        reuse = self.trainer.args.scoring_reuse
+        return {"none": set(), "reference": {REFERENCE}, "reference_and_policy": {REFERENCE, POLICY}}[reuse]
+
+    def policy_log_probs(self, reuse_training: bool = False, metrics: dict[str, float] | None = None) -> PairLogProbs:
+        """θ_t's pool log-probs: a pass over the pool, or over the pairs the last epoch did not train (`reuse_training`
+        with `scoring_reuse="reference_and_policy"`, the others taken from their training steps)."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
+        recorded, rows = self._recorded(POLICY, reuse_training)
 
         def forward(batch):
             with trainer.accelerator.autocast():
                 return sequence_log_probs(model, batch)
 
-        with inference_mode(model, trainer.args.gradient_checkpointing_kwargs):
-            log_probs = run_log_prob_pass(
-                self.pool_loader(),
-                forward,
-                trainer.accelerator,
-                self.sampler.pool_size,
-                desc="Scoring pool with policy",
-            )
-        self.compute.add("policy_scoring", self.token_counts("pool").sum(), FORWARD)
-        return log_probs
+        fresh = None
+        if rows:
+            dataset, loader = self._pool_subset(rows)
+            with inference_mode(model, trainer.args.gradient_checkpointing_kwargs):
+                fresh = run_log_prob_pass(
+                    loader, forward, trainer.accelerator, len(dataset), desc="Scoring pool with policy"
+                )
+            self.compute.add("policy_scoring", rows_tokens(self.token_counts("pool"), rows), FORWARD)
+        if metrics is not None:
+            metrics["selection/policy_rescored_fraction"] = len(rows) / self.sampler.pool_size
+        if recorded is None:
+            return fresh
+        return fill_rows(recorded, rows, fresh) if fresh is not None else recorded
 
-    def reference_log_probs(self) -> PairLogProbs:
-        """π_ref's pool log-probs: computed once (or read from TRL's precomputed columns) and cached."""
+    def reference_log_probs(self, reuse_training: bool = False) -> PairLogProbs:
+        """π_ref's pool log-probs, cached: read from TRL's precomputed columns, taken from the warm-up epochs' training
+        steps (`reuse_training` with `scoring_reuse` other than `"none"`; a pass over the pairs they missed), or a
+        pass over the pool."""
         if self._reference is None:
-            pool = self.trainer.train_dataset
-            self._reference = self.trainer.reference_log_probs(pool, self.pool_loader())
-            if not self.trainer.reads_precomputed_reference(pool):
-                self.compute.add("reference", self.token_counts("pool").sum(), FORWARD)  # else: read TRL's columns
+            trainer, pool = self.trainer, self.trainer.train_dataset
+            if trainer.reads_precomputed_reference(pool):
+                self._reference = trainer.reference_log_probs(pool, None)  # TRL's columns: no forward
+            else:
+                recorded, rows = self._recorded(REFERENCE, reuse_training)
+                fresh = trainer.reference_log_probs(*self._pool_subset(rows)) if rows else None
+                self.compute.add("reference", rows_tokens(self.token_counts("pool"), rows), FORWARD)
+                self._reference = (
+                    fresh if recorded is None else recorded if fresh is None else fill_rows(recorded, rows, fresh)
+                )
+            self.training_log_probs.clear(REFERENCE)
         return self._reference
 
     def validation_reference_log_probs(self) -> PairLogProbs:
@@ -466,11 +545,26 @@ class SelectionCallback(TrainerCallback):
             pool=pool,
             config=config,
         )
-        tensors = {}
+        tensors = dict(self._checkpoint_training_log_probs)
         for name, log_probs in (("reference", self._reference), ("auxiliary", self._auxiliary_log_probs)):
             if log_probs is not None:
                 tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = log_probs.chosen, log_probs.rejected
         return state, tensors
+
+    def gather_for_checkpoint(self) -> None:
+        """Combine the ranks' training-step records for the checkpoint `selection_state` writes. Every rank calls it.
+
+        A resume restores them, so the next event reuses the same log-probs as the uninterrupted run and selects the
+        same pairs.
+        """
+        self._checkpoint_training_log_probs = {}
+        if self.trainer.args.scoring_reuse == "none":
+            return
+        for kind in (REFERENCE, POLICY):
+            recorded = self.training_log_probs.gathered(kind, self.trainer.accelerator)
+            if not bool(torch.isnan(recorded.chosen).all()):
+                self._checkpoint_training_log_probs[f"training_{kind}.chosen"] = recorded.chosen
+                self._checkpoint_training_log_probs[f"training_{kind}.rejected"] = recorded.rejected
 
     def start_from_full_pool(self) -> None:
         """Forget the previous training loop: the next epoch 0 trains, and records, the full pool again.
@@ -491,6 +585,8 @@ class SelectionCallback(TrainerCallback):
         self._restored_aux_num_refreshes = 0
         if self._auxiliary is not None:
             self._auxiliary.num_refreshes = 0
+        for kind in (REFERENCE, POLICY):
+            self.training_log_probs.clear(kind)
 
     def restore_selection_state(self, state: SelectionState, tensors: dict[str, torch.Tensor]) -> None:
         """Continue from a checkpoint: its selection, its cached log-probs, and no second event for its epoch."""
@@ -506,6 +602,10 @@ class SelectionCallback(TrainerCallback):
             self._reference = PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"])
         if "auxiliary.chosen" in tensors:
             self._auxiliary_log_probs = PairLogProbs(tensors["auxiliary.chosen"], tensors["auxiliary.rejected"])
+        for kind in (REFERENCE, POLICY):
+            if f"training_{kind}.chosen" in tensors:
+                recorded = PairLogProbs(tensors[f"training_{kind}.chosen"], tensors[f"training_{kind}.rejected"])
+                self.training_log_probs.restore(kind, recorded)
 
     # ----- side effects -----
 

@@ -49,6 +49,7 @@ SELECTION_CONFIG_FIELDS = (
     "selection_fraction",
     "selection_warmup_epochs",
     "aux_refresh_epochs",
+    "scoring_reuse",
     "aux_num_train_epochs",
     "aux_max_steps",
     "aux_learning_rate",

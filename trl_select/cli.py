@@ -6,6 +6,7 @@ trl-select score --model POLICY --ref_model SFT --dataset train.jsonl --validati
 trl-select select scores.parquet --rule lossdiff_irm --dataset train.jsonl --out subset/   # datasets.save_to_disk
 trl-select overlap subset_a/ subset_b/ scores.parquet   # overlap coefficients between selections
 trl-select plot OUTPUT_DIR                              # PNGs of a run's selection into OUTPUT_DIR/selection_plots
+trl-select suspects OUTPUT_DIR --dataset train.jsonl    # pairs ranked by the evidence their label is flipped
 ```
 
 Each subcommand lives in its own `_add_<name>_command(subparsers)`, which defines its arguments and sets `handler`
@@ -19,6 +20,8 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+
+from .suspects_report import add_suspects_command
 
 
 logger = logging.getLogger(__name__)
@@ -392,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_command(subparsers)
     _add_overlap_command(subparsers)
     _add_plot_command(subparsers)
+    add_suspects_command(subparsers)
     return parser
 
 

@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 # How θ_aux is built for a fully fine-tuned policy; with PEFT it is always a second adapter.
 AUX_MODES = ("full", "lora")
+# Which pool log-probs a selection event reuses from the training steps (`training_log_probs.py`).
+SCORING_REUSE = ("none", "reference", "reference_and_policy")
 
 
 @dataclass
@@ -78,6 +80,16 @@ class SelectiveDPOConfig(DPOConfig):
         scoring_batch_size (`int`, *optional*):
             Per-device batch size of the no-grad scoring passes over the pool. Defaults to
             `per_device_eval_batch_size`.
+        scoring_reuse (`str`, *optional*, defaults to `"reference"`):
+            Which pool log-probs a selection event takes from the training steps instead of a pass of its own.
+            `"none"`: a π_ref pass over the pool at the first event (cached) and a θ_t pass at every event.
+            `"reference"`: π_ref's from the warm-up epochs' training steps, which train every pair (the same values,
+            up to the padding of the batch; pairs no step trained get a pass). Saves one pool forward per run.
+            `"reference_and_policy"`: also θ's, from the training step of each pair trained in the previous epoch (θ
+            as it was at that step, up to one epoch old); only the other pairs are rescored. Saves most of the policy
+            pass at every event, at the price of IRM and LossDiff computed from a slightly older policy
+            (`benchmarks/results/quality/quality.md` measures what it costs in quality). With
+            `precompute_ref_log_probs=True` π_ref's log-probs are read from TRL's columns whatever this field says.
 
         > Parameters that control the reporting of the selection
 
@@ -197,6 +209,16 @@ class SelectiveDPOConfig(DPOConfig):
             "`per_device_eval_batch_size`."
         },
     )
+    scoring_reuse: str = field(
+        default="reference",
+        metadata={
+            "help": "Pool log-probs a selection event takes from the training steps instead of a pass of its own. "
+            "`none`: a reference pass (once) and a policy pass at every event. `reference`: the reference "
+            "log-probs from the warm-up epochs' training steps. `reference_and_policy`: also the policy log-probs "
+            "of the pairs trained in the previous epoch (up to one epoch old); only the others are rescored.",
+            "choices": list(SCORING_REUSE),
+        },
+    )
     selection_category_column: str | None = field(
         default=None,
         metadata={
@@ -268,6 +290,11 @@ class SelectiveDPOConfig(DPOConfig):
             raise ValueError(f"`aux_learning_rate` must be > 0 or unset, got {self.aux_learning_rate}.")
         if self.aux_mode not in AUX_MODES:
             raise ValueError(f"`aux_mode` must be one of {list(AUX_MODES)}, got {self.aux_mode!r}.")
+        if self.scoring_reuse not in SCORING_REUSE:
+            raise ValueError(
+                f"`scoring_reuse` must be one of {list(SCORING_REUSE)}, got {self.scoring_reuse!r}. Use 'none' for "
+                "the exact passes."
+            )
         _check_int_at_least(self, "aux_lora_r", 1)
         if isinstance(self.aux_lora_alpha, bool) or not (
             isinstance(self.aux_lora_alpha, int | float) and self.aux_lora_alpha > 0
@@ -295,7 +322,7 @@ class SelectiveDPOConfig(DPOConfig):
             )
         if not self.selection_enabled:
             return
-        # Selection scores with the trainer's own loss (DESIGN.md §2-3), so that loss must be one the scores implement.
+        # Selection scores with the trainer's own loss (docs/design.md §2-3), so that loss must be one the scores implement.
         if len(self.loss_type) != 1 or self.loss_type[0] not in ("sigmoid", "hinge"):
             raise ValueError(
                 f"`loss_type` must be ['sigmoid'] (DPO) or ['hinge'] (SLiC) when `selection_rule` is "

@@ -1,4 +1,4 @@
-"""Exact first-order influence of each pool pair on the validation loss (DESIGN.md §3): the `influence` scorer.
+"""Exact first-order influence of each pool pair on the validation loss (docs/design.md §3.5): the `influence` scorer.
 
     IF(z) = ⟨ ∇θ L(D_val; θ_t), ∇θ L(z; θ_t) ⟩,    L(D_val) = mean over validation pairs of L(v),
 

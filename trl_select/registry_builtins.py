@@ -1,4 +1,4 @@
-"""The built-in scorers and rules (DESIGN.md §3-4), registered through the public decorators like any plug-in.
+"""The built-in scorers and rules (docs/design.md §3-4), registered through the public decorators like any plug-in.
 
 Scorers: `irm`, `lossdiff`, `reward_gap`, `davir`, `influence`. Rules: `lossdiff_irm`, `irm_band`, `lossdiff_band`,
 `reward_gap`, `davir`, `tif`, `none`.

@@ -55,6 +55,8 @@ MAX_CATEGORIES = 50
 # Bound on the points of the wandb scatter table and of the scatter panels (sampled, deterministic per epoch).
 MAX_SCATTER_POINTS = 5_000
 HISTOGRAM_BINS = 64
+# Rows of the wandb `selection/suspects` table: the most suspect pairs of the run so far.
+MAX_SUSPECT_ROWS = 200
 # Timings vary from run to run; leaving them out of score files keeps a file a function of the seed and data.
 _TIMING_PREFIX = "selection/seconds"
 
@@ -408,7 +410,9 @@ class WandbReporter:
     `selection/times_kept/histogram` (epochs trained per pair so far); `selection/pairs`, a table of at most
     `max_points` sampled pairs (`pair_id`, scores, `status` kept/dropped, `times_kept`), and with two scores the
     `selection/scatter` chart of it (wandb's scatter preset cannot colour points, so the table and the event figure
-    carry the kept/dropped colouring); `selection/event_plot`, the `plots.event_figure` image. Does nothing unless
+    carry the kept/dropped colouring); `selection/event_plot`, the `plots.event_figure` image; with `output_dir`,
+    `selection/suspects`, the `trl-select suspects` ranking (`suspects.find_suspects`, top `max_suspects`) over the
+    score files so far, so the run's last one is the end-of-run list. Does nothing unless
     "wandb" is in `report_to` and a run is active. Logs without `step=`: wandb's own step counter advances as it does
     for the `WandbCallback`'s logs, so the two never conflict.
     """
@@ -420,8 +424,12 @@ class WandbReporter:
         category_column: str | None = None,
         max_points: int = MAX_SCATTER_POINTS,
         log_figures: bool = True,
+        output_dir: str | os.PathLike | None = None,
+        max_suspects: int = MAX_SUSPECT_ROWS,
     ) -> None:
         self.tally = tally
+        self.output_dir = output_dir
+        self.max_suspects = max_suspects
         self.categories = categories
         self.category_column = category_column
         self.max_points = max_points
@@ -477,7 +485,21 @@ class WandbReporter:
                 log["selection/scatter"] = wandb.plot.scatter(table, x, y, title=f"{x} x {y}, latest selection")
             if self.log_figures:
                 log["selection/event_plot"] = wandb.Image(self._render(event, times_kept))
+        if self.output_dir is not None and event.kind == "selection":
+            suspects = self._suspects_table(wandb)
+            if suspects is not None:
+                log["selection/suspects"] = suspects
         return log
+
+    def _suspects_table(self, wandb):
+        from .suspects import find_suspects
+        from .suspects_report import suspects_table
+
+        try:  # reads the score files, this event's included (`ScoreFileReporter` runs first)
+            return suspects_table(find_suspects(self.output_dir, top=self.max_suspects), wandb)
+        except (FileNotFoundError, ValueError) as error:
+            logger.warning("No selection/suspects table: %s", error)
+            return None
 
     def _render(self, event: SelectionEvent, times_kept: np.ndarray):
         from PIL import Image
@@ -504,7 +526,7 @@ def default_reporters(trainer: SelectiveDPOTrainer) -> list[Reporter]:
     reporters = [ScoreFileReporter(args.output_dir, tally, categories, column)]
     if column is not None:
         reporters.append(CategoryMetricsReporter(trainer.selection_callback._publish, categories, column))
-    reporters.append(WandbReporter(tally, categories, column))
+    reporters.append(WandbReporter(tally, categories, column, output_dir=args.output_dir))
     return reporters
 
 

@@ -1,4 +1,4 @@
-"""Selection rules (DESIGN.md §4): pure functions from scores to a boolean keep-mask, and set algebra on selections.
+"""Selection rules (docs/design.md §4): pure functions from scores to a boolean keep-mask, and set algebra on selections.
 
 Conventions, the same for every rule:
 
@@ -106,7 +106,7 @@ def jaccard(a: set[int] | Sequence[int], b: set[int] | Sequence[int]) -> float:
 
 
 def overlap_coefficient(a: set[int] | Sequence[int], b: set[int] | Sequence[int]) -> float:
-    """Overlap of two selections (DESIGN.md §4): `|A ∩ B| / min(|A|, |B|)`; 0.0 if either is empty."""
+    """Overlap of two selections (docs/design.md §4.5): `|A ∩ B| / min(|A|, |B|)`; 0.0 if either is empty."""
     a, b = set(a), set(b)
     if not a or not b:
         return 0.0

@@ -1,4 +1,4 @@
-"""Per-pair scores (DESIGN.md §2-3): pure functions, summed log-probabilities in, one number per pair out.
+"""Per-pair scores (docs/design.md §2-3): pure functions, summed log-probabilities in, one number per pair out.
 
 Every function here works on the CPU or any device, on float tensors of shape `(num_pairs,)`, and knows nothing about
 models, ranks or trainers. Log-probabilities are in nats, summed over the completion tokens exactly as TRL's
@@ -45,7 +45,7 @@ def reference_normalised_margin(policy: PairLogProbs, reference: PairLogProbs) -
 
 
 def preference_loss(margin: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
-    """Per-pair training loss from the reference-normalised margin `h` (DESIGN.md §2), unreduced.
+    """Per-pair training loss from the reference-normalised margin `h` (docs/design.md §2), unreduced.
 
     - `"sigmoid"` (DPO): `-log σ(β·h)`
     - `"hinge"` (SLiC, reference-normalised as in RSO / TRL `loss_type="hinge"`): `max(0, 1 - β·h)`
@@ -60,7 +60,7 @@ def preference_loss(margin: torch.Tensor, beta: float, loss_type: str) -> torch.
 
 
 def preference_loss_slope(margin: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
-    """`dL/dh`, the derivative of the per-pair loss with respect to the margin `h` (DESIGN.md §3), unreduced.
+    """`dL/dh`, the derivative of the per-pair loss with respect to the margin `h` (docs/design.md §2), unreduced.
 
     - `"sigmoid"` (DPO): `-β · σ(-β·h)`, so `∇θ L_DPO(z) = -β σ(-β h) [∇ log π(y_w|x) - ∇ log π(y_l|x)]`.
     - `"hinge"` (SLiC): `-β · 1[β·h < 1]` (0 at the kink `β·h = 1`, as autograd's `relu` gives).
@@ -124,7 +124,7 @@ def influence_from_directional_derivatives(
     beta: float,
     loss_type: str,
 ) -> torch.Tensor:
-    """`IF(z) = ⟨g, ∇θ L(z)⟩ = (dL/dh)(z) · (D_g log π(y_w|x) - D_g log π(y_l|x))` (DESIGN.md §3), loss units.
+    """`IF(z) = ⟨g, ∇θ L(z)⟩ = (dL/dh)(z) · (D_g log π(y_w|x) - D_g log π(y_l|x))` (docs/design.md §3.5), loss units.
 
     `chosen_derivative`/`rejected_derivative` are the directional derivatives `D_g log π(y|x) = ⟨∇θ log π(y|x), g⟩` of
     the summed completion log-probs along `g` (the validation-loss gradient for the influence score).

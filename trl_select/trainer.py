@@ -309,6 +309,17 @@ class SelectiveDPOTrainer(DPOTrainer):
         with inference_mode(self.accelerator.unwrap_model(model), self.args.gradient_checkpointing_kwargs):
             return run_log_prob_pass(loader, forward, self.accelerator, len(dataset), desc="Scoring with reference")
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        recorder = self.selection_callback.training_log_probs if self.selection_callback is not None else None
+        if recorder is None or not recorder.recording or not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The step's own θ and π_ref forwards, summed per pair for the next selection event (`scoring_reuse`).
+        modules = [self.accelerator.unwrap_model(self.model)]
+        if self.ref_model is not None:
+            modules.append(self.accelerator.unwrap_model(self.ref_model))
+        with recorder.record(modules, inputs["completion_mask"]):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def _get_train_sampler(self, train_dataset=None):
         if self.selection_sampler is None:
             return super()._get_train_sampler(train_dataset)
@@ -463,6 +474,8 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         # Written before the Trainer's files: its `trainer_state.json`, written last, marks a complete checkpoint.
+        if self.selection_callback is not None:
+            self.selection_callback.gather_for_checkpoint()  # a collective: on every rank, before the main one writes
         if self.selection_callback is not None and self.args.should_save:
             checkpoint_dir = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"

@@ -165,7 +165,7 @@ def check_bands_can_fill_a_batch(pool_size: int, bands: dict[str, tuple[float, f
     """Refuse bands that would keep fewer than `minimum` pairs of `pool_size` (score bands taken as independent).
 
     A single band keeps about `pool_size * (hi - lo) / 100` pairs; LossDiff-IRM about the product of the two
-    fractions (DESIGN.md §4: 64% for 10-90 bands). Below one batch per rank, the run would stop at its first selection.
+    fractions (docs/design.md §4.3: 64% for 10-90 bands). Below one batch per rank, the run would stop at its first selection.
     """
     expected = float(pool_size)
     for lo, hi in bands.values():

@@ -98,9 +98,13 @@ def main() -> None:
         "zero_allow_untested_optimizer": True,
     }
     llama = transformers.LlamaConfig(
-        vocab_size=8000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+        vocab_size=8000,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     if options.stage == 3:
         with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16):
@@ -113,9 +117,17 @@ def main() -> None:
 
     accelerator = argparse.Namespace(num_processes=world, device=torch.device("cpu"))
     settings = AlignmentSettings(
-        beta=0.1, loss_type="sigmoid", learning_rate=1e-5, weight_decay=0.0, batch_size=1, num_epochs=1.0,
-        max_steps=1, max_grad_norm=1.0, seed=0, deepspeed_config=config,
-    )  # fmt: skip
+        beta=0.1,
+        loss_type="sigmoid",
+        learning_rate=1e-5,
+        weight_decay=0.0,
+        batch_size=1,
+        num_epochs=1.0,
+        max_steps=1,
+        max_grad_norm=1.0,
+        seed=0,
+        deepspeed_config=config,
+    )
     auxiliary = load_auxiliary_class(options.auxiliary)(engine.module, accelerator, None, None, None, settings)
 
     gc.collect()

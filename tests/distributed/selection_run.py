@@ -31,11 +31,11 @@ from datasets import Dataset, load_dataset  # noqa: E402
 
 import trl_select.auxiliary  # noqa: E402
 import trl_select.callback  # noqa: E402
-from tests.conftest import DEMO_DATA, fast_config  # noqa: E402
 from tests.recording import RecordingTrainer  # noqa: E402
+from tests.testing_utils import DEMO_DATA, fast_config  # noqa: E402
 from trl_select import read_history  # noqa: E402
 from trl_select.scoring import is_activation_checkpointing  # noqa: E402
-from trl_select.toy import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
+from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
@@ -104,6 +104,12 @@ def main() -> None:
         "--gradient_checkpointing", action="store_true", help="The trainer's activation checkpointing."
     )
     parser.add_argument("--aux_mode", default="full", choices=["full", "lora"], help="`aux_mode` of the config.")
+    parser.add_argument(
+        "--scoring_reuse",
+        default="reference",
+        choices=["none", "reference", "reference_and_policy"],
+        help="`scoring_reuse` of the config.",
+    )
     parser.add_argument(
         "--check_aux_identity",
         action="store_true",
@@ -248,6 +254,7 @@ def main() -> None:
         use_cpu=options.deepspeed is None or options.bf16,  # TrainingArguments refuses bf16 on the CPU otherwise
         selection_rule=options.rule,
         aux_mode=options.aux_mode,
+        scoring_reuse=options.scoring_reuse,
         precompute_ref_log_probs=options.precompute_ref,
         accelerator_config={"use_configured_state": options.deepspeed is not None},
         bf16=options.bf16,
