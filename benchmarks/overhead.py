@@ -309,7 +309,7 @@ def run_memory_arms(model_path: Path, work_dir: Path) -> list[dict[str, float]]:
 
 # ----- 4. realistic ratio: whole 3-epoch runs, one per scoring mode -----
 
-REALISTIC_POOL = (1000, 50, 8, 16)  # pool pairs, validation pairs (5%), train batch, scoring batch
+REALISTIC_POOL = (1000, 8, 16)  # pool pairs (validation: 5% of them), train batch, scoring batch
 REALISTIC_EPOCHS = 3
 REALISTIC_MODES = (
     "none:1",
@@ -322,8 +322,9 @@ REALISTIC_MODES = (
 REALISTIC_RUNS = RESULTS / "overhead_realistic_runs.jsonl"
 
 
-def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path) -> dict[str, Any]:
-    """One whole LossDiff-IRM run of the realistic shape; `mode` is "scoring_reuse:aux_refresh_epochs"."""
+def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path, num_pairs: int) -> dict[str, Any]:
+    """One whole LossDiff-IRM run of the realistic shape on `num_pairs` pool pairs (validation 5% of them); `mode` is
+    "scoring_reuse:aux_refresh_epochs"."""
     from dataclasses import fields
 
     from transformers import PrinterCallback, TrainerCallback
@@ -345,7 +346,8 @@ def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path) -> di
             logger.info("realistic epoch %d: %.0f s", len(self.seconds) - 1, self.seconds[-1])
 
     reuse, aux_refresh = mode.split(":")
-    num_pairs, num_validation, batch, scoring_batch = REALISTIC_POOL
+    _, batch, scoring_batch = REALISTIC_POOL
+    num_validation = round(0.05 * num_pairs)
     train, validation = pairs(num_pairs, num_validation)
     overrides: dict[str, Any] = {"num_train_epochs": REALISTIC_EPOCHS, "aux_refresh_epochs": int(aux_refresh)}
     has_field = "scoring_reuse" in {f.name for f in fields(SelectiveDPOConfig)}
@@ -404,99 +406,117 @@ def plain_compute(run: dict[str, Any]) -> float:
 
 
 def realistic_report(runs: list[dict[str, Any]], num_parameters: dict[str, int]) -> str:
-    """Section 4 of overhead.md from the cached realistic runs (latest run per model and mode)."""
-    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    """Section 4 of overhead.md from the cached realistic runs (the latest run per model, pool and mode)."""
+    latest: dict[tuple[str, int, str], dict[str, Any]] = {}
     for run in runs:
-        latest[(run["model"], run["mode"])] = run
-    timed = [latest[("full", m)] for m in REALISTIC_MODES if ("full", m) in latest]
-    plain_epoch_s = float(np.mean([run["epoch_seconds"][0] for run in timed])) if timed else float("nan")
-    rows = []
-    for mode in REALISTIC_MODES:
-        counted = latest.get(("full", mode)) or latest.get(("tiny", mode))
-        if counted is None:
-            continue
-        time_run_ = latest.get(("full", mode))
-        plain = plain_compute(counted)
-        cells = [
-            counted["scoring_reuse"],
-            str(counted["aux_refresh_epochs"]),
-            "10.7M, timed" if time_run_ else "tiny, counted only",
-            f"{counted['selection_fte'] / counted['training_fte']:.3f}",
-            f"{counted['training_fte'] / plain:.3f}",
-            f"{(counted['training_fte'] + counted['selection_fte']) / plain:.3f}",
-            " / ".join(f"{n:.0f}" for n in counted["num_selected"]),
-        ]
-        if time_run_:
-            training_s = sum(time_run_["epoch_seconds"])
-            parts = time_run_["selection_seconds_by_part"]
-            cells += [
-                f"{training_s:.0f}",
-                f"{time_run_['selection_seconds']:.0f} ({parts['reference']:.0f} / {parts['policy']:.0f} / "
-                f"{parts['aux']:.0f})",
-                f"{time_run_['selection_seconds'] / training_s:.3f}",
-                f"{(training_s + time_run_['selection_seconds']) / (REALISTIC_EPOCHS * plain_epoch_s):.3f}",
-            ]
-        else:
-            cells += ["", "", "", ""]
-        rows.append(cells)
-    any_run = next(iter(latest.values()), None)
-    if any_run is None:
+        latest[(run["model"], run["pool_pairs"], run["mode"])] = run
+    if not latest:
         return ""
     hidden, layers, heads, intermediate = MODEL_SIZES["full"]
     tiny = MODEL_SIZES["tiny"]
-    plain_row = [
-        'plain run (`selection_rule="none"`)',
+    pool = REALISTIC_POOL[0]
+
+    def fte_cells(run: dict[str, Any]) -> list[str]:
+        plain = plain_compute(run)
+        return [
+            f"{run['selection_fte'] / run['training_fte']:.3f}",
+            f"{run['training_fte'] / plain:.3f}",
+            f"{(run['training_fte'] + run['selection_fte']) / plain:.3f}",
+        ]
+
+    counted_rows = [['plain run (`selection_rule="none"`)', "", "counted from the pool", "0", "1.000", "1.000", ""]]
+    for mode in REALISTIC_MODES:
+        run = latest.get(("full", pool, mode)) or latest.get(("tiny", pool, mode))
+        if run is not None:
+            counted_rows.append(
+                [
+                    run["scoring_reuse"],
+                    str(run["aux_refresh_epochs"]),
+                    f"{run['model']} model",
+                    *fte_cells(run),
+                    " / ".join(f"{n:.0f}" for n in run["num_selected"]),
+                ]
+            )
+    timed = [run for key, run in sorted(latest.items()) if key[0] == "full"]
+    timed_rows = []
+    for run in timed:
+        same_pool = [r for r in timed if r["pool_pairs"] == run["pool_pairs"]]
+        plain_s = REALISTIC_EPOCHS * float(np.mean([r["epoch_seconds"][0] for r in same_pool]))
+        training_s = sum(run["epoch_seconds"])
+        parts = run["selection_seconds_by_part"]
+        timed_rows.append(
+            [
+                run["scoring_reuse"],
+                str(run["aux_refresh_epochs"]),
+                f"{run['pool_pairs']} / {run['validation_pairs']}",
+                f"{run['epoch_seconds'][0]:.0f}",
+                f"{training_s:.0f}",
+                f"{run['selection_seconds']:.0f} ({parts['reference']:.0f} / {parts['policy']:.0f} / {parts['aux']:.0f})",
+                f"{run['selection_seconds'] / training_s:.3f}",
+                fte_cells(run)[0],
+                f"{(training_s + run['selection_seconds']) / plain_s:.3f}",
+                fte_cells(run)[2],
+                f"{run['threads']} / {run['load_average_at_start']:.1f}",
+            ]
+        )
+    lines = [
+        "## Realistic ratio: whole 3-epoch runs, selection compute against training compute",
         "",
-        "counted from the pool",
-        "0",
-        "1.000",
-        "1.000",
+        "Command: `python -m benchmarks.overhead --realistic --model tiny` (counted, every mode) and `python -m "
+        "benchmarks.overhead --realistic --model full --pool N --modes ...` (timed).  ",
+        f"Machine: {machine_description()}  ",
+        f"LossDiff-IRM, bands 10-90, warm-up 1 epoch, {REALISTIC_EPOCHS} epochs, 256-token sequences (128-token "
+        f"prompt, 128-token completion), validation = 5% of the pool, train batch {REALISTIC_POOL[1]}, scoring batch "
+        f"{REALISTIC_POOL[2]}. FTE = forward-token equivalents (`trl_select/compute.py`): a training step is 3 per "
+        "token plus 1 for the live reference forward, a scoring forward 1 per token. Plain = a 3-epoch run of "
+        '`selection_rule="none"` (exactly `DPOTrainer`): 3 full-pool epochs, counted from the pool\'s tokens.',
         "",
-        f"{REALISTIC_EPOCHS * plain_epoch_s:.0f}" if timed else "",
-        "0",
-        "0",
-        "1.000",
+        f"### Counted (the trainer's ledger), pool {pool} pairs, validation {round(0.05 * pool)}",
+        "",
+        f"`tiny` = a {num_parameters.get('tiny', 0) / 1e3:.0f}k-parameter Llama (hidden {tiny[0]}, {tiny[1]} layers) "
+        f"on the same data shapes as the {num_parameters.get('full', 0) / 1e6:.1f}M model (hidden {hidden}, "
+        f"{layers} layers, {heads} heads, MLP {intermediate}): the ledger counts tokens, not parameters, so only "
+        "the kept-set sizes (its own LossDiff-IRM selection) could differ from the 10.7M model's.",
+        "",
+        markdown_table(
+            [
+                "scoring_reuse",
+                "aux refresh every",
+                "run",
+                "selection / training FTE",
+                "training FTE × plain",
+                "total FTE × plain",
+                "kept ep1 / ep2",
+            ],
+            counted_rows,
+        ),
     ]
-    load = sorted({f"{run['load_average_at_start']:.1f}" for run in timed})
-    return "\n".join(
-        [
-            "## Realistic ratio: whole 3-epoch runs, selection compute against training compute",
-            "",
-            f"Pool {any_run['pool_pairs']} pairs, validation {any_run['validation_pairs']} (5%), 256-token "
-            f"sequences ({any_run['pool_tokens']:,} pool tokens, {any_run['validation_tokens']:,} validation tokens), "
-            f"train batch {any_run['train_batch']}, scoring batch {any_run['scoring_batch']}, LossDiff-IRM bands "
-            f"10-90, warm-up 1 epoch, {REALISTIC_EPOCHS} epochs. Timed runs: the {num_parameters.get('full', 0) / 1e6:.1f}M "
-            f"Llama (hidden {hidden}, {layers} layers, MLP {intermediate}), "
-            f"{timed[0]['threads'] if timed else '?'} torch threads, 1-min load average at their start "
-            f"{', '.join(load) or '?'} (2 logical CPUs shared with other jobs, so seconds are noisy). Counted-only "
-            f"runs: a {num_parameters.get('tiny', 0) / 1e3:.0f}k-parameter Llama (hidden {tiny[0]}, {tiny[1]} "
-            "layers) on the same data shapes: the ledger counts tokens, so its counts are the 10.7M model's but for "
-            "the kept-set sizes, which come from that model's own selection.",
+    if timed_rows:
+        lines += [
+            f"### Timed, the {num_parameters.get('full', 0) / 1e6:.1f}M model",
             "",
             markdown_table(
                 [
                     "scoring_reuse",
                     "aux refresh every",
-                    "run",
-                    "selection / training FTE (counted)",
-                    "training FTE × plain",
-                    "total FTE × plain",
-                    "kept ep1 / ep2",
-                    "training s",
+                    "pool / validation pairs",
+                    "epoch 0 s (full pool)",
+                    "training s (3 epochs)",
                     "selection s (reference / policy / aux)",
-                    "selection / training s (timed)",
+                    "selection / training s",
+                    "selection / training FTE (same run)",
                     "total s × plain",
+                    "total FTE × plain (same run)",
+                    "threads / load at start",
                 ],
-                [plain_row, *rows],
+                timed_rows,
             ),
-            "FTE = forward-token equivalents (`trl_select/compute.py`): a training step is 3 per token plus 1 for "
-            "the live reference forward; each scoring forward 1 per token. Plain = 3 full-pool epochs of training "
-            "compute (counted from the pool's tokens); its seconds are 3 × the mean full-pool epoch 0 of the timed "
-            f"runs ({plain_epoch_s:.0f} s), which is a plain DPO epoch (no selection before it). Training s = the "
-            "epochs' time after each selection event; selection s = the events' own timers.",
+            "Training s = the epochs' time after each selection event (TRL's live reference forward included); "
+            "selection s = the events' own timers. Plain s = 3 × the mean full-pool epoch 0 of the timed runs at "
+            "that pool (epoch 0 is a plain DPO epoch: no selection comes before it).",
             "",
         ]
-    )
+    return "\n".join(lines)
 
 
 def run_realistic(options) -> None:
@@ -511,7 +531,7 @@ def run_realistic(options) -> None:
             build_model(model_path, options.model)
             for mode in options.modes:
                 logger.info("realistic %s %s ...", options.model, mode)
-                run = realistic_run(model_path, options.model, mode, work_dir)
+                run = realistic_run(model_path, options.model, mode, work_dir, options.pool)
                 runs.append(run)
                 with REALISTIC_RUNS.open("a") as f:
                     f.write(json.dumps(run) + "\n")
@@ -671,6 +691,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None, help="Markdown output (default results/overhead.md)")
     parser.add_argument("--realistic", action="store_true", help="section 4 only: whole runs at a realistic ratio")
     parser.add_argument("--model", choices=("full", "tiny"), default="full", help="--realistic: timed or counted")
+    parser.add_argument("--pool", type=int, default=REALISTIC_POOL[0], help="--realistic: pool pairs")
     parser.add_argument("--modes", nargs="+", default=list(REALISTIC_MODES), choices=REALISTIC_MODES)
     parser.add_argument("--report_only", action="store_true", help="--realistic: rewrite section 4 from its cache")
     parser.add_argument("--memory_arm", choices=MEMORY_ARMS, help=argparse.SUPPRESS)
