@@ -2,7 +2,7 @@
 
     python -m benchmarks.overhead            # 10.7M-parameter Llama, 256-token pairs (~15 min on 2 busy cores)
     python -m benchmarks.overhead --quick    # a 2.7M model and a smaller pool, to check the pipeline
-    python -m benchmarks.overhead --realistic --model full --modes none:1 reference_and_policy:2   # section 4, timed
+    python -m benchmarks.overhead --realistic --model full --pool 200 --modes none:1 reference_and_policy:2  # timed
     python -m benchmarks.overhead --realistic --model tiny     # section 4, every mode counted (same data shapes)
     python -m benchmarks.overhead --realistic --report_only    # rewrite section 4 from its cached runs
 
@@ -27,9 +27,10 @@ One run, one model, one machine:
    compute, counted by the trainer's ledger (`trl_select/compute.py`) and timed (the callback's `selection/seconds*`
    metrics; training = the epochs' time after each selection event), and the run's total against a plain run (3
    full-pool epochs: counted from the pool's tokens, timed as 3 x the runs' full-pool epoch 0). Runs are cached in
-   `results/overhead_realistic_runs.jsonl` per (model, mode, aux refresh), so the timed runs of the 10.7M model and
-   the counted runs of a tiny model with the same data shapes (the ledger counts tokens, not parameters) can come from
-   several invocations.
+   `results/overhead_realistic_runs.jsonl` per (model, pool, mode), so the timed runs of the 10.7M model and the
+   counted runs of a tiny model with the same data shapes (the ledger counts tokens, not parameters) can come from
+   several invocations. `--pool N` times on a smaller pool (validation still 5% of it) when a 1,000-pair run of the
+   10.7M model does not fit the machine's time.
 
 Pairs are reverse-digits pairs with 127-digit prompts (`trl_select.testing.make_reverse_digits_pairs`): with the character
 tokenizer each sequence (prompt + completion + EOS) is exactly 256 tokens.

@@ -23,7 +23,7 @@ Protocol 2 (issue 13; protocol 1, issue 7, is kept in `results/quality/quality_v
   training compute only, as a plain run's would); the LossDiff-IRM modes lossdiff_irm (default config),
   lossdiff_irm_exact (`scoring_reuse="none"`), lossdiff_irm_stale (`"reference_and_policy"`), lossdiff_irm_aux2
   (`aux_refresh_epochs=2`), lossdiff_irm_cheapest (both); the compute-matched controls cm_full (the full pool for
-  `max_steps` steps, as many as make its training compute equal LossDiff-IRM's total, training + selection, at the
+  a fixed number of steps (a callback stops the run there), as many as make its training compute equal LossDiff-IRM's total, training + selection, at the
   same seed) and cm_random (at each selection epoch a uniform subset sized so that the epoch's training compute equals
   LossDiff-IRM's training compute of that epoch plus its selection compute at that event, capped at the pool); random
   (a uniform subset of the size LossDiff-IRM kept at that seed and epoch) and oracle (drops exactly the flipped pairs;
@@ -240,7 +240,7 @@ NEEDS_SCORING_REUSE = (
 def arm_config(arm: str) -> dict[str, Any]:
     """The `SelectiveDPOConfig` selection fields of an arm."""
     if arm in ("full", "cm_full"):
-        return {"selection_rule": "benchmark_keep_all"}  # cm_full's max_steps is added by `main`
+        return {"selection_rule": "benchmark_keep_all"}  # cm_full's epochs and stop step are added by `main`
     modes = {
         "lossdiff_irm": {},
         "lossdiff_irm_exact": {"scoring_reuse": "none"},
@@ -269,6 +269,7 @@ def run_arm(
     tokenizer,
     work_dir: Path,
     overrides: dict[str, Any] | None = None,
+    stop_step: int | None = None,
 ) -> dict[str, Any]:
     """Train one arm from the SFT model with `SelectiveDPOTrainer`; return its metrics, per-epoch evaluation points
     (exact-match and cumulative compute) and per-epoch kept sets."""
@@ -346,8 +347,16 @@ def run_arm(
             )
             self.seconds += time.perf_counter() - start
 
+    class StopAt(TrainerCallback):
+        """Stop after `stop_step` optimizer steps (the trainer's `max_steps` is refused when a rule selects)."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop_step is not None and state.global_step >= stop_step:
+                control.should_training_stop = True
+
     evaluation = EpochEval()
-    trainer.add_callback(evaluation)
+    trainer.add_callback(evaluation)  # after the selection callback: the epoch's training compute is counted first
+    trainer.add_callback(StopAt())
 
     start = time.perf_counter()
     trainer.train()
@@ -378,7 +387,8 @@ def run_arm(
         "seed": seed,
         "scoring_reuse": scoring_reuse,
         "aux_refresh_epochs": args.aux_refresh_epochs,
-        "max_steps": args.max_steps,
+        "stop_step": stop_step,
+        "steps": trainer.state.global_step,
         "exact_match": evaluation.points[-1]["exact_match"],  # the model after the last step
         # TRL logs the metrics of a named eval set without the set's name in the key
         "preference_accuracy": metrics.get("eval_test_rewards/accuracies", metrics.get("eval_rewards/accuracies")),
@@ -617,7 +627,7 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         "",
         markdown_table(["comparison", "Δ exact-match (± SE)", "seeds won"], equal_compute),
         "cm_full trains the full pool for as many steps as make its training compute equal LossDiff-IRM's total "
-        "(training + selection) at the same seed (constant LR, `max_steps`, so it runs past 3 epochs). cm_random "
+        "(training + selection) at the same seed (constant LR; a callback stops it after that many steps, past 3 epochs). cm_random "
         "trains, at each selection epoch, a uniform subset whose training compute equals LossDiff-IRM's training "
         "compute of that epoch plus its selection compute at that event (capped at the pool).",
         "",
@@ -798,6 +808,7 @@ def main() -> None:
             register_rule("benchmark_oracle", scores=(), overwrite=True)(oracle_rule(flipped_by_id))
             for arm in todo:
                 overrides: dict[str, Any] = {}
+                stop_step = None
                 if arm in ("random", "cm_random", "cm_full"):
                     reference = done.get("lossdiff_irm")
                     if reference is None or (arm == "cm_full" and "full" not in done):
@@ -811,10 +822,11 @@ def main() -> None:
                     else:
                         first = done["full"]["evals"][0]
                         budget = counted_compute("lossdiff_irm", reference["evals"][-1])
-                        overrides["max_steps"] = matched_steps(budget, first["train_fte"] / first["step"])
+                        stop_step = matched_steps(budget, first["train_fte"] / first["step"])
+                        overrides["num_train_epochs"] = math.ceil(stop_step / first["step"])
                     if arm != "cm_full":
                         register_rule(f"benchmark_{arm}", scores=(), overwrite=True)(random_rule(sizes))
-                result = run_arm(arm, seed, task, sft_state, tokenizer, options.work_dir, overrides)
+                result = run_arm(arm, seed, task, sft_state, tokenizer, options.work_dir, overrides, stop_step)
                 done[arm] = result
                 _append(runs_path, result)
                 logger.info(
