@@ -526,7 +526,7 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         close = arm == "lossdiff_irm_exact" or (d is not None and d.n > 1 and within_one_se(d))
         if close and (cheapest_within is None or compute < cheapest_within[0]):
             cheapest_within = (compute, arm)
-        reuse = runs_arm[0].get("scoring_reuse")
+        reuse = str(runs_arm[0].get("scoring_reuse")).split(" ")[0]
         mode_rows.append(
             [
                 arm,
@@ -593,6 +593,14 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
             "configuration is too insensitive; the deltas below mean nothing."
         )
     sft_em = [sft[s] for s in seeds if s in sft]
+    before_field = sorted({r["arm"] for r in runs if "before the field" in str(r.get("scoring_reuse"))})
+    before_field_note = (
+        f"{', '.join(before_field)} ran on a checkout before `scoring_reuse` existed (the trainer then always scored "
+        'the exact way); rerun after it with `scoring_reuse="none"` (seed 0), it reproduced bit for bit (exact-match '
+        "after every epoch and every ledger category)."
+        if before_field
+        else ""
+    )
     cheapest_line = (
         f"Cheapest mode within 1 SE of the exact way: **{cheapest_within[1]}**, total compute "
         f"{cheapest_within[0]:.2f} × a plain full run."
@@ -618,7 +626,9 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         "they run through the selection sampler with a keep-everything rule only to share its order with the other "
         "arms, and a plain run would pay no selection pass. random, cm_random and oracle read no score, so their "
         "selection is free. Wall time: `trainer.train()` without the per-epoch evaluations (selection events "
-        "included).",
+        "included); the arms ran in different phases under different load from other jobs on the 2 shared cores "
+        "(full, oracle and lossdiff_irm_exact under load 5-6, the others under 2-4), so compare compute, not "
+        "wall time, across arms.",
         "",
         markdown_table(header, rows),
         "## At equal compute",
@@ -647,12 +657,15 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         ),
         cheapest_line,
         "",
+        "Within 1 SE = |Δ vs exact| ≤ its standard error. " + before_field_note,
+        "",
         "## Time to quality",
         "",
         "Cumulative compute (× one plain full-pool epoch) at which each arm first reaches the full arm's final "
         "exact-match of the same seed, linearly interpolated between the per-epoch evaluations (from the SFT "
-        "start, compute 0); mean ± SE over the seeds that reach it. The full arm itself needs 3 epochs by "
-        "definition unless an earlier epoch already scored as well.",
+        "start, compute 0); mean ± SE over the seeds that reach it. The full arm needs less than its 3 epochs "
+        "whenever an earlier epoch already scored as well as its last. cm_full and cm_random share full's first "
+        "3 epochs (cm_random's matched size is capped at the pool at every epoch, so it is the full arm).",
         "",
         markdown_table(
             ["arm", "seeds reached", "compute to full's final exact-match (epochs)", "× plain run"], ttq_rows
