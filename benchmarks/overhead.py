@@ -1,7 +1,10 @@
 """What selection costs: rescoring time against a training epoch, and peak memory against plain DPOTrainer.
 
-    python benchmarks/overhead.py            # 10.7M-parameter Llama, 256-token pairs (~15 min on 2 busy cores)
-    python benchmarks/overhead.py --quick    # a 2.7M model and a smaller pool, to check the pipeline
+    python -m benchmarks.overhead            # 10.7M-parameter Llama, 256-token pairs (~15 min on 2 busy cores)
+    python -m benchmarks.overhead --quick    # a 2.7M model and a smaller pool, to check the pipeline
+    python -m benchmarks.overhead --realistic --model full --pool 200 --modes none:1 reference_and_policy:2  # timed
+    python -m benchmarks.overhead --realistic --model tiny     # section 4, every mode counted (same data shapes)
+    python -m benchmarks.overhead --realistic --report_only    # rewrite section 4 from its cached runs
 
 One run, one model, one machine:
 
@@ -18,6 +21,16 @@ One run, one model, one machine:
    epochs. Peak memory = the subprocess's peak resident set size (`getrusage(RUSAGE_SELF).ru_maxrss`), so every
    allocation counts (torch's C++ allocator too, which `tracemalloc` does not see); the table also gives the peak minus
    the RSS measured right before `train()` (model, reference and data already loaded), i.e. what training added.
+4. Realistic ratio (`--realistic`, its own section of overhead.md, the other sections kept): a whole 3-epoch
+   LossDiff-IRM run on a pool of 1,000 pairs with 50 validation pairs (5%), for each scoring mode (`scoring_reuse`
+   none / reference / reference_and_policy, each with `aux_refresh_epochs` 1 and 2): selection compute over training
+   compute, counted by the trainer's ledger (`trl_select/compute.py`) and timed (the callback's `selection/seconds*`
+   metrics; training = the epochs' time after each selection event), and the run's total against a plain run (3
+   full-pool epochs: counted from the pool's tokens, timed as 3 x the runs' full-pool epoch 0). Runs are cached in
+   `results/overhead_realistic_runs.jsonl` per (model, pool, mode), so the timed runs of the 10.7M model and the
+   counted runs of a tiny model with the same data shapes (the ledger counts tokens, not parameters) can come from
+   several invocations. `--pool N` times on a smaller pool (validation still 5% of it) when a 1,000-pair run of the
+   10.7M model does not fit the machine's time.
 
 Pairs are reverse-digits pairs with 127-digit prompts (`trl_select.testing.make_reverse_digits_pairs`): with the character
 tokenizer each sequence (prompt + completion + EOS) is exactly 256 tokens.
@@ -36,11 +49,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
+from benchmarks.common import machine_description, markdown_table, peak_rss_mib, save_tiny_llama
+
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from benchmarks.common import machine_description, markdown_table, peak_rss_mib, save_tiny_llama  # noqa: E402
 
 
 logger = logging.getLogger("benchmarks.overhead")
@@ -49,7 +64,7 @@ RESULTS = REPO / "benchmarks" / "results"
 DIGITS = 127  # prompt "d..d=" is 128 tokens, completion + EOS 128 tokens: 256-token sequences
 
 # name -> (hidden, layers, heads, intermediate)
-MODEL_SIZES = {"full": (384, 6, 6, 1024), "quick": (256, 4, 4, 512)}
+MODEL_SIZES = {"full": (384, 6, 6, 1024), "quick": (256, 4, 4, 512), "tiny": (64, 2, 2, 128)}
 # name -> (pool pairs, validation pairs, train batch, scoring batch)
 POOL_SIZES = {"full": (32, 16, 8, 16), "quick": (24, 16, 8, 8)}
 MEMORY_POOL = (16, 16)  # memory arms: pool and validation pairs (the peak does not grow with the pool)
@@ -271,15 +286,285 @@ def run_memory_arms(model_path: Path, work_dir: Path) -> list[dict[str, float]]:
     results = []
     for arm in MEMORY_ARMS:
         out = work_dir / f"memory-{arm}.json"
-        command = [sys.executable, __file__, "--memory_arm", arm, "--model_path", str(model_path),
-                   "--work_dir", str(work_dir), "--json", str(out)]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.overhead",
+            "--memory_arm",
+            arm,
+            "--model_path",
+            str(model_path),
+            "--work_dir",
+            str(work_dir),
+            "--json",
+            str(out),
+        ]
         env = {**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"}
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
         if done.returncode != 0:
             raise RuntimeError(f"memory arm {arm} failed:\n{done.stderr[-4000:]}")
         results.append(json.loads(out.read_text()))
         logger.info("memory %s: %s", arm, results[-1])
     return results
+
+
+# ----- 4. realistic ratio: whole 3-epoch runs, one per scoring mode -----
+
+REALISTIC_POOL = (1000, 8, 16)  # pool pairs (validation: 5% of them), train batch, scoring batch
+REALISTIC_EPOCHS = 3
+REALISTIC_MODES = (
+    "none:1",
+    "none:2",
+    "reference:1",
+    "reference:2",
+    "reference_and_policy:1",
+    "reference_and_policy:2",
+)
+REALISTIC_RUNS = RESULTS / "overhead_realistic_runs.jsonl"
+
+
+def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path, num_pairs: int) -> dict[str, Any]:
+    """One whole LossDiff-IRM run of the realistic shape on `num_pairs` pool pairs (validation 5% of them); `mode` is
+    "scoring_reuse:aux_refresh_epochs"."""
+    from dataclasses import fields
+
+    from transformers import PrinterCallback, TrainerCallback
+
+    from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
+
+    class EpochTimer(TrainerCallback):
+        """Added after the selection callback, so its on_epoch_begin runs once the selection event is over."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def on_epoch_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self._start)
+            logger.info("realistic epoch %d: %.0f s", len(self.seconds) - 1, self.seconds[-1])
+
+    reuse, aux_refresh = mode.split(":")
+    _, batch, scoring_batch = REALISTIC_POOL
+    num_validation = round(0.05 * num_pairs)
+    train, validation = pairs(num_pairs, num_validation)
+    overrides: dict[str, Any] = {"num_train_epochs": REALISTIC_EPOCHS, "aux_refresh_epochs": int(aux_refresh)}
+    has_field = "scoring_reuse" in {f.name for f in fields(SelectiveDPOConfig)}
+    if has_field:
+        overrides["scoring_reuse"] = reuse
+    elif reuse != "none":
+        raise RuntimeError(f"mode {mode} needs SelectiveDPOConfig.scoring_reuse, absent from this checkout")
+    trainer = SelectiveDPOTrainer(
+        str(model_path),
+        args=config(str(work_dir / f"realistic-{model}-{mode}"), True, batch, scoring_batch, **overrides),
+        train_dataset=train,
+        validation_dataset=validation,
+    )
+    trainer.remove_callback(PrinterCallback)
+    timer = EpochTimer()
+    trainer.add_callback(timer)
+    callback = trainer.selection_callback
+    events: list[dict[str, float]] = []  # every event's metrics (the log merges them into the next train log only)
+    callback.reporters.append(lambda event, args, state: events.append(dict(event.metrics or {})))
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    events = [e for e in events if "selection/epoch" in e]
+    return {
+        "model": model,
+        "mode": mode,
+        "scoring_reuse": reuse if has_field else "none (before the field)",
+        "aux_refresh_epochs": int(aux_refresh),
+        "pool_pairs": num_pairs,
+        "validation_pairs": num_validation,
+        "train_batch": batch,
+        "scoring_batch": scoring_batch,
+        "pool_tokens": int(callback.token_counts("pool").sum()),
+        "validation_tokens": int(callback.token_counts("validation").sum()),
+        "compute": dict(callback.compute.fte),
+        "training_fte": callback.compute.training_total,
+        "selection_fte": callback.compute.selection_total,
+        "epoch_seconds": timer.seconds,
+        "selection_seconds": sum(e["selection/seconds"] for e in events),
+        "selection_seconds_by_part": {
+            part: sum(e.get(f"selection/seconds_{part}", 0.0) for e in events)
+            for part in ("reference", "policy", "aux")
+        },
+        "num_selected": [e["selection/num_selected"] for e in events],
+        "wall_seconds": wall,
+        "threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg()[0],
+    }
+
+
+def plain_compute(run: dict[str, Any]) -> float:
+    """A plain run's training compute at the run's shape: every pool token, 3 epochs, step + live reference forward."""
+    from trl_select.compute import FORWARD, TRAIN_STEP
+
+    return REALISTIC_EPOCHS * run["pool_tokens"] * (TRAIN_STEP + FORWARD)
+
+
+def realistic_report(runs: list[dict[str, Any]], num_parameters: dict[str, int]) -> str:
+    """Section 4 of overhead.md from the cached realistic runs (the latest run per model, pool and mode)."""
+    latest: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for run in runs:
+        latest[(run["model"], run["pool_pairs"], run["mode"])] = run
+    if not latest:
+        return ""
+    hidden, layers, heads, intermediate = MODEL_SIZES["full"]
+    tiny = MODEL_SIZES["tiny"]
+    pool = REALISTIC_POOL[0]
+
+    def fte_cells(run: dict[str, Any]) -> list[str]:
+        plain = plain_compute(run)
+        return [
+            f"{run['selection_fte'] / run['training_fte']:.3f}",
+            f"{run['training_fte'] / plain:.3f}",
+            f"{(run['training_fte'] + run['selection_fte']) / plain:.3f}",
+        ]
+
+    counted_rows = [['plain run (`selection_rule="none"`)', "", "counted from the pool", "0", "1.000", "1.000", ""]]
+    for mode in REALISTIC_MODES:
+        run = latest.get(("full", pool, mode)) or latest.get(("tiny", pool, mode))
+        if run is not None:
+            counted_rows.append(
+                [
+                    run["scoring_reuse"],
+                    str(run["aux_refresh_epochs"]),
+                    f"{run['model']} model",
+                    *fte_cells(run),
+                    " / ".join(f"{n:.0f}" for n in run["num_selected"]),
+                ]
+            )
+    timed = [run for key, run in sorted(latest.items()) if key[0] == "full"]
+    timed_rows = []
+    for run in timed:
+        same_pool = [r for r in timed if r["pool_pairs"] == run["pool_pairs"]]
+        plain_s = REALISTIC_EPOCHS * float(np.mean([r["epoch_seconds"][0] for r in same_pool]))
+        training_s = sum(run["epoch_seconds"])
+        parts = run["selection_seconds_by_part"]
+        timed_rows.append(
+            [
+                run["scoring_reuse"],
+                str(run["aux_refresh_epochs"]),
+                f"{run['pool_pairs']} / {run['validation_pairs']}",
+                f"{run['epoch_seconds'][0]:.0f}",
+                f"{training_s:.0f}",
+                f"{run['selection_seconds']:.0f} ({parts['reference']:.0f} / {parts['policy']:.0f} / {parts['aux']:.0f})",
+                f"{run['selection_seconds'] / training_s:.3f}",
+                fte_cells(run)[0],
+                f"{(training_s + run['selection_seconds']) / plain_s:.3f}",
+                fte_cells(run)[2],
+                f"{run['threads']} / {run['load_average_at_start']:.1f}",
+            ]
+        )
+    lines = [
+        "## Realistic ratio: whole 3-epoch runs, selection compute against training compute",
+        "",
+        "Command: `python -m benchmarks.overhead --realistic --model tiny` (counted, every mode) and `python -m "
+        "benchmarks.overhead --realistic --model full --pool N --modes ...` (timed).  ",
+        f"Machine: {machine_description()}  ",
+        f"LossDiff-IRM, bands 10-90, warm-up 1 epoch, {REALISTIC_EPOCHS} epochs, 256-token sequences (128-token "
+        f"prompt, 128-token completion), validation = 5% of the pool, train batch {REALISTIC_POOL[1]}, scoring batch "
+        f"{REALISTIC_POOL[2]}. FTE = forward-token equivalents (`trl_select/compute.py`): a training step is 3 per "
+        "token plus 1 for the live reference forward, a scoring forward 1 per token. Plain = a 3-epoch run of "
+        '`selection_rule="none"` (exactly `DPOTrainer`): 3 full-pool epochs, counted from the pool\'s tokens.',
+        "",
+        f"### Counted (the trainer's ledger), pool {pool} pairs, validation {round(0.05 * pool)}",
+        "",
+        f"`tiny` = a {num_parameters.get('tiny', 0) / 1e3:.0f}k-parameter Llama (hidden {tiny[0]}, {tiny[1]} layers) "
+        f"on the same data shapes as the {num_parameters.get('full', 0) / 1e6:.1f}M model (hidden {hidden}, "
+        f"{layers} layers, {heads} heads, MLP {intermediate}): the ledger counts tokens, not parameters, so only "
+        "the kept-set sizes (its own LossDiff-IRM selection) could differ from the 10.7M model's.",
+        "",
+        markdown_table(
+            [
+                "scoring_reuse",
+                "aux refresh every",
+                "run",
+                "selection / training FTE",
+                "training FTE × plain",
+                "total FTE × plain",
+                "kept ep1 / ep2",
+            ],
+            counted_rows,
+        ),
+    ]
+    if timed_rows:
+        lines += [
+            f"### Timed, the {num_parameters.get('full', 0) / 1e6:.1f}M model",
+            "",
+            markdown_table(
+                [
+                    "scoring_reuse",
+                    "aux refresh every",
+                    "pool / validation pairs",
+                    "epoch 0 s (full pool)",
+                    "training s (3 epochs)",
+                    "selection s (reference / policy / aux)",
+                    "selection / training s",
+                    "selection / training FTE (same run)",
+                    "total s × plain",
+                    "total FTE × plain (same run)",
+                    "threads / load at start",
+                ],
+                timed_rows,
+            ),
+            "Training s = the epochs' time after each selection event (TRL's live reference forward included); "
+            "selection s = the events' own timers. Plain s = 3 × the mean full-pool epoch 0 of the timed runs at "
+            "that pool (epoch 0 is a plain DPO epoch: no selection comes before it).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def run_realistic(options) -> None:
+    """Run the requested realistic modes (cached), then rewrite section 4 of overhead.md and overhead.json's entry."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs = [json.loads(line) for line in REALISTIC_RUNS.read_text().splitlines()] if REALISTIC_RUNS.exists() else []
+    num_parameters = {model: save_param_count(model) for model in ("full", "tiny")}
+    if not options.report_only:
+        with tempfile.TemporaryDirectory(prefix="overhead-realistic-") as tmp:
+            work_dir = Path(tmp)
+            model_path = work_dir / f"model-{options.model}"
+            build_model(model_path, options.model)
+            for mode in options.modes:
+                logger.info("realistic %s %s ...", options.model, mode)
+                run = realistic_run(model_path, options.model, mode, work_dir, options.pool)
+                runs.append(run)
+                with REALISTIC_RUNS.open("a") as f:
+                    f.write(json.dumps(run) + "\n")
+                logger.info("realistic %s %s: %s", options.model, mode, run)
+    section = realistic_report(runs, num_parameters)
+    output = RESULTS / "overhead.md"
+    text = output.read_text() if output.exists() else ""
+    marker = "## Realistic ratio"
+    text = (text.split(marker)[0].rstrip() + "\n\n" if marker in text else text.rstrip() + "\n\n") + section
+    output.write_text(text)
+    data_path = output.with_suffix(".json")
+    data = json.loads(data_path.read_text()) if data_path.exists() else {}
+    data["realistic"] = runs
+    data_path.write_text(json.dumps(data, indent=1))
+    print(section)
+
+
+def save_param_count(model: str) -> int:
+    """The parameter count of a model size, without saving it."""
+    from trl_select.testing import build_char_tokenizer, build_tiny_llama
+
+    hidden, layers, heads, intermediate = MODEL_SIZES[model]
+    built = build_tiny_llama(
+        build_char_tokenizer(),
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=512,
+        seed=0,
+    )
+    return sum(p.numel() for p in built.parameters())
 
 
 # ----- report -----
@@ -317,13 +602,28 @@ def report(size: str, num_parameters: int, timing: dict[str, float], memory: lis
     cheap, pool = timing["lossdiff_irm_per_pair_s"], timing["pool_pairs"]
     jvp = timing["influence_per_pair_s"]
     per_pair_rows = [
-        ["LossDiff-IRM: policy pass + aux refresh (reference cached)", f"{timing['lossdiff_irm_scores_s']:.1f}",
-         f"{timing['lossdiff_irm_scores_s'] - cheap * pool:.1f}", f"{1e3 * cheap:.0f}", "1.0"],
-        ["exact influence, batched JVP (`trl_select` `influence` scorer)", f"{timing['influence_scores_s']:.1f}",
-         f"{timing['validation_gradient_s']:.1f}", f"{1e3 * jvp:.0f}", f"{jvp / cheap:.1f}"],
-        [f"exact influence, one backward per pair (paper's TIF way; {timing['backward_pairs']} pairs)", "", "",
-         f"{1e3 * timing['backward_per_pair_s']:.0f}", f"{timing['backward_per_pair_s'] / cheap:.1f}"],
-    ]  # fmt: skip
+        [
+            "LossDiff-IRM: policy pass + aux refresh (reference cached)",
+            f"{timing['lossdiff_irm_scores_s']:.1f}",
+            f"{timing['lossdiff_irm_scores_s'] - cheap * pool:.1f}",
+            f"{1e3 * cheap:.0f}",
+            "1.0",
+        ],
+        [
+            "exact influence, batched JVP (`trl_select` `influence` scorer)",
+            f"{timing['influence_scores_s']:.1f}",
+            f"{timing['validation_gradient_s']:.1f}",
+            f"{1e3 * jvp:.0f}",
+            f"{jvp / cheap:.1f}",
+        ],
+        [
+            f"exact influence, one backward per pair (paper's TIF way; {timing['backward_pairs']} pairs)",
+            "",
+            "",
+            f"{1e3 * timing['backward_per_pair_s']:.0f}",
+            f"{timing['backward_per_pair_s'] / cheap:.1f}",
+        ],
+    ]
     by_arm = {m["arm"]: m for m in memory}
     memory_rows = []
     for arm in MEMORY_ARMS:
@@ -390,6 +690,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smaller model and pool, to check the pipeline")
     parser.add_argument("--output", type=Path, default=None, help="Markdown output (default results/overhead.md)")
+    parser.add_argument("--realistic", action="store_true", help="section 4 only: whole runs at a realistic ratio")
+    parser.add_argument("--model", choices=("full", "tiny"), default="full", help="--realistic: timed or counted")
+    parser.add_argument("--pool", type=int, default=REALISTIC_POOL[0], help="--realistic: pool pairs")
+    parser.add_argument("--modes", nargs="+", default=list(REALISTIC_MODES), choices=REALISTIC_MODES)
+    parser.add_argument("--report_only", action="store_true", help="--realistic: rewrite section 4 from its cache")
     parser.add_argument("--memory_arm", choices=MEMORY_ARMS, help=argparse.SUPPRESS)
     parser.add_argument("--model_path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work_dir", type=Path, help=argparse.SUPPRESS)
@@ -405,9 +710,13 @@ def main() -> None:
         options.json.write_text(json.dumps(result))
         return
 
+    if options.realistic:
+        run_realistic(options)
+        return
+
     size = "quick" if options.quick else "full"
     output = options.output or RESULTS / ("overhead_quick.md" if options.quick else "overhead.md")
-    command = "python benchmarks/overhead.py " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.overhead " + " ".join(sys.argv[1:])
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         work_dir = Path(tmp)
         model_path = work_dir / "model"

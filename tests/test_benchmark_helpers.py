@@ -8,7 +8,19 @@ import numpy as np
 import pytest
 
 from benchmarks.common import fit_line, markdown_table, paired_delta
-from benchmarks.quality import oracle_rule, random_rule
+from benchmarks.quality import (
+    compute_to_reach,
+    counted_compute,
+    equal_compute_verdict,
+    keep_all_rule,
+    matched_epoch_sizes,
+    matched_steps,
+    mean_se,
+    oracle_rule,
+    random_rule,
+    total_compute,
+    within_one_se,
+)
 from trl_select import SelectionContext
 
 
@@ -89,3 +101,68 @@ def test_memory_benchmark_extrapolation_table():
     predicted = predictions(shape)
     assert set(predicted) == set(ARMS)
     assert predicted["full_copy"].ratio == pytest.approx(1.6)
+
+
+def test_keep_all_rule_keeps_every_row():
+    keep = keep_all_rule()({}, _context(1, list(range(7))))
+    assert keep.dtype == bool and keep.all() and len(keep) == 7
+
+
+def test_counted_compute_drops_selection_for_the_full_arms_only():
+    point = {"train_fte": 100.0, "selection_fte": 40.0}
+    assert counted_compute("lossdiff_irm", point) == 140.0
+    assert counted_compute("full", point) == 100.0
+    assert counted_compute("cm_full", point) == 100.0
+
+
+def test_total_compute_is_over_a_plain_three_epoch_run():
+    run = {"arm": "lossdiff_irm", "epoch_fte": 50.0, "evals": [{"train_fte": 120.0, "selection_fte": 30.0}]}
+    assert total_compute(run) == pytest.approx(150.0 / 150.0)
+    assert total_compute({**run, "arm": "full"}) == pytest.approx(120.0 / 150.0)
+
+
+def test_matched_steps_rounds_the_budget_to_whole_steps():
+    assert matched_steps(1000.0, 30.0) == 33  # 33.3 steps
+    assert matched_steps(1000.0, 29.0) == 34  # 34.48 steps
+    assert matched_steps(10.0, 100.0) == 1  # never zero steps
+    with pytest.raises(ValueError):
+        matched_steps(0.0, 10.0)
+
+
+def test_matched_epoch_sizes_spend_training_plus_the_event_selection_and_cap_at_the_pool():
+    evals = [
+        {"train_fte": 400.0, "selection_fte": 0.0},  # end of epoch 0 (warm-up)
+        {"train_fte": 660.0, "selection_fte": 100.0},  # epoch 1: 260 training + 100 event
+        {"train_fte": 900.0, "selection_fte": 150.0},  # epoch 2: 240 training + 50 event
+    ]
+    # 2 FTE per pair, pool of 200 pairs: budget 360 -> 180 pairs, budget 290 -> 145 pairs
+    assert matched_epoch_sizes(evals, 2.0, 200) == {1: 180, 2: 145}
+    # a smaller pool caps the first epoch's size
+    assert matched_epoch_sizes(evals, 2.0, 150) == {1: 150, 2: 145}
+
+
+def test_compute_to_reach_interpolates_between_evaluations():
+    points = [(0.0, 0.2), (1.0, 0.4), (2.0, 0.6), (3.0, 0.5)]
+    assert compute_to_reach(points, 0.5) == pytest.approx(1.5)
+    assert compute_to_reach(points, 0.6) == pytest.approx(2.0)
+    assert compute_to_reach(points, 0.1) == 0.0  # already there at the start
+    assert compute_to_reach(points, 0.7) is None  # never reached
+    # first crossing, not a later one: after dipping below the target again
+    assert compute_to_reach([(0.0, 0.1), (1.0, 0.5), (2.0, 0.2), (3.0, 0.9)], 0.3) == pytest.approx(0.5)
+
+
+def test_mean_se_and_within_one_se():
+    mean, se = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5 and se == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+    assert math.isnan(mean_se([1.0])[1])
+    assert within_one_se(paired_delta([0.50, 0.52, 0.49], [0.50, 0.50, 0.50]))  # +0.003 ± 0.009
+    assert not within_one_se(paired_delta([0.60, 0.62, 0.61], [0.50, 0.50, 0.50]))  # +0.11 ± 0.006
+
+
+def test_equal_compute_verdict_in_plain_words():
+    beats = paired_delta([0.6, 0.7, 0.65], [0.5, 0.55, 0.5])
+    assert "**beats** full data at equal compute" in equal_compute_verdict(beats, "LossDiff-IRM", "cm_full")
+    noisy = paired_delta([0.6, 0.4, 0.55], [0.5, 0.5, 0.5])
+    assert "**does not beat**" in equal_compute_verdict(noisy, "LossDiff-IRM", "cm_full")
+    worse = paired_delta([0.4, 0.45, 0.42], [0.5, 0.55, 0.5])
+    assert "**is worse than**" in equal_compute_verdict(worse, "LossDiff-IRM", "cm_full")
