@@ -101,23 +101,14 @@ def run_seed(seed: int, work_dir: Path) -> dict[str, Any]:
         disable_tqdm=True,
         **{**PROTOCOL, **arm_config("lossdiff_irm_stale")},
     )
-    trainer = SelectiveDPOTrainer(
-        model,
-        ref_model=copy.deepcopy(model),
-        args=args,
-        train_dataset=Dataset.from_list(task["train"]),
-        validation_dataset=Dataset.from_list(task["validation"]),
-        processing_class=tokenizer,
-    )
-    trainer.remove_callback(PrinterCallback)
     events: list[dict[str, Any]] = []
 
     def compare(event, train_args, state) -> None:
         if event.kind != "selection":
             return
-        callback = trainer.selection_callback
-        fresh_policy = callback.policy_log_probs()  # a θ_t pass over the whole pool; the run does not see it
-        fresh_irm = implicit_reward_margin(fresh_policy, callback.reference_log_probs(), train_args.beta).numpy()
+        engine = trainer.selection_engine
+        fresh_policy = engine.policy_log_probs()  # a θ_t pass over the whole pool; the run does not see it
+        fresh_irm = implicit_reward_margin(fresh_policy, engine.reference_log_probs(), train_args.beta).numpy()
         stale = {name: np.asarray(event.scores[name], dtype=np.float64) for name in ("irm", "lossdiff")}
         fresh = fresh_scores(stale, fresh_irm.astype(np.float64), train_args.beta, train_args.loss_type[0])
         keep_stale, keep_fresh = band_selection(stale), band_selection(fresh)
@@ -135,7 +126,16 @@ def run_seed(seed: int, work_dir: Path) -> dict[str, Any]:
             }
         )
 
-    trainer.selection_callback.reporters.append(compare)
+    trainer = SelectiveDPOTrainer(
+        model,
+        ref_model=copy.deepcopy(model),
+        args=args,
+        train_dataset=Dataset.from_list(task["train"]),
+        validation_dataset=Dataset.from_list(task["validation"]),
+        processing_class=tokenizer,
+        selection_reporters=[compare],  # called after each event, when `trainer` is bound
+    )
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     shutil.rmtree(output_dir, ignore_errors=True)
     return {"seed": seed, "events": events}

@@ -166,3 +166,20 @@ def test_equal_compute_verdict_in_plain_words():
     assert "**does not beat**" in equal_compute_verdict(noisy, "LossDiff-IRM", "cm_full")
     worse = paired_delta([0.4, 0.45, 0.42], [0.5, 0.55, 0.5])
     assert "**is worse than**" in equal_compute_verdict(worse, "LossDiff-IRM", "cm_full")
+
+
+def test_staleness_helpers():
+    from benchmarks.staleness import band_selection, fresh_scores, spearman
+
+    rng = np.random.default_rng(0)
+    irm, lossdiff = rng.normal(size=200), rng.normal(size=200)
+    assert spearman(irm, np.exp(irm)) == pytest.approx(1.0)  # a rank statistic: any increasing map gives 1
+    assert spearman(irm, -irm) == pytest.approx(-1.0)
+    stale = {"irm": irm, "lossdiff": lossdiff}
+    # Fresh IRM equal to the stale one: the θ_aux loss recovered from the stale scores gives back the same LossDiff
+    same = fresh_scores(stale, irm.copy(), beta=0.5, loss_type="sigmoid")
+    np.testing.assert_allclose(same["lossdiff"], lossdiff, atol=1e-12)
+    moved = fresh_scores(stale, irm + 1.0, beta=0.5, loss_type="sigmoid")
+    assert np.all(moved["lossdiff"] < lossdiff)  # a larger margin lowers the sigmoid loss of θ_t, not θ_aux's
+    keep = band_selection(stale)
+    assert keep.sum() < 0.81 * 200 and keep.sum() > 0.5 * 200  # both 10-90 bands: about 64% of independent scores
