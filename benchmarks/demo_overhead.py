@@ -4,7 +4,7 @@
 
 Runs the demo recipe's configuration (tiny Llama, 2,000 reverse-digits pairs, 3 epochs, LossDiff-IRM) and reports, per
 epoch: the training time of the epoch (from after the selection event to the end of the epoch, no evaluation), and
-the selection event's time split into the reference pass (once per run, cached), the policy pass, and the aux refresh
+the selection event's time split into the reference pass (none with the default `scoring_reuse="reference"`, which takes π_ref's log-probs from the warm-up steps; else once per run), the policy pass, and the aux refresh
 (alignment on the validation pairs + one aux pass over the pool). Ratios are against the full-pool epoch 0.
 """
 
