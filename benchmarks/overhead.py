@@ -568,6 +568,15 @@ def realistic_report(runs: list[dict[str, Any]], num_parameters: dict[str, int])
             "noisy (the same full-pool epoch 0 took different times in different runs), FTE counts are exact.",
             "",
         ]
+        for r in timed:
+            if r["mode"] == PLAIN_MODE:
+                lines += [
+                    f"How noisy: the plain run's 3 identical full-pool epochs ({r['pool_pairs']} pairs) took "
+                    + " / ".join(f"{x:.0f}" for x in r["epoch_seconds"])
+                    + " s (the first one while another timed run and other jobs shared the cores). Timed ratios "
+                    "are therefore good to tens of percent only; the FTE columns are exact.",
+                    "",
+                ]
         exact = [r for r in timed if r["mode"] == "none:1"]
         if exact and all(r["pool_pairs"] < pool for r in timed):
             r = exact[0]
