@@ -291,7 +291,7 @@ def main() -> None:
                 else:
                     record = train_seed(seed, mode, task, sft_state, tokenizer, options.work_dir)
                     logger.info("seed %d %s: exact-match %.3f", seed, mode, record["exact_match"])
-                quality._append(CACHE, record)
+                quality.append_run(CACHE, record)
                 write_report(quality.load_runs(CACHE), RESULTS, command)
     logger.info("\n%s", write_report(quality.load_runs(CACHE), RESULTS, command))
 

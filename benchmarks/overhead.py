@@ -195,7 +195,7 @@ def compare_with_influence(trainer, num_backward_pairs: int = 4) -> dict[str, fl
     from trl_select.scores import PairLogProbs
     from trl_select.scoring import build_pass_loader
 
-    callback, args = trainer.selection_callback, trainer.args
+    args = trainer.args
     epoch = int(args.num_train_epochs)  # an epoch after the run, at which the aux refresh is due
     fixed: dict[str, float] = {"validation_gradient": 0.0}
     captured: dict[str, dict] = {}
@@ -211,20 +211,20 @@ def compare_with_influence(trainer, num_backward_pairs: int = 4) -> dict[str, fl
     try:
         metrics: dict[str, float] = {}
         start = time.perf_counter()
-        callback._compute_scores(epoch, metrics, ("lossdiff", "irm"))
+        trainer.selection_engine.compute_scores(epoch, metrics, ("lossdiff", "irm"))
         lossdiff_irm_s = time.perf_counter() - start
         start = time.perf_counter()
-        jvp_scores = callback._compute_scores(epoch, {}, ("influence",))["influence"]
+        jvp_scores = trainer.selection_engine.compute_scores(epoch, {}, ("influence",))["influence"]
         influence_s = time.perf_counter() - start
     finally:
         influence_module.validation_gradient = validation_gradient
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    reference, gradient = callback.reference_log_probs(), captured["gradient"]
+    reference, gradient = trainer.selection_engine.reference_log_probs(), captured["gradient"]
     backward_scores = []
     start = time.perf_counter()
-    with influence_module._gradient_pass_mode(model):
+    with influence_module.gradient_pass_mode(model):
         for row in range(num_backward_pairs):
             loader = build_pass_loader(
                 trainer.train_dataset.select([row]), trainer.data_collator, trainer.accelerator, 1
@@ -368,7 +368,7 @@ def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path, num_p
     trainer.remove_callback(PrinterCallback)
     timer = EpochTimer()
     trainer.add_callback(timer)
-    callback = trainer.selection_callback
+    callback, engine = trainer.selection_callback, trainer.selection_engine
     events: list[dict[str, float]] = []  # every event's metrics (the log merges them into the next train log only)
     callback.reporters.append(lambda event, args, state: events.append(dict(event.metrics or {})))
     start = time.perf_counter()
@@ -384,11 +384,11 @@ def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path, num_p
         "validation_pairs": num_validation,
         "train_batch": batch,
         "scoring_batch": scoring_batch,
-        "pool_tokens": int(callback.token_counts("pool").sum()),
-        "validation_tokens": int(callback.token_counts("validation").sum()),
-        "compute": dict(callback.compute.fte),
-        "training_fte": callback.compute.training_total,
-        "selection_fte": callback.compute.selection_total,
+        "pool_tokens": int(engine.token_counts("pool").sum()),
+        "validation_tokens": int(engine.token_counts("validation").sum()),
+        "compute": dict(engine.compute.fte),
+        "training_fte": engine.compute.training_total,
+        "selection_fte": engine.compute.selection_total,
         "epoch_seconds": timer.seconds,
         "selection_seconds": sum(e["selection/seconds"] for e in events),
         "selection_seconds_by_part": {

@@ -333,7 +333,7 @@ def run_arm(
 
         def on_epoch_end(self, args, state, control, **kwargs):
             start = time.perf_counter()
-            ledger = trainer.selection_callback.compute
+            ledger = trainer.selection_engine.compute
             with torch.no_grad():
                 exact = greedy_exact_match(trainer.accelerator.unwrap_model(trainer.model), tokenizer, prompts)
             self.points.append(
@@ -365,8 +365,8 @@ def run_arm(
     log = trainer.state.log_history
     selection_seconds = sum(e.get("selection/seconds", 0.0) for e in log)
     metrics = trainer.evaluate()
-    ledger = trainer.selection_callback.compute
-    pool_tokens = int(trainer.selection_callback.token_counts("pool").sum())
+    ledger = trainer.selection_engine.compute
+    pool_tokens = int(trainer.selection_engine.token_counts("pool").sum())
     flipped = {row["id"]: row["flipped"] for row in task["train"]}
     epochs_record = []
     for record in read_history(output_dir):
@@ -815,7 +815,7 @@ def main() -> None:
                     "exact_match": sft_exact,
                     "wall_seconds": sft_seconds,
                 }
-                _append(runs_path, record)
+                append_run(runs_path, record)
             logger.info("seed %d: SFT exact-match %.3f (%.0fs)", seed, sft_exact, sft_seconds)
             flipped_by_id = {row["id"]: row["flipped"] for row in task["train"]}
             register_rule("benchmark_oracle", scores=(), overwrite=True)(oracle_rule(flipped_by_id))
@@ -841,7 +841,7 @@ def main() -> None:
                         register_rule(f"benchmark_{arm}", scores=(), overwrite=True)(random_rule(sizes))
                 result = run_arm(arm, seed, task, sft_state, tokenizer, options.work_dir, overrides, stop_step)
                 done[arm] = result
-                _append(runs_path, result)
+                append_run(runs_path, result)
                 logger.info(
                     "seed %d %-22s exact-match %s compute x%.2f kept %s (%.0fs + eval %.0fs)",
                     seed,
@@ -857,7 +857,7 @@ def main() -> None:
     print(write_report(load_runs(runs_path), options.out_dir, command))
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
+def append_run(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 

@@ -130,8 +130,8 @@ def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool
         assert m["selection_total"] == pytest.approx(selection)
         assert 0 < m["selection_share"] < 1
         assert m["selection_share"] == pytest.approx(selection / (selection + m["train"]))
-    assert trainer.selection_callback.compute.fte["train"] == pytest.approx(4 * sum(trained))
-    assert trainer.selection_callback.compute.fte["train"] == pytest.approx(4 * probe.num_tokens)  # TRL agrees
+    assert trainer.selection_engine.compute.fte["train"] == pytest.approx(4 * sum(trained))
+    assert trainer.selection_engine.compute.fte["train"] == pytest.approx(4 * probe.num_tokens)  # TRL agrees
     summary = [r.getMessage() for r in caplog.records if "Compute: training" in r.getMessage()]
     assert len(summary) == 1 and "% of the run): reference" in summary[0]
     print(summary[0])  # noqa: T201 - shown with -s, for the docs

@@ -145,8 +145,8 @@ def test_reused_policy_rescores_only_the_pairs_the_last_epoch_did_not_train(runs
     assert logged[0]["selection/policy_rescored_fraction"] == 0.0
     trained_epoch_1 = records[1]["num_selected"] - len(records[1]["trimmed_ids"])
     assert logged[1]["selection/policy_rescored_fraction"] == pytest.approx(1 - trained_epoch_1 / 100)
-    exact = runs["none"].selection_callback.compute.fte["policy_scoring"]
-    assert stale.selection_callback.compute.fte["policy_scoring"] < 0.5 * exact
+    exact = runs["none"].selection_engine.compute.fte["policy_scoring"]
+    assert stale.selection_engine.compute.fte["policy_scoring"] < 0.5 * exact
 
 
 def test_with_a_frozen_policy_every_mode_selects_the_same_pairs(tmp_path, tokenizer, pool, validation):

@@ -25,7 +25,6 @@ from .validation import min_selection_size
 
 
 if TYPE_CHECKING:
-    from .scores import PairLogProbs
     from .trainer import SelectiveDPOTrainer
 
 
@@ -67,12 +66,6 @@ class SelectionCallback(TrainerCallback):
         self._last_epoch_handled: int | None = None
         self._epoch_start_step = 0
         self.reporters: list[Reporter] = []
-
-    # The engine's ledger, here too: benchmarks and scripts read `trainer.selection_callback.compute`.
-    @property
-    def compute(self):
-        """The run's `ComputeLedger` (owned by the scoring engine)."""
-        return self.engine.compute
 
     # ----- hooks -----
 
@@ -224,17 +217,6 @@ class SelectionCallback(TrainerCallback):
         """What the rule sees besides the scores (the same on every rank)."""
         return self.engine.selection_context(epoch)
 
-    def _compute_scores(
-        self,
-        epoch: int,
-        metrics: dict[str, float],
-        score_names: tuple[str, ...] | None = None,
-        reuse_training: bool = False,
-    ) -> dict[str, np.ndarray]:
-        # Kept for scripts written against the callback (benchmarks/overhead.py); new code calls
-        # `trainer.selection_engine.compute_scores`.
-        return self.engine.compute_scores(epoch, metrics, score_names, reuse_training)
-
     def _check_selection_size(self, epoch: int, selected: list[int], scores: dict[str, np.ndarray]) -> None:
         """Stop the run if the rule kept fewer pairs than one batch per rank.
 
@@ -253,17 +235,6 @@ class SelectionCallback(TrainerCallback):
             f"(never kept) per score: {nonfinite}. If scores are non-finite, train in bf16/fp32 instead of fp16; "
             "otherwise widen the bands. The last checkpoint's weights can start a new run (`model=<checkpoint dir>`)."
         )
-
-    # The engine's passes, here too, for scripts written against the callback (benchmarks/overhead.py); new code calls
-    # `trainer.selection_engine`.
-
-    def reference_log_probs(self, reuse_training: bool = False) -> PairLogProbs:
-        """π_ref's pool log-probs (`ScoringEngine.reference_log_probs`)."""
-        return self.engine.reference_log_probs(reuse_training)
-
-    def policy_log_probs(self, reuse_training: bool = False, metrics: dict[str, float] | None = None) -> PairLogProbs:
-        """θ_t's pool log-probs (`ScoringEngine.policy_log_probs`)."""
-        return self.engine.policy_log_probs(reuse_training, metrics)
 
     # ----- checkpoint state -----
 

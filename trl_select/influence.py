@@ -93,7 +93,7 @@ def _input_requires_grad_hooks_lifted(model: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _gradient_pass_mode(model: torch.nn.Module, checkpointing_kwargs: dict[str, Any] | None = None) -> Iterator[None]:
+def gradient_pass_mode(model: torch.nn.Module, checkpointing_kwargs: dict[str, Any] | None = None) -> Iterator[None]:
     """Eval mode (no dropout), activation checkpointing off, eager attention; the previous state is restored on exit.
 
     Checkpointing comes back through `scoring.activation_checkpointing_off`, with the trainer's `checkpointing_kwargs`,
@@ -173,7 +173,7 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
     )
     pool_loader = build_pass_loader(context.pool, context.collator, context.accelerator, context.batch_size)
     scores = torch.full((context.pool_size,), float("nan"), dtype=torch.float64)
-    with _gradient_pass_mode(model, context.checkpointing_kwargs):
+    with gradient_pass_mode(model, context.checkpointing_kwargs):
         tangent = validation_gradient(
             model, parameters, validation_loader, context.validation_reference, len(context.validation), beta,
             loss_type,
