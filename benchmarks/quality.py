@@ -47,7 +47,6 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -217,24 +216,23 @@ def sft_model(seed: int, task: dict[str, list[dict]], tokenizer) -> tuple[dict, 
     return copy.deepcopy(model.state_dict()), exact, seconds
 
 
-def has_scoring_reuse() -> bool:
-    """Whether this checkout's `SelectiveDPOConfig` has the `scoring_reuse` field."""
+def protocol_args(output_dir: Path | str, seed: int, **settings: Any):
+    """The `SelectiveDPOConfig` of a protocol run (CPU, fp32, nothing saved or printed) with `settings` on top."""
     from trl_select import SelectiveDPOConfig
 
-    return "scoring_reuse" in {f.name for f in fields(SelectiveDPOConfig)}
-
-
-# Arms whose meaning depends on the default `scoring_reuse` (directly, or through LossDiff-IRM's run): before the field
-# existed, the trainer always scored the exact way, so only lossdiff_irm_exact can run on such a checkout.
-NEEDS_SCORING_REUSE = (
-    "lossdiff_irm",
-    "lossdiff_irm_stale",
-    "lossdiff_irm_aux2",
-    "lossdiff_irm_cheapest",
-    "cm_full",
-    "cm_random",
-    "random",
-)
+    return SelectiveDPOConfig(
+        output_dir=str(output_dir),
+        seed=seed,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        **settings,
+    )
 
 
 def arm_config(arm: str) -> dict[str, Any]:
@@ -277,37 +275,17 @@ def run_arm(
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
 
-    from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer, read_history
+    from trl_select import SelectiveDPOTrainer, read_history
     from trl_select.compute import FORWARD, TRAIN_STEP
     from trl_select.testing import build_tiny_llama, greedy_exact_match
 
     settings = {**PROTOCOL, **arm_config(arm), **(overrides or {})}
-    scoring_reuse = settings.get("scoring_reuse")
-    if not has_scoring_reuse():
-        if arm in NEEDS_SCORING_REUSE:
-            raise RuntimeError(f"arm {arm} needs SelectiveDPOConfig.scoring_reuse, absent from this checkout")
-        settings.pop("scoring_reuse", None)  # the exact way was the only way before the field
-        scoring_reuse = "none (before the field)" if scoring_reuse == "none" else None
     model = build_tiny_llama(tokenizer, seed=seed)
     model.load_state_dict(sft_state)
     reference = copy.deepcopy(model)
     output_dir = work_dir / f"seed{seed}" / arm
     shutil.rmtree(output_dir, ignore_errors=True)
-    args = SelectiveDPOConfig(
-        output_dir=str(output_dir),
-        seed=seed,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=10,
-        disable_tqdm=True,
-        **settings,
-    )
-    if has_scoring_reuse():
-        scoring_reuse = args.scoring_reuse
+    args = protocol_args(output_dir, seed, **settings)
     train = Dataset.from_list(task["train"])
     trainer = SelectiveDPOTrainer(
         model,
@@ -385,7 +363,7 @@ def run_arm(
         "protocol": PROTOCOL_ID,
         "arm": arm,
         "seed": seed,
-        "scoring_reuse": scoring_reuse,
+        "scoring_reuse": args.scoring_reuse,
         "aux_refresh_epochs": args.aux_refresh_epochs,
         "stop_step": stop_step,
         "steps": trainer.state.global_step,
@@ -801,8 +779,6 @@ def main() -> None:
         for seed in seeds:
             done = {run["arm"]: run for run in load_runs(runs_path) if run["seed"] == seed}
             todo = [arm for arm in arms if arm not in done]
-            if not has_scoring_reuse():
-                todo = [arm for arm in todo if arm not in NEEDS_SCORING_REUSE]
             if not todo:
                 continue
             task = build_task(seed)

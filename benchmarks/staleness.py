@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import machine_description, markdown_table
-from benchmarks.quality import PROTOCOL, arm_config, build_task, mean_se, sft_model
+from benchmarks.quality import PROTOCOL, arm_config, build_task, mean_se, protocol_args, sft_model
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def run_seed(seed: int, work_dir: Path) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
+    from trl_select import SelectiveDPOTrainer
     from trl_select.scores import implicit_reward_margin
     from trl_select.testing import build_char_tokenizer, build_tiny_llama
 
@@ -89,18 +89,7 @@ def run_seed(seed: int, work_dir: Path) -> dict[str, Any]:
     model.load_state_dict(sft_state)
     output_dir = work_dir / f"seed{seed}"
     shutil.rmtree(output_dir, ignore_errors=True)
-    args = SelectiveDPOConfig(
-        output_dir=str(output_dir),
-        seed=seed,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        logging_steps=10,
-        disable_tqdm=True,
-        **{**PROTOCOL, **arm_config("lossdiff_irm_stale")},
-    )
+    args = protocol_args(output_dir, seed, **{**PROTOCOL, **arm_config("lossdiff_irm_stale")})
     events: list[dict[str, Any]] = []
 
     def compare(event, train_args, state) -> None:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import machine_description, markdown_table, paired_delta
-from benchmarks.quality import PROTOCOL, SFT_EPOCHS, SFT_LR, build_task, sft_model
+from benchmarks.quality import PROTOCOL, SFT_EPOCHS, SFT_LR, build_task, protocol_args, sft_model
 from trl_select.suspects import DEFAULT_STATISTIC, SUSPECT_STATISTICS, load_score_files, rank_suspects
 
 
@@ -62,7 +62,7 @@ def collect_seed(seed: int, out_dir: Path, work_dir: Path) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
+    from trl_select import SelectiveDPOTrainer
     from trl_select.cli import main as cli_main
     from trl_select.testing import build_char_tokenizer, build_tiny_llama, write_jsonl
 
@@ -74,20 +74,7 @@ def collect_seed(seed: int, out_dir: Path, work_dir: Path) -> dict[str, Any]:
     reference = copy.deepcopy(model)
     run_dir = work_dir / f"seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    args = SelectiveDPOConfig(
-        output_dir=str(run_dir / "run"),
-        seed=seed,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=10,
-        disable_tqdm=True,
-        selection_rule=RULE,
-        **PROTOCOL,
-    )
+    args = protocol_args(run_dir / "run", seed, selection_rule=RULE, **PROTOCOL)
     trainer = SelectiveDPOTrainer(
         model,
         ref_model=reference,
