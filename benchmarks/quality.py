@@ -6,7 +6,7 @@
     python -m benchmarks.quality --seeds 0 1 2 --arms full lossdiff_irm
     python -m benchmarks.quality --report_only                       # rewrite the tables from the cached runs
 
-Protocol 2 (issue 13; protocol 1, issue 7, is kept in `results/quality/quality_v1.md`):
+Protocol 2 (protocol 1 is kept in `results/quality/quality_v1.md`):
 
 - Task: the prompt is 3-6 digits and "="; the correct response is the digits reversed. A tiny random Llama
   (`trl_select.testing.build_tiny_llama`: hidden 64, 2 layers, 95k parameters with the 100-token character vocabulary).

@@ -1,4 +1,4 @@
-"""The aux model and the references it is aligned against, under the configurations issue 11 found wrong.
+"""The aux model and the references it is aligned against, under configurations that were once wrong.
 
 - `precompute_ref_log_probs=True`, no `ref_model`, a separate `validation_dataset`: the validation reference must be
   π_ref (the policy before training), never the policy at the first selection.

@@ -1,6 +1,6 @@
 """Bad input fails before any model runs, with an error that names the field or row and the fix.
 
-Kinds covered here and elsewhere (issue 4 asks for at least 12):
+Kinds covered here and elsewhere (at least 12):
   here: missing `chosen`/`rejected` column; wrong value types; empty completions; chosen == rejected; missing and
   duplicate ids; bad validation rows; empty validation set; validation smaller than one batch per rank (before and
   after tokenization); bands too narrow to fill a batch; a selection keeping fewer pairs than one batch per rank;

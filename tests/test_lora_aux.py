@@ -1,6 +1,6 @@
 """`aux_mode="lora"`: θ_aux = θ_t + a LoRA update injected into a fully fine-tuned policy for the aux stage only.
 
-What must hold (issue 12): no second copy of the weights and no second full optimizer state (only the adapter
+What must hold: no second copy of the weights and no second full optimizer state (only the adapter
 trains); θ_aux = θ_t exactly before any aux step (B = 0); alignment lowers the validation loss; after the refresh no
 LoRA module is left, and the policy's module tree, `requires_grad` flags, weights, gradients, optimizer state, LR
 schedule and RNG streams are as before. The 2-process DDP and ZeRO-3 variants are in `test_distributed.py`.

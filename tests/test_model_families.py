@@ -1,4 +1,4 @@
-"""Selection trains on tiny random models of the common causal-LM families, full fine-tuning and LoRA (issue 11).
+"""Selection trains on tiny random models of the common causal-LM families, full fine-tuning and LoRA.
 
 Each case runs the whole loop on the CPU in about a second: a warm-up epoch on 48 reverse-digits pairs, one
 LossDiff-IRM selection (reference pass, policy pass, a one-step auxiliary model, the rule), and a second epoch on the

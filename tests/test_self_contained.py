@@ -1,7 +1,7 @@
 """The repository runs from a fresh clone: no test, benchmark, recipe or library module reads outside it.
 
 CI machines have a sibling `../shared/data` folder that a user's clone does not; a path into it made the README's test
-command fail for users (issue 11, item 10). Data a test needs lives under `tests/data/`, with its licence and source.
+command fail for users. Data a test needs lives under `tests/data/`, with its licence and source.
 """
 
 from __future__ import annotations

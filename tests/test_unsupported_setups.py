@@ -1,6 +1,6 @@
 """Setups selection cannot run are refused when the config or trainer is built, naming the setting and what to use.
 
-Issue 11: FSDP and tensor/context/sequence parallelism were neither supported nor refused, and a vision-language
+Once, FSDP and tensor/context/sequence parallelism were neither supported nor refused, and a vision-language
 dataset trained its warm-up epoch, then crashed at the first selection (TRL leaves it untokenized). Each refusal here
 fires before any model forward, so a user learns it in seconds rather than after an epoch.
 """
