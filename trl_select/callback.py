@@ -100,8 +100,7 @@ class SelectionCallback(TrainerCallback):
             self._record_warmup(epoch, state)
         else:
             self._select(epoch, state, train_dataloader)
-        if POLICY in self.engine.reused_kinds(epoch, state.num_train_epochs):
-            self.engine.training_log_probs.clear(POLICY)  # the event has used the previous epoch's
+        self.engine.training_log_probs.clear(POLICY)  # the event has used the previous epoch's
         self.engine.record_training_log_probs(epoch, 0, state.num_train_epochs)
 
     # ----- the event -----

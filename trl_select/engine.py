@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -225,37 +225,40 @@ class ScoringEngine:
             subset, trainer.data_collator, trainer.accelerator, trainer.scoring_batch_size
         )
 
-    def _recorded(self, kind: str, reuse_training: bool) -> tuple[PairLogProbs | None, list[int]]:
-        """The training steps' records of `kind` if this call reuses them, and the rows still to score."""
+    def _pool_pass(
+        self, kind: str, reuse_training: bool, category: str, run_pass: Callable[..., PairLogProbs]
+    ) -> tuple[PairLogProbs, int]:
+        """`kind`'s pool log-probs and how many rows were scored: the training steps' records where this call reuses
+        them (`scoring_reuse`), `run_pass(dataset, loader)` over the other rows, counted under `category`."""
         if reuse_training and kind in REUSABLE_KINDS[self.trainer.args.scoring_reuse]:
             recorded = self.training_log_probs.gathered(kind, self.trainer.accelerator)
-            return recorded, missing_rows(recorded)
-        return None, list(range(self.pool_size))
+            rows = missing_rows(recorded)
+        else:
+            recorded, rows = None, list(range(self.pool_size))
+        fresh = run_pass(*self._pool_subset(rows)) if rows else None
+        self.compute.add(category, rows_tokens(self.token_counts("pool"), rows), FORWARD)
+        return (fresh if recorded is None else fill_rows(recorded, rows, fresh)), len(rows)
 
     def policy_log_probs(self, reuse_training: bool = False, metrics: dict[str, float] | None = None) -> PairLogProbs:
         """θ_t's pool log-probs: a pass over the pool, or over the pairs the last epoch did not train (`reuse_training`
         with `scoring_reuse="reference_and_policy"`, the others taken from their training steps)."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
-        recorded, rows = self._recorded(POLICY, reuse_training)
 
         def forward(batch):
             with trainer.accelerator.autocast():
                 return sequence_log_probs(model, batch)
 
-        fresh = None
-        if rows:
-            dataset, loader = self._pool_subset(rows)
+        def run_pass(dataset, loader) -> PairLogProbs:
             with inference_mode(model, trainer.args.gradient_checkpointing_kwargs):
-                fresh = run_log_prob_pass(
+                return run_log_prob_pass(
                     loader, forward, trainer.accelerator, len(dataset), desc="Scoring pool with policy"
                 )
-            self.compute.add("policy_scoring", rows_tokens(self.token_counts("pool"), rows), FORWARD)
+
+        log_probs, num_scored = self._pool_pass(POLICY, reuse_training, "policy_scoring", run_pass)
         if metrics is not None:
-            metrics["selection/policy_rescored_fraction"] = len(rows) / self.pool_size
-        if recorded is None:
-            return fresh
-        return fill_rows(recorded, rows, fresh) if fresh is not None else recorded
+            metrics["selection/policy_rescored_fraction"] = num_scored / self.pool_size
+        return log_probs
 
     def reference_log_probs(self, reuse_training: bool = False) -> PairLogProbs:
         """π_ref's pool log-probs, cached: read from TRL's precomputed columns, taken from the warm-up epochs' training
@@ -266,11 +269,8 @@ class ScoringEngine:
             if trainer.reads_precomputed_reference(pool):
                 self._reference = trainer.reference_log_probs(pool, None)  # TRL's columns: no forward
             else:
-                recorded, rows = self._recorded(REFERENCE, reuse_training)
-                fresh = trainer.reference_log_probs(*self._pool_subset(rows)) if rows else None
-                self.compute.add("reference", rows_tokens(self.token_counts("pool"), rows), FORWARD)
-                self._reference = (
-                    fresh if recorded is None else recorded if fresh is None else fill_rows(recorded, rows, fresh)
+                self._reference, _ = self._pool_pass(
+                    REFERENCE, reuse_training, "reference", trainer.reference_log_probs
                 )
             self.training_log_probs.clear(REFERENCE)
         return self._reference
@@ -359,24 +359,24 @@ class ScoringEngine:
         """
         args = self.trainer.args
         needs = scorer_needs(args.required_scores)
+        reusable = REUSABLE_KINDS[args.scoring_reuse]
         kinds = set()
         if (
-            args.scoring_reuse != "none"
+            REFERENCE in reusable
             and needs & {"reference", "auxiliary"}
             and not args.precompute_ref_log_probs
             and epoch < args.selection_warmup_epochs
             and self._reference is None
         ):
             kinds.add(REFERENCE)
-        if args.scoring_reuse == "reference_and_policy" and "policy" in needs and epoch + 1 < num_train_epochs:
+        if POLICY in reusable and "policy" in needs and epoch + 1 < num_train_epochs:
             kinds.add(POLICY)
         return kinds
 
     def record_training_log_probs(self, epoch: int, first_batch: int, num_train_epochs: float) -> None:
         """Record the log-probs of epoch `epoch`'s training steps from its micro-batch `first_batch` on."""
-        self.training_log_probs.begin_epoch(
-            self.sampler.rank_batches(), first_batch, self.reused_kinds(epoch, num_train_epochs)
-        )
+        kinds = self.reused_kinds(epoch, num_train_epochs)
+        self.training_log_probs.begin_epoch(self.sampler.rank_batches() if kinds else [], first_batch, kinds)
 
     # ----- checkpoint state -----
 

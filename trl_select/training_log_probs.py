@@ -148,8 +148,8 @@ def missing_rows(log_probs: PairLogProbs) -> list[int]:
     return torch.nonzero(missing).flatten().tolist()
 
 
-def fill_rows(log_probs: PairLogProbs, rows: Sequence[int], values: PairLogProbs) -> PairLogProbs:
-    """`log_probs` with `rows` replaced by `values` (in `rows` order)."""
+def fill_rows(log_probs: PairLogProbs, rows: Sequence[int], values: PairLogProbs | None) -> PairLogProbs:
+    """`log_probs` with `rows` replaced by `values` (in `rows` order; `None` when `rows` is empty)."""
     chosen, rejected = log_probs.chosen.clone(), log_probs.rejected.clone()
     if rows:
         index = torch.as_tensor(list(rows), dtype=torch.long)
