@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 
 from benchmarks.common import machine_description, markdown_table, peak_rss_mib, save_tiny_llama
 
@@ -129,26 +130,29 @@ def peft_config():
     return LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+class EpochTimer(TrainerCallback):
+    """Seconds of each training epoch. Added after the selection callback, so its `on_epoch_begin` runs once the
+    selection event is over and the event's time is not counted."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+        logger.debug("epoch %d: %.0f s", len(self.seconds) - 1, self.seconds[-1])
+
+
 # ----- 1. time -----
 
 
 def time_run(model_path: Path, size: str, work_dir: Path) -> dict[str, float]:
-    from transformers import PrinterCallback, TrainerCallback
+    from transformers import PrinterCallback
 
     from trl_select import SelectiveDPOTrainer
-
-    class EpochTimer(TrainerCallback):
-        """Added after the selection callback, so its on_epoch_begin runs once the selection event is over."""
-
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self._start = 0.0
-
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_epoch_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self._start)
 
     num_pairs, num_validation, batch, scoring_batch = POOL_SIZES[size]
     train, validation = pairs(num_pairs, num_validation)
@@ -327,25 +331,9 @@ PLAIN_MODE = "plain:0"  # a plain DPOTrainer run (timed only; its compute is cou
 def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path, num_pairs: int) -> dict[str, Any]:
     """One whole LossDiff-IRM run of the realistic shape on `num_pairs` pool pairs (validation 5% of them); `mode` is
     "scoring_reuse:aux_refresh_epochs"."""
-    from dataclasses import fields
+    from transformers import PrinterCallback
 
-    from transformers import PrinterCallback, TrainerCallback
-
-    from trl_select import SelectiveDPOConfig, SelectiveDPOTrainer
-
-    class EpochTimer(TrainerCallback):
-        """Added after the selection callback, so its on_epoch_begin runs once the selection event is over."""
-
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-            self._start = 0.0
-
-        def on_epoch_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_epoch_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self._start)
-            logger.info("realistic epoch %d: %.0f s", len(self.seconds) - 1, self.seconds[-1])
+    from trl_select import SelectiveDPOTrainer
 
     reuse, aux_refresh = mode.split(":")
     _, batch, scoring_batch = REALISTIC_POOL
@@ -353,24 +341,23 @@ def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path, num_p
     train, validation = pairs(num_pairs, num_validation)
     if mode == PLAIN_MODE:
         return plain_realistic_run(model_path, model, work_dir, train, num_validation, EpochTimer())
-    overrides: dict[str, Any] = {"num_train_epochs": REALISTIC_EPOCHS, "aux_refresh_epochs": int(aux_refresh)}
-    has_field = "scoring_reuse" in {f.name for f in fields(SelectiveDPOConfig)}
-    if has_field:
-        overrides["scoring_reuse"] = reuse
-    elif reuse != "none":
-        raise RuntimeError(f"mode {mode} needs SelectiveDPOConfig.scoring_reuse, absent from this checkout")
+    overrides: dict[str, Any] = {
+        "num_train_epochs": REALISTIC_EPOCHS,
+        "aux_refresh_epochs": int(aux_refresh),
+        "scoring_reuse": reuse,
+    }
+    events: list[dict[str, float]] = []  # every event's metrics (the log merges them into the next train log only)
     trainer = SelectiveDPOTrainer(
         str(model_path),
         args=config(str(work_dir / f"realistic-{model}-{mode}"), True, batch, scoring_batch, **overrides),
         train_dataset=train,
         validation_dataset=validation,
+        selection_reporters=[lambda event, args, state: events.append(dict(event.metrics or {}))],
     )
     trainer.remove_callback(PrinterCallback)
     timer = EpochTimer()
     trainer.add_callback(timer)
-    callback, engine = trainer.selection_callback, trainer.selection_engine
-    events: list[dict[str, float]] = []  # every event's metrics (the log merges them into the next train log only)
-    callback.reporters.append(lambda event, args, state: events.append(dict(event.metrics or {})))
+    engine = trainer.selection_engine
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -378,7 +365,7 @@ def realistic_run(model_path: Path, model: str, mode: str, work_dir: Path, num_p
     return {
         "model": model,
         "mode": mode,
-        "scoring_reuse": reuse if has_field else "none (before the field)",
+        "scoring_reuse": reuse,
         "aux_refresh_epochs": int(aux_refresh),
         "pool_pairs": num_pairs,
         "validation_pairs": num_validation,
