@@ -148,7 +148,7 @@ def test_the_layers_point_down():
 def _loaded_after(code: str) -> list[str]:
     """The heavy packages loaded once `code` has run in a fresh interpreter."""
     check = f"{code}\nimport json, sys\nprint(json.dumps([name for name in {HEAVY!r} if name in sys.modules]))"
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=120)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -266,7 +266,7 @@ def test_suspects_modules_import_neither_torch_nor_transformers():
         "import sys, trl_select.suspects, trl_select.suspects_report, trl_select.cli; "
         "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == "[]"
 
 
