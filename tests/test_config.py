@@ -28,7 +28,7 @@ def test_every_selection_field_has_help():
 
     base = {f.name for f in dataclasses.fields(DPOConfig)}
     added = [f for f in dataclasses.fields(SelectiveDPOConfig) if f.name not in base]
-    assert len(added) == 21
+    assert len(added) == 24
     assert all(f.metadata.get("help") for f in added)
 
 
@@ -55,8 +55,10 @@ def test_every_selection_field_has_help():
         ({"aux_lora_target_modules": []}, "aux_lora_target_modules"),
         ({"loss_type": ["ipo"]}, "loss_type"),
         ({"ld_alpha": 0.5}, "ld_alpha"),
-        ({"max_steps": 10}, "max_steps"),
-        ({"num_train_epochs": 2.5}, "num_train_epochs"),
+        ({"num_train_epochs": 0.0}, "num_train_epochs"),
+        ({"selection_strategy": "batch"}, "selection_strategy"),
+        ({"selection_steps": 1.5}, "selection_steps"),
+        ({"selection_warmup_steps": -0.2}, "selection_warmup_steps"),
         ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy"),
     ],
 )

@@ -333,6 +333,27 @@ def test_ddp_resume_mid_epoch_continues_every_rank(tmp_path):
     assert resumed[0]["history"] == history
 
 
+@pytest.mark.slow
+def test_in_epoch_selection_on_two_ranks_matches_one_process_and_zero3(tmp_path):
+    """One epoch, `steps` strategy: DDP and ZeRO-3 (2 ranks x 16) select what one process (x 32) selects."""
+    flags = ("--pool", "192", "--epochs", "1", "--aux_mode", "lora")
+    one = _launch(tmp_path / "one", 1, *flags, "--per_device_batch", "32")[0]
+    two = _launch(tmp_path / "two", 2, *flags)
+    zero3 = _launch(tmp_path / "zero3", 2, *flags, "--deepspeed", str(SCRIPT.parent / "zero3.json"))
+    history = one["history"]
+    assert [r["event"] for r in history][:2] == ["warmup", "selection"]
+    for run in (two, zero3):
+        assert run[0]["history"] == run[1]["history"]  # every rank recorded the same events
+        other = run[0]["history"]
+        assert [r["global_step"] for r in other] == [r["global_step"] for r in history]
+        assert other[1]["selected_ids"] == history[1]["selected_ids"]
+        for name, band in history[1]["thresholds"].items():
+            assert other[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
+        # the ranks train disjoint halves of every step, and never a pair twice in the epoch
+        trained = [i for rank in run for ids in rank["step_ids"].values() for i in ids]
+        assert len(trained) == len(set(trained))
+
+
 def test_a_selection_that_differs_across_ranks_fails_loudly():
     class TwoRanks(SimpleNamespace):
         num_processes = 2

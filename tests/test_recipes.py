@@ -123,6 +123,44 @@ def test_trl_dpo_script_with_selective_classes(tmp_path):
     assert 0.5 <= history[1]["num_selected"] / 2000 <= 0.8
 
 
+def test_trl_dpo_script_one_epoch_with_max_steps_selects_inside_the_epoch(tmp_path):
+    """TRL's documented command (one epoch, `--max_steps`), classes swapped, no selection flag: events inside it."""
+    import trl.scripts.dpo
+
+    script = tmp_path / "dpo_select.py"
+    result = subprocess.run(["sed", *SED_TO_SELECTIVE, trl.scripts.dpo.__file__], capture_output=True, text=True)
+    script.write_text(result.stdout)
+    tokenizer = build_char_tokenizer()
+    model_dir = tmp_path / "tiny-llama"
+    build_tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    flags = [
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(DEMO_DATA),
+        "--dataset_test_split", "validation",
+        "--eval_strategy", "epoch",
+        "--output_dir", str(tmp_path / "out"),
+        "--num_train_epochs", "1",
+        "--max_steps", "30",
+        "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "16",
+        "--max_length", "32",
+        "--gradient_checkpointing", "False",
+        "--bf16", "False",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--aux_max_steps", "2",
+    ]  # fmt: skip
+    output = _run([sys.executable, str(script), *flags], cwd=tmp_path, timeout=600)
+    history = read_history(tmp_path / "out")
+    # warm-up 0.2 of the 30 steps, then an event every 0.2, all inside epoch 0 (2,000 pairs: 125 steps an epoch)
+    assert [r["event"] for r in history] == ["warmup"] + ["selection"] * 4
+    assert [r["global_step"] for r in history] == [0, 6, 12, 18, 24]
+    assert all(r["epoch"] == 0 for r in history)
+    assert output.count("selects inside the epochs") == 1
+    assert "first at step 6, then every 6 steps" in output
+
+
 @pytest.mark.parametrize("script", ["dpo_lossdiff_irm.py", "slic_lossdiff_irm.py"])
 def test_recipe_help_lists_selection_flags(script):
     output = _run([sys.executable, str(RECIPES / script), "--help"], cwd=RECIPES, timeout=120)

@@ -20,8 +20,16 @@ from .registry import SelectionContext, apply_rule
 from .rules import jaccard, score_quantiles
 from .schedule import RetimedLR, selective_horizon
 from .scoring import check_same_on_all_ranks
-from .training_log_probs import POLICY
-from .validation import min_selection_size
+from .segments import (
+    chunk_size,
+    estimated_steps,
+    expected_keep_fraction,
+    next_event_step,
+    pass_order,
+    split_kept,
+)
+from .training_log_probs import POLICY, REFERENCE
+from .validation import FRACTION_RULES, min_selection_size
 
 
 if TYPE_CHECKING:
@@ -66,6 +74,28 @@ class SelectionCallback(TrainerCallback):
         self._last_epoch_handled: int | None = None
         self._epoch_start_step = 0
         self.reporters: list[Reporter] = []
+        # The "steps" strategy (`segments.py`): its schedule, set by the trainer at the start of every training loop,
+        # and the state of the pass (epoch) under way.
+        self.strategy = "epoch"
+        self.warmup_steps = 0
+        self.interval = 1
+        self.fixed_horizon: int | None = None  # `max_steps`, when the run has a step budget
+        self._consumed: np.ndarray | None = None  # rows of the pass trained, dropped or left out
+        self._segment_start_step = 0
+        self._segment_counted = True
+        self._keep_estimate = 1.0
+        self._resumed_pass = False
+
+    def configure(self, strategy: str, warmup_steps: int, interval: int, fixed_horizon: int | None) -> None:
+        """The event schedule of the next training loop: `"epoch"`, or `"steps"` with its first event at optimizer
+        step `warmup_steps` and then every `interval` steps; `fixed_horizon` is `max_steps` if the run has one."""
+        self.strategy = strategy
+        self.warmup_steps = warmup_steps
+        self.interval = interval
+        self.fixed_horizon = fixed_horizon
+        args = self.trainer.args
+        fraction = args.selection_fraction if args.selection_rule in FRACTION_RULES else None
+        self._keep_estimate = expected_keep_fraction(args.percentile_bands(), fraction)
 
     # ----- hooks -----
 
@@ -76,8 +106,17 @@ class SelectionCallback(TrainerCallback):
         self.engine.count_precompute_pass()
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self.strategy == "steps":
+            self._finish_segment(state)
+            return
         # The micro-batches this epoch ran (all of them, or fewer when `max_steps` stopped it).
         self.engine.count_training((state.global_step - self._epoch_start_step) * args.gradient_accumulation_steps)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if self.strategy == "steps" and self._consumed is not None:
+            # The Trainer's `epoch + step / steps_in_epoch` assumes full-pool epochs: an epoch here is a pass, and it
+            # is as far as the pairs it has trained or dropped.
+            state.epoch = self._last_epoch_handled + float(self._consumed.mean())
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         self.engine.training_log_probs.stop()
@@ -86,6 +125,9 @@ class SelectionCallback(TrainerCallback):
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, train_dataloader=None, **kwargs
     ) -> None:
+        if self.strategy == "steps":
+            self._begin_pass(args, state)
+            return
         epoch = math.floor(state.epoch + 1e-6)
         if epoch == self._last_epoch_handled:
             # Resumed mid-epoch: the Trainer skips the micro-batches the checkpoint had trained.
@@ -235,6 +277,193 @@ class SelectionCallback(TrainerCallback):
             "otherwise widen the bands. The last checkpoint's weights can start a new run (`model=<checkpoint dir>`)."
         )
 
+    # ----- in-epoch events (`selection_strategy="steps"`, docs/design.md §5.1) -----
+
+    def next_segment(self, state: TrainerState) -> bool:
+        """Choose the next segment of the pass: its pairs go to the sampler. `False` when the pass has none left.
+
+        Runs on every rank when the Trainer asks for the first batch of a new optimizer step after a segment ended
+        (`sampler.SegmentedLoader`): a warm-up segment before `warmup_steps`, else a selection event over the next
+        chunk of the pass. Every rank takes the same decisions from the same numbers, so all run the same passes.
+        """
+        self._finish_segment(state)
+        args = self.trainer.args
+        accumulation = args.gradient_accumulation_steps
+        pairs_per_step = accumulation * self.sampler.max_batch_size * self.sampler.world_size
+        remaining = self._remaining()
+        end = next_event_step(state.global_step, self.warmup_steps, self.interval)
+        if self.fixed_horizon is not None:
+            end = min(end, self.fixed_horizon)
+        needed = max(end - state.global_step, 1) * pairs_per_step
+        if len(remaining) == 0:
+            return False
+        if state.global_step < self.warmup_steps:
+            trained = self.sampler.set_segment(remaining[:needed].tolist(), accumulation)
+            left_out = remaining[len(trained) : needed].tolist()
+            self._start_segment(state, trained, left_out)
+            self._record_segment(state, "warmup", trained, left_out)
+            # π_ref of the pairs these steps train, for the events that will score them (`scoring_reuse`)
+            kinds = self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE}
+            self.engine.training_log_probs.begin_epoch(self.sampler.rank_batches() if kinds else [], 0, kinds)
+            return bool(trained)
+        self.engine.training_log_probs.begin_epoch([], 0, set())
+        return self._segment_event(state, remaining, needed, pairs_per_step)
+
+    def _begin_pass(self, args: TrainingArguments, state: TrainerState) -> None:
+        """A new pass (the Trainer's epoch), or the resumed one going on where its checkpoint stopped."""
+        if self._resumed_pass:
+            self._resumed_pass = False
+            if state.global_step < self.warmup_steps:
+                kinds = self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE}
+                skipped = (state.global_step - self._segment_start_step) * args.gradient_accumulation_steps
+                self.engine.training_log_probs.begin_epoch(self.sampler.rank_batches(), skipped, kinds)
+            return
+        # Its segments are chosen as the Trainer asks for batches (`next_segment`).
+        self._last_epoch_handled = 0 if self._last_epoch_handled is None else self._last_epoch_handled + 1
+        self._epoch_start_step = state.global_step
+        self._consumed = np.zeros(self.sampler.pool_size, dtype=bool)
+        self.sampler.set_segment([], args.gradient_accumulation_steps)
+        self._segment_start_step, self._segment_counted = state.global_step, True
+
+    def _remaining(self) -> np.ndarray:
+        """The pairs of the pass neither trained, dropped nor left out yet, in pass order."""
+        args = self.trainer.args
+        order = pass_order(self.sampler.pool_size, args.seed, self._last_epoch_handled)
+        return order[~self._consumed[order]]
+
+    def _segment_event(self, state: TrainerState, remaining: np.ndarray, needed: int, pairs_per_step: int) -> bool:
+        args = self.trainer.args
+        epoch = self._last_epoch_handled
+        start = time.perf_counter()
+        chunk = remaining[: chunk_size(needed, self._keep_estimate, len(remaining))].tolist()
+        metrics: dict[str, float] = {}
+        scores = self.engine.compute_scores(epoch, metrics, reuse_training=True, rows=chunk)
+        keep, bands = apply_rule(args.selection_rule, scores, self.engine.selection_context(epoch, chunk))
+        check_same_on_all_ranks(
+            np.flatnonzero(keep).tolist(), self.trainer.accelerator, f"The selection at step {state.global_step}"
+        )
+        segment, surplus, dropped = split_kept(chunk, keep, needed)
+        trained = self.sampler.set_segment(segment, args.gradient_accumulation_steps)
+        left_out = segment[len(trained) :]
+        whole_rest = len(chunk) == len(remaining)
+        if not trained and not whole_rest:
+            self._check_selection_size(epoch, trained, scores)
+        self._consumed[np.asarray(dropped + segment, dtype=np.int64)] = True
+        if int(keep.sum()) and not whole_rest:
+            self._keep_estimate = float(keep.mean())
+        if not trained:
+            return False
+        self._start_segment(state, trained, left_out)
+        elapsed = time.perf_counter() - start
+        in_segment = np.isin(np.asarray(chunk), np.asarray(trained))
+        metrics.update(
+            {
+                "selection/epoch": float(epoch),
+                "selection/pool_size": float(self.sampler.pool_size),
+                "selection/num_scored": float(len(chunk)),
+                "selection/num_selected": float(len(trained)),
+                "selection/kept_fraction": float(keep.mean()),
+                "selection/seconds": elapsed,
+                **self.engine.compute.as_metrics(),
+            }
+        )
+        for name, band in bands.items():
+            metrics[f"selection/{name}/band_lo"] = band.lo
+            metrics[f"selection/{name}/band_hi"] = band.hi
+        for name, values in scores.items():
+            for key, value in score_quantiles(values).items():
+                metrics[f"selection/{name}/{key}"] = value
+        self.publish_metrics(metrics)
+        logger.info(
+            "Selection at step %d (epoch %d): scored %d pairs, kept %d (%.1f%%), %d trained until step %d, %s, %.1fs",
+            state.global_step,
+            epoch,
+            len(chunk),
+            int(keep.sum()),
+            100 * float(keep.mean()),
+            len(trained),
+            state.global_step + len(self.sampler) // self.trainer.args.gradient_accumulation_steps,
+            ", ".join(f"{name} in [{band.lo:.4g}, {band.hi:.4g}]" for name, band in bands.items()),
+            elapsed,
+        )
+        self._record_segment(
+            state,
+            "selection",
+            trained,
+            left_out,
+            {
+                "num_scored": len(chunk),
+                "num_kept": int(keep.sum()),
+                "surplus_ids": [self.pair_ids[row] for row in surplus],
+                "thresholds": {name: {"lo": band.lo, "hi": band.hi} for name, band in bands.items()},
+                "percentiles": {
+                    name: {"lo": band.lo_percentile, "hi": band.hi_percentile} for name, band in bands.items()
+                },
+                "aux_refreshed": "selection/aux/refreshed" in metrics,
+            },
+        )
+        self._report(
+            SelectionEvent(
+                epoch=epoch,
+                global_step=state.global_step,
+                kind="selection",
+                rule=args.selection_rule,
+                pair_ids=[self.pair_ids[row] for row in chunk],
+                keep=in_segment,
+                scores=scores,
+                bands=bands,
+                metrics=metrics,
+                aux_refreshed="selection/aux/refreshed" in metrics,
+                rows=np.asarray(chunk, dtype=np.int64),
+            ),
+            state,
+        )
+        return True
+
+    def _start_segment(self, state: TrainerState, trained: list[int], left_out: list[int]) -> None:
+        """Mark the segment's pairs consumed, and move the horizon and the LR to what the pass and the run have left."""
+        self._consumed[np.asarray(trained + left_out, dtype=np.int64)] = True
+        self._segment_start_step, self._segment_counted = state.global_step, False
+        self._previous_selection = trained
+        if self.fixed_horizon is not None:
+            return
+        args = self.trainer.args
+        accumulation = args.gradient_accumulation_steps
+        pairs_per_step = accumulation * self.sampler.max_batch_size * self.sampler.world_size
+        segment_end = state.global_step + len(self.sampler) // accumulation
+        # Pairs of the run's `num_train_epochs` passes not consumed yet: this pass's rest and the later passes.
+        budget = (args.num_train_epochs - self._last_epoch_handled) * self.sampler.pool_size - self._consumed.sum()
+        warmup_left = max(0, self.warmup_steps - segment_end)
+        budget -= warmup_left * pairs_per_step
+        horizon = segment_end + warmup_left + estimated_steps(max(budget, 0), self._keep_estimate, pairs_per_step)
+        self._move_horizon(state, horizon)
+
+    def _record_segment(
+        self, state: TrainerState, kind: str, trained: list[int], left_out: list[int], extra: dict | None = None
+    ) -> None:
+        self._write_record(
+            {
+                "epoch": self._last_epoch_handled,
+                "event": kind,
+                "global_step": state.global_step,
+                "pool_size": self.sampler.pool_size,
+                "num_selected": len(trained),
+                "rule": self.trainer.args.selection_rule,
+                "thresholds": {},
+                **(extra or {}),
+                "selected_ids": [self.pair_ids[row] for row in trained],
+                "trimmed_ids": [self.pair_ids[row] for row in left_out],
+            }
+        )
+
+    def _finish_segment(self, state: TrainerState) -> None:
+        """Count the compute of the segment that ends here (once)."""
+        if self._segment_counted:
+            return
+        self._segment_counted = True
+        micro_batches = (state.global_step - self._segment_start_step) * self.trainer.args.gradient_accumulation_steps
+        self.engine.count_training(micro_batches)
+
     # ----- checkpoint state -----
 
     def selection_state(
@@ -243,18 +472,27 @@ class SelectionCallback(TrainerCallback):
         """The selection as of `global_step`, and the cached log-probs, for `checkpoint.save_selection_state`."""
         if self._last_epoch_handled is None:
             raise RuntimeError("A checkpoint before the first epoch began has no selection to save.")
+        steps = self.strategy == "steps"
         state = SelectionState(
             global_step=global_step,
             epoch=self._last_epoch_handled,
             epoch_start_step=self._epoch_start_step,
             batches_in_epoch=len(self.sampler),
-            selected_rows=self.sampler.rows,
-            previous_selection=self._previous_selection,
+            selected_rows=[] if steps else self.sampler.rows,
+            previous_selection=None if steps else self._previous_selection,
             aux_num_refreshes=self.engine.aux_num_refreshes,
             pool=pool,
             config=config,
+            strategy=self.strategy,
+            segment_start_step=self._segment_start_step,
+            max_steps=self.trainer.state.max_steps,
+            keep_estimate=self._keep_estimate,
         )
-        return state, self.engine.checkpoint_tensors()
+        tensors = self.engine.checkpoint_tensors()
+        if steps:
+            tensors["pass.consumed"] = torch.as_tensor(self._consumed, dtype=torch.uint8)
+            tensors["segment.rows"] = torch.as_tensor(self.sampler.segment_rows, dtype=torch.int64)
+        return state, tensors
 
     def gather_for_checkpoint(self) -> None:
         """Combine the ranks' training-step records for the checkpoint `selection_state` writes. Every rank calls it.
@@ -274,8 +512,11 @@ class SelectionCallback(TrainerCallback):
         never changes); θ_aux's are dropped and its shuffle seeds restart, as in a new run. A resume then restores its
         checkpoint's selection over this.
         """
+        self.sampler.end_segments()
         self.sampler.set_selection(range(self.sampler.pool_size))
         self.sampler.set_epoch(0)
+        self._consumed = None
+        self._segment_counted = True
         self._previous_selection = None
         self._last_epoch_handled = None
         self._epoch_start_step = 0
@@ -283,6 +524,19 @@ class SelectionCallback(TrainerCallback):
 
     def restore_selection_state(self, state: SelectionState, tensors: dict[str, torch.Tensor]) -> None:
         """Continue from a checkpoint: its selection, its cached log-probs, and no second event for its epoch."""
+        if state.strategy == "steps":
+            # The pass and the segment under way; the sampler skips the segment's micro-batches already trained.
+            self._consumed = tensors.pop("pass.consumed").numpy().astype(bool)
+            accumulation = self.trainer.args.gradient_accumulation_steps
+            skip = (state.global_step - state.segment_start_step) * accumulation
+            self.sampler.set_segment(tensors.pop("segment.rows").tolist(), accumulation, skip_batches=skip)
+            self._segment_start_step, self._segment_counted = state.segment_start_step, False
+            self._keep_estimate = state.keep_estimate
+            self._last_epoch_handled = state.epoch
+            self._epoch_start_step = state.epoch_start_step
+            self._resumed_pass = True
+            self.engine.restore(tensors, state.aux_num_refreshes)
+            return
         self.sampler.set_selection(state.selected_rows)
         self.sampler.set_epoch(state.epoch)
         self._previous_selection = state.previous_selection
@@ -309,13 +563,19 @@ class SelectionCallback(TrainerCallback):
         horizon again, and the last one makes it exact, so transformers' `global_step >= max_steps` fires on the real
         last step (final save and evaluation) and never before it.
         """
+        if self.fixed_horizon is not None:
+            return  # `max_steps`: the horizon and the LR schedule are the step budget's, whatever the epochs' length
         horizon = selective_horizon(
             state.global_step,
             epoch,
-            state.num_train_epochs,
+            self.trainer.args.num_train_epochs,
             len(train_dataloader),
             self.trainer.args.gradient_accumulation_steps,
         )
+        self._move_horizon(state, horizon)
+
+    def _move_horizon(self, state: TrainerState, horizon: int) -> None:
+        """Make `horizon` the run's last step (`state.max_steps`, the progress bar) and the LR schedule's end."""
         self.trainer.set_horizon(horizon)
         scheduler = self.trainer.lr_scheduler
         if not isinstance(scheduler, RetimedLR):
@@ -325,7 +585,9 @@ class SelectionCallback(TrainerCallback):
                 type(scheduler).__name__,
             )
             return
-        scheduler.retarget(state.global_step, horizon - state.global_step)
+        # The scheduler's own counter, not `global_step`: the Trainer does not step it on skipped optimizer steps
+        # (fp16 overflow), so the two drift apart, and the rest of the schedule must span the steps really left.
+        scheduler.retarget(scheduler.last_epoch, max(horizon - state.global_step, 1))
 
     def publish_metrics(self, metrics: dict[str, float]) -> None:
         """Hand `metrics` (`selection/*` scalars) to every `report_to` backend with the next training log.

@@ -48,6 +48,10 @@ SELECTION_CONFIG_FIELDS = (
     "influence_hi_percentile",
     "selection_fraction",
     "selection_warmup_epochs",
+    "selection_strategy",
+    "selection_steps",
+    "selection_warmup_steps",
+    "max_steps",
     "aux_refresh_epochs",
     "scoring_reuse",
     "aux_num_train_epochs",
@@ -103,6 +107,13 @@ class SelectionState:
     config: dict[str, Any]
     version: int = STATE_VERSION
     log_probs: list[str] = field(default_factory=list)  # names of the tensors saved next to this file
+    # The "steps" strategy (older checkpoints are "epoch" ones): where the segment under way began, the run's horizon
+    # as last estimated, and the rule's kept fraction the next chunk is sized by. The pass's consumed pairs and the
+    # segment's rows are tensors (`pass.consumed`, `segment.rows`).
+    strategy: str = "epoch"
+    segment_start_step: int = 0
+    max_steps: int = 0
+    keep_estimate: float = 1.0
 
 
 def save_selection_state(

@@ -19,6 +19,9 @@ logger = logging.getLogger(__name__)
 AUX_MODES = ("full", "lora")
 # Which pool log-probs a selection event reuses from the training steps (`training_log_probs.py`).
 SCORING_REUSE = ("none", "reference", "reference_and_policy")
+# When selection events happen: at epoch boundaries, every `selection_steps` optimizer steps inside the epochs, or
+# whichever of the two the run's length calls for (`SelectiveDPOTrainer` resolves "auto" once the pool is known).
+SELECTION_STRATEGIES = ("auto", "epoch", "steps")
 
 
 @dataclass
@@ -28,7 +31,9 @@ class SelectiveDPOConfig(DPOConfig):
 
     From epoch `selection_warmup_epochs` on, at each epoch boundary the trainer rescores the whole training pool with
     the current policy θ_t, the reference π_ref and a validation-aligned auxiliary model θ_aux, applies
-    `selection_rule`, and trains the next epoch on the selected pairs only.
+    `selection_rule`, and trains the next epoch on the selected pairs only. A run too short for that (one epoch, or a
+    `max_steps` budget that ends within the warm-up epochs) selects inside its epochs instead, every
+    `selection_steps` optimizer steps after `selection_warmup_steps` (`selection_strategy="auto"`).
 
     Parameters:
         > Parameters that control the selection
@@ -48,8 +53,21 @@ class SelectiveDPOConfig(DPOConfig):
         selection_fraction (`float`, *optional*, defaults to `0.15`):
             Fraction of the pool kept by the fraction rules: `reward_gap` keeps the pairs with the smallest implicit
             reward gap (the difficulty paper keeps 10-15%), `davir` those with the largest DavIR learnability.
+        selection_strategy (`str`, *optional*, defaults to `"auto"`):
+            When selection events happen. `"epoch"`: at each epoch boundary from `selection_warmup_epochs` on; each
+            event rescores the whole pool and the epoch trains the selected pairs. `"steps"`: inside the epochs, every
+            `selection_steps` optimizer steps from `selection_warmup_steps` on; each event scores the next chunk of
+            pairs of the epoch that are neither trained nor dropped yet, and the steps until the next event train the
+            pairs it kept (no pair is trained twice in an epoch). `"auto"`: `"epoch"` if the run trains past its
+            warm-up epochs (more than `selection_warmup_epochs` full-pool epochs of steps), else `"steps"`.
+        selection_steps (`float`, *optional*, defaults to `0.2`):
+            Optimizer steps between two events of the `"steps"` strategy: an integer >= 1, or a float in (0, 1), a
+            fraction of the run's steps (`max_steps`, or `num_train_epochs` full-pool epochs), like `eval_steps`.
+        selection_warmup_steps (`float`, *optional*, defaults to `0.2`):
+            Optimizer steps trained on the pool as it comes before the first event of the `"steps"` strategy: an
+            integer >= 1, or a float in (0, 1), a fraction of the run's steps.
         selection_warmup_epochs (`int`, *optional*, defaults to `1`):
-            Epochs trained on the full pool before the first selection.
+            Epochs trained on the full pool before the first selection of the `"epoch"` strategy.
         aux_refresh_epochs (`int`, *optional*, defaults to `1`):
             Rebuild θ_aux from θ_t and realign it every this many selection epochs; in between, its cached
             log-probabilities are reused.
@@ -150,9 +168,36 @@ class SelectiveDPOConfig(DPOConfig):
             "implicit reward gaps (hardest pairs), `davir` the largest DavIR learnability."
         },
     )
+    selection_strategy: str = field(
+        default="auto",
+        metadata={
+            "help": "When selection happens. `epoch`: at each epoch boundary after `selection_warmup_epochs`. `steps`: "
+            "inside the epochs, every `selection_steps` optimizer steps after `selection_warmup_steps`, each event "
+            "scoring the next chunk of the epoch's untrained pairs. `auto`: `epoch` if the run trains past its warm-up "
+            "epochs, else `steps` (one-epoch runs and short `max_steps` budgets).",
+            "choices": list(SELECTION_STRATEGIES),
+        },
+    )
+    selection_steps: float = field(
+        default=0.2,
+        metadata={
+            "help": "Optimizer steps between selection events of the `steps` strategy: an integer >= 1, or a float in "
+            "(0, 1), a fraction of the run's total steps (like `eval_steps`)."
+        },
+    )
+    selection_warmup_steps: float = field(
+        default=0.2,
+        metadata={
+            "help": "Optimizer steps trained before the first selection event of the `steps` strategy: an integer "
+            ">= 1, or a float in (0, 1), a fraction of the run's total steps."
+        },
+    )
     selection_warmup_epochs: int = field(
         default=1,
-        metadata={"help": "Number of epochs trained on the full pool before the first selection (at least 1)."},
+        metadata={
+            "help": "Number of epochs trained on the full pool before the first selection of the `epoch` strategy "
+            "(at least 1)."
+        },
     )
     aux_refresh_epochs: int = field(
         default=1,
@@ -285,6 +330,23 @@ class SelectiveDPOConfig(DPOConfig):
             "the first selection needs a policy that differs from the reference, or every implicit reward margin is 0",
         )
         _check_int_at_least(self, "aux_refresh_epochs", 1)
+        if self.selection_strategy not in SELECTION_STRATEGIES:
+            raise ValueError(
+                f"`selection_strategy` must be one of {list(SELECTION_STRATEGIES)} (`--selection_strategy`), got "
+                f"{self.selection_strategy!r}."
+            )
+        for name in ("selection_steps", "selection_warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer() and value >= 1:
+                setattr(self, name, int(value))  # `--selection_steps 50` parses as a float
+                value = int(value)
+            if isinstance(value, bool) or not (
+                (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value < 1)
+            ):
+                raise ValueError(
+                    f"`{name}` (`--{name}`) must be an integer >= 1 (optimizer steps) or a float in (0, 1) (a fraction "
+                    f"of the run's steps), got {value!r}."
+                )
         if not self.aux_num_train_epochs > 0:
             raise ValueError(f"`aux_num_train_epochs` must be > 0, got {self.aux_num_train_epochs}.")
         if not isinstance(self.aux_max_steps, int) or self.aux_max_steps == 0 or self.aux_max_steps < -1:
@@ -346,16 +408,8 @@ class SelectiveDPOConfig(DPOConfig):
                     f"`selection_rule={self.selection_rule!r}`. Leave `{name}` at {default!r}, or set "
                     "`selection_rule='none'`."
                 )
-        # Selection acts per epoch; a step budget would cut the schedule at a point that moves with every selection.
-        if self.max_steps > 0:
-            raise ValueError(
-                f"`max_steps={self.max_steps}` is not supported with `selection_rule={self.selection_rule!r}`: "
-                "selection changes the length of every epoch. Set `num_train_epochs` instead and leave `max_steps=-1`."
-            )
-        if float(self.num_train_epochs) != int(self.num_train_epochs) or self.num_train_epochs < 1:
-            raise ValueError(
-                f"`num_train_epochs` must be a whole number >= 1 with selection, got {self.num_train_epochs}."
-            )
+        if not self.num_train_epochs > 0:
+            raise ValueError(f"`num_train_epochs` must be > 0 with selection, got {self.num_train_epochs}.")
         if self.train_sampling_strategy != "random":
             raise ValueError(
                 f"`train_sampling_strategy={self.train_sampling_strategy!r}` is not supported with selection: the "
@@ -365,12 +419,6 @@ class SelectiveDPOConfig(DPOConfig):
             raise ValueError(
                 "`dataloader_drop_last=True` is not supported with selection: every selected pair is trained (ranks "
                 "get equal shares). Leave it at False."
-            )
-        if self.num_train_epochs <= self.selection_warmup_epochs:
-            logger.warning(
-                "num_train_epochs=%s <= selection_warmup_epochs=%s: no selection will happen in this run.",
-                self.num_train_epochs,
-                self.selection_warmup_epochs,
             )
 
 

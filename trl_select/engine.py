@@ -143,16 +143,25 @@ class ScoringEngine:
             self._token_counts[split] = pair_token_counts(dataset, max_length)
         return self._token_counts[split]
 
-    def selection_context(self, epoch: int) -> SelectionContext:
-        """What a rule sees besides the scores (the same on every rank)."""
+    def selection_context(self, epoch: int, rows: list[int] | None = None) -> SelectionContext:
+        """What a rule sees besides the scores (the same on every rank): the whole pool, or the chunk `rows`."""
         trainer = self.trainer
+        if rows is None:
+            return SelectionContext(
+                epoch=epoch,
+                seed=trainer.args.seed,
+                pool_size=self.pool_size,
+                pair_ids=self.pair_ids,
+                args=trainer.args,
+                dataset=trainer.train_dataset,
+            )
         return SelectionContext(
             epoch=epoch,
             seed=trainer.args.seed,
-            pool_size=self.pool_size,
-            pair_ids=self.pair_ids,
+            pool_size=len(rows),
+            pair_ids=[self.pair_ids[row] for row in rows],
             args=trainer.args,
-            dataset=trainer.train_dataset,
+            dataset=trainer.train_dataset.select(rows),
         )
 
     # ----- scores -----
@@ -163,25 +172,31 @@ class ScoringEngine:
         metrics: dict[str, float],
         score_names: tuple[str, ...] | None = None,
         reuse_training: bool = False,
+        rows: list[int] | None = None,
     ) -> dict[str, np.ndarray]:
         """Every score in `score_names` (default: those `selection_rule` needs), computing only the inputs they need.
 
         Timings and aux-stage figures go into `metrics` (`selection/seconds_*`, `selection/aux/*`). With
         `reuse_training` (a selection event), the pool log-probs the training steps recorded (`scoring_reuse`) stand
-        in for the passes over the pairs they cover.
+        in for the passes over the pairs they cover. With `rows` (an in-epoch event's chunk), only those pool rows are
+        scored, θ_t afresh, π_ref from its cache where known, θ_aux realigned for them; the scores are in `rows` order.
         """
         args, trainer = self.trainer.args, self.trainer
         score_names = args.required_scores if score_names is None else score_names
         needs = scorer_needs(score_names)
+        if rows is not None and needs & {"model", "validation"}:
+            raise ValueError(
+                f"Scores {list(score_names)} read the model over the whole pool; they cannot score a chunk."
+            )
         inputs: dict[str, Any] = {}
         if needs & {"reference", "auxiliary"}:
             with timed(metrics, "selection/seconds_reference"):
-                inputs["reference"] = self.reference_log_probs(reuse_training=reuse_training)
+                inputs["reference"] = self.reference_log_probs(reuse_training=reuse_training, rows=rows)
         if "policy" in needs:
             with timed(metrics, "selection/seconds_policy"):
-                inputs["policy"] = self.policy_log_probs(reuse_training=reuse_training, metrics=metrics)
+                inputs["policy"] = self.policy_log_probs(reuse_training=reuse_training, metrics=metrics, rows=rows)
         if "auxiliary" in needs:
-            inputs["auxiliary"] = self.auxiliary_log_probs(epoch, metrics)
+            inputs["auxiliary"] = self.auxiliary_log_probs(epoch, metrics, rows=rows)
         if "model" in needs:
             inputs.update(
                 model=trainer.accelerator.unwrap_model(trainer.model),
@@ -196,10 +211,10 @@ class ScoringEngine:
                 validation=self.validation_dataset, validation_reference=self.validation_reference_log_probs()
             )
         context = ScoringContext(
-            pool_size=self.pool_size,
+            pool_size=self.pool_size if rows is None else len(rows),
             beta=args.beta,
             loss_type=args.loss_type[0],
-            selection=self.selection_context(epoch),
+            selection=self.selection_context(epoch, rows),
             **inputs,
         )
         return {name: run_scorer(name, context) for name in score_names}
@@ -216,9 +231,10 @@ class ScoringEngine:
         return self._pool_loader
 
     def _pool_subset(self, rows: list[int]):
-        """The pool restricted to `rows` and a scoring loader over it (the cached whole-pool loader for all rows)."""
+        """The pool restricted to `rows` (results come back in `rows` order) and a scoring loader over it (the cached
+        whole-pool loader for all rows in pool order)."""
         trainer = self.trainer
-        if len(rows) == self.pool_size:
+        if len(rows) == self.pool_size and all(row == index for index, row in enumerate(rows)):
             return trainer.train_dataset, self.pool_loader()
         subset = trainer.train_dataset.select(rows)
         return subset, build_pass_loader(
@@ -226,22 +242,40 @@ class ScoringEngine:
         )
 
     def _pool_pass(
-        self, kind: str, reuse_training: bool, category: str, run_pass: Callable[..., PairLogProbs]
+        self,
+        kind: str,
+        reuse_training: bool,
+        category: str,
+        run_pass: Callable[..., PairLogProbs],
+        known: PairLogProbs | None = None,
+        wanted: list[int] | None = None,
     ) -> tuple[PairLogProbs, int]:
-        """`kind`'s pool log-probs and how many rows were scored: the training steps' records where this call reuses
-        them (`scoring_reuse`), `run_pass(dataset, loader)` over the other rows, counted under `category`."""
+        """`kind`'s pool log-probs (NaN where not computed) and how many rows were scored: `known` values and the
+        training steps' records where this call reuses them (`scoring_reuse`), `run_pass(dataset, loader)` over the
+        other rows of `wanted` (default: the whole pool), counted under `category`."""
         if reuse_training and kind in REUSABLE_KINDS[self.trainer.args.scoring_reuse]:
             recorded = self.training_log_probs.gathered(kind, self.trainer.accelerator)
-            rows = missing_rows(recorded)
+            if known is not None:
+                recorded = fill_rows(recorded, missing_rows(recorded), _take(known, missing_rows(recorded)))
         else:
-            recorded, rows = None, list(range(self.pool_size))
+            recorded = known
+        wanted_rows = list(range(self.pool_size)) if wanted is None else list(wanted)
+        if recorded is None:
+            rows = wanted_rows
+            recorded = _nan_log_probs(self.pool_size)
+        else:
+            missing = set(missing_rows(recorded))
+            rows = [row for row in wanted_rows if row in missing]
         fresh = run_pass(*self._pool_subset(rows)) if rows else None
         self.compute.add(category, rows_tokens(self.token_counts("pool"), rows), FORWARD)
-        return (fresh if recorded is None else fill_rows(recorded, rows, fresh)), len(rows)
+        return fill_rows(recorded, rows, fresh), len(rows)
 
-    def policy_log_probs(self, reuse_training: bool = False, metrics: dict[str, float] | None = None) -> PairLogProbs:
+    def policy_log_probs(
+        self, reuse_training: bool = False, metrics: dict[str, float] | None = None, rows: list[int] | None = None
+    ) -> PairLogProbs:
         """θ_t's pool log-probs: a pass over the pool, or over the pairs the last epoch did not train (`reuse_training`
-        with `scoring_reuse="reference_and_policy"`, the others taken from their training steps)."""
+        with `scoring_reuse="reference_and_policy"`, the others taken from their training steps); with `rows`, a pass
+        over those rows only, in `rows` order."""
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
 
@@ -255,25 +289,32 @@ class ScoringEngine:
                     loader, forward, trainer.accelerator, len(dataset), desc="Scoring pool with policy"
                 )
 
+        if rows is not None:
+            log_probs, num_scored = self._pool_pass(POLICY, False, "policy_scoring", run_pass, wanted=rows)
+            if metrics is not None:
+                metrics["selection/policy_rescored_fraction"] = num_scored / self.pool_size
+            return _take(log_probs, rows)
         log_probs, num_scored = self._pool_pass(POLICY, reuse_training, "policy_scoring", run_pass)
         if metrics is not None:
             metrics["selection/policy_rescored_fraction"] = num_scored / self.pool_size
         return log_probs
 
-    def reference_log_probs(self, reuse_training: bool = False) -> PairLogProbs:
-        """π_ref's pool log-probs, cached: read from TRL's precomputed columns, taken from the warm-up epochs' training
-        steps (`reuse_training` with `scoring_reuse` other than `"none"`; a pass over the pairs they missed), or a
-        pass over the pool."""
-        if self._reference is None:
-            trainer, pool = self.trainer, self.trainer.train_dataset
-            if trainer.reads_precomputed_reference(pool):
-                self._reference = trainer.reference_log_probs(pool, None)  # TRL's columns: no forward
-            else:
-                self._reference, _ = self._pool_pass(
-                    REFERENCE, reuse_training, "reference", trainer.reference_log_probs
-                )
-            self.training_log_probs.clear(REFERENCE)
-        return self._reference
+    def reference_log_probs(self, reuse_training: bool = False, rows: list[int] | None = None) -> PairLogProbs:
+        """π_ref's pool log-probs (with `rows`, those rows' in `rows` order), cached: read from TRL's precomputed
+        columns, taken from the training steps that recorded them (`reuse_training` with `scoring_reuse` other than
+        `"none"`), or computed by a pass over the rows still missing. The cache fills as events need rows, so an
+        in-epoch event never runs π_ref over pairs it does not score."""
+        trainer, pool = self.trainer, self.trainer.train_dataset
+        if self._reference is None and trainer.reads_precomputed_reference(pool):
+            self._reference = trainer.reference_log_probs(pool, None)  # TRL's columns: no forward
+        wanted = list(range(self.pool_size)) if rows is None else rows
+        if self._reference is None or missing_rows(_take(self._reference, wanted)):
+            self._reference, _ = self._pool_pass(
+                REFERENCE, reuse_training, "reference", trainer.reference_log_probs, self._reference, wanted
+            )
+            if rows is None:
+                self.training_log_probs.clear(REFERENCE)
+        return self._reference if rows is None else _take(self._reference, rows)
 
     def validation_reference_log_probs(self) -> PairLogProbs:
         """π_ref's log-probs over the validation pairs: computed once and cached.
@@ -310,30 +351,43 @@ class ScoringEngine:
             self._auxiliary.num_refreshes = self._restored_aux_num_refreshes
         return self._auxiliary
 
-    def auxiliary_log_probs(self, epoch: int, metrics: dict[str, float]) -> PairLogProbs:
-        """θ_aux's pool log-probs: rebuilt and realigned when due (`aux_refresh_epochs`), else the cached ones."""
+    def auxiliary_log_probs(
+        self, epoch: int, metrics: dict[str, float], rows: list[int] | None = None
+    ) -> PairLogProbs:
+        """θ_aux's pool log-probs: rebuilt and realigned when due (`aux_refresh_epochs`), else the cached ones. With
+        `rows` (an in-epoch event), realigned and run over those rows only, in `rows` order, and not cached."""
         args = self.trainer.args
+        if rows is not None:
+            subset, loader = self._pool_subset(rows)
+            with timed(metrics, "selection/seconds_aux"):
+                result = self.auxiliary().refresh(loader, len(subset))
+            self._count_refresh(epoch, metrics, result, rows)
+            return result.pool_log_probs
         if self._auxiliary_log_probs is None or (epoch - args.selection_warmup_epochs) % args.aux_refresh_epochs == 0:
             with timed(metrics, "selection/seconds_aux"):
                 result = self.auxiliary().refresh(self.pool_loader(), self.pool_size)
             self._auxiliary_log_probs = result.pool_log_probs
-            metrics["selection/aux/refreshed"] = 1.0
-            metrics["selection/aux/val_loss_before"] = result.validation_loss_before
-            metrics["selection/aux/val_loss_after"] = result.validation_loss_after
-            metrics["selection/aux/steps"] = float(result.num_steps)
-            metrics["selection/aux/skipped_steps"] = float(result.skipped_steps)
-            validation_tokens = self.token_counts("validation")
-            self.compute.add("aux_alignment", rows_tokens(validation_tokens, result.alignment_rows), TRAIN_STEP)
-            self.compute.add("aux_validation", 2 * validation_tokens.sum(), FORWARD)  # the losses before and after
-            self.compute.add("aux_pool", self.token_counts("pool").sum(), FORWARD)
-            logger.info(
-                "Aux model refreshed at epoch %d: validation loss %.4f -> %.4f in %d steps",
-                epoch,
-                result.validation_loss_before,
-                result.validation_loss_after,
-                result.num_steps,
-            )
+            self._count_refresh(epoch, metrics, result, list(range(self.pool_size)))
         return self._auxiliary_log_probs
+
+    def _count_refresh(self, epoch: int, metrics: dict[str, float], result, rows: list[int]) -> None:
+        """An aux refresh's metrics and compute: its alignment steps, the validation losses, its pass over `rows`."""
+        metrics["selection/aux/refreshed"] = 1.0
+        metrics["selection/aux/val_loss_before"] = result.validation_loss_before
+        metrics["selection/aux/val_loss_after"] = result.validation_loss_after
+        metrics["selection/aux/steps"] = float(result.num_steps)
+        metrics["selection/aux/skipped_steps"] = float(result.skipped_steps)
+        validation_tokens = self.token_counts("validation")
+        self.compute.add("aux_alignment", rows_tokens(validation_tokens, result.alignment_rows), TRAIN_STEP)
+        self.compute.add("aux_validation", 2 * validation_tokens.sum(), FORWARD)  # the losses before and after
+        self.compute.add("aux_pool", rows_tokens(self.token_counts("pool"), rows), FORWARD)
+        logger.info(
+            "Aux model refreshed at epoch %d: validation loss %.4f -> %.4f in %d steps",
+            epoch,
+            result.validation_loss_before,
+            result.validation_loss_after,
+            result.num_steps,
+        )
 
     # ----- the training steps' log-probs and compute -----
 
@@ -428,6 +482,19 @@ class ScoringEngine:
         """Drop every cached pool and validation log-prob, so the next `compute_scores` runs every pass again (for
         timing a cold event)."""
         self._reference = self._validation_reference = self._auxiliary_log_probs = None
+
+
+def _nan_log_probs(size: int) -> PairLogProbs:
+    return PairLogProbs(
+        chosen=torch.full((size,), float("nan"), dtype=torch.float32),
+        rejected=torch.full((size,), float("nan"), dtype=torch.float32),
+    )
+
+
+def _take(log_probs: PairLogProbs, rows: list[int]) -> PairLogProbs:
+    """`log_probs` of `rows`, in `rows` order."""
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return PairLogProbs(chosen=log_probs.chosen[index], rejected=log_probs.rejected[index])
 
 
 __all__ = ["REUSABLE_KINDS", "ScoringEngine", "alignment_settings", "timed"]

@@ -24,6 +24,9 @@ class SelectionEvent:
     """Everything one selection event decided, handed to each reporter in `SelectionCallback.reporters`.
 
     Arrays are in pool-row order (row `i` is pair `pair_ids[i]`). A warm-up event has no scores and keeps every pair.
+    An in-epoch event (`selection_strategy="steps"`) scores a chunk of the pool: `rows` are the chunk's pool rows, and
+    `pair_ids`, `keep` and `scores` are the chunk's, in `rows` order; `keep` marks the pairs trained until the next
+    event.
     """
 
     epoch: int
@@ -36,6 +39,7 @@ class SelectionEvent:
     bands: dict[str, Band] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     aux_refreshed: bool = False
+    rows: np.ndarray | None = None
 
 
 # A reporter: `reporter(event, args, state)`, called on every rank after each event (see `SelectionCallback`).

@@ -132,21 +132,29 @@ class KeepTally:
     counts the epochs trained before the restart.
     """
 
-    def __init__(self, output_dir: str | os.PathLike) -> None:
+    def __init__(self, output_dir: str | os.PathLike, pool_size: int | None = None) -> None:
         self.output_dir = Path(output_dir)
+        self.pool_size = pool_size
         self._counts: np.ndarray | None = None
-        self._epoch: int | None = None
+        self._event: tuple[int, int] | None = None
 
     def times_kept(self, event: SelectionEvent) -> np.ndarray:
-        if event.epoch == self._epoch:
-            return self._counts
-        if self._counts is None:
-            history = self.output_dir / HISTORY_FILENAME
-            records = read_history(history) if history.exists() else []
-            self._counts = times_kept_from_history(records, event.pair_ids, before_epoch=event.epoch)
-        self._counts = self._counts + np.asarray(event.keep, dtype=np.int32)
-        self._epoch = event.epoch
-        return self._counts
+        """The counts of `event`'s pairs (of its chunk, for an in-epoch event: the epoch's segments add up)."""
+        key = (event.epoch, event.global_step)
+        if key != self._event:
+            if self._counts is None and event.rows is None:
+                history = self.output_dir / HISTORY_FILENAME
+                records = read_history(history) if history.exists() else []
+                self._counts = times_kept_from_history(records, event.pair_ids, before_epoch=event.epoch)
+            elif self._counts is None:
+                size = self.pool_size if self.pool_size is not None else int(event.rows.max()) + 1
+                self._counts = np.zeros(size, dtype=np.int32)
+            if event.rows is None:
+                self._counts = self._counts + np.asarray(event.keep, dtype=np.int32)
+            else:
+                self._counts[event.rows] += np.asarray(event.keep, dtype=np.int32)
+            self._event = key
+        return self._counts if event.rows is None else self._counts[event.rows]
 
 
 def resolve_category_column(column_names: Sequence[str], configured: str | None) -> str | None:
@@ -181,6 +189,13 @@ def pool_categories(dataset, configured: str | None) -> tuple[str | None, np.nda
     return column, values
 
 
+def event_categories(categories: np.ndarray | None, event: SelectionEvent) -> np.ndarray | None:
+    """The pool's categories of `event`'s pairs (its chunk's, for an in-epoch event)."""
+    if categories is None or event.rows is None:
+        return categories
+    return categories[event.rows]
+
+
 # ----- reporters -----
 
 
@@ -202,8 +217,10 @@ class ScoreFileReporter:
     def __call__(self, event: SelectionEvent, args: TrainingArguments, state: TrainerState) -> None:
         if not state.is_world_process_zero:
             return
-        path = score_file_path(self.output_dir, event.epoch)
-        write_score_file(path, event, self.tally.times_kept(event), self.categories, self.category_column)
+        path = score_file_path(self.output_dir, event.epoch, None if event.rows is None else event.global_step)
+        write_score_file(
+            path, event, self.tally.times_kept(event), event_categories(self.categories, event), self.category_column
+        )
         logger.debug("Wrote %s (%d bytes)", path, path.stat().st_size)
 
 
@@ -222,7 +239,7 @@ class CategoryMetricsReporter:
         # Warm-up keeps everything (1.0 for every value); the callback publishes nothing for it either.
         if event.kind != "selection" or not state.is_world_process_zero:
             return
-        scalars = selection_scalars(event, self.categories, self.category_column)
+        scalars = selection_scalars(event, event_categories(self.categories, event), self.category_column)
         self.publish({key: value for key, value in scalars.items() if key.startswith("selection/by_")})
 
 
@@ -277,7 +294,8 @@ class WandbReporter:
     def payload(self, event: SelectionEvent, wandb) -> dict[str, Any]:
         """The dict logged for `event` (wandb objects built with the `wandb` module passed in)."""
         times_kept = self.tally.times_kept(event)
-        log: dict[str, Any] = dict(selection_scalars(event, self.categories, self.category_column))
+        categories = event_categories(self.categories, event)
+        log: dict[str, Any] = dict(selection_scalars(event, categories, self.category_column))
         for name, values in event.scores.items():
             histogram = score_histogram(values)
             if histogram is not None:
@@ -296,10 +314,10 @@ class WandbReporter:
                 ]
                 for row in rows
             ]
-            if self.categories is not None:
+            if categories is not None:
                 columns.append(self.category_column)
                 for line, row in zip(data, rows, strict=True):
-                    line.append(self.categories[row])
+                    line.append(categories[row])
             table = wandb.Table(columns=columns, data=data)
             log["selection/pairs"] = table
             if len(names) >= 2:
@@ -327,7 +345,8 @@ class WandbReporter:
         from .plots import event_figure, figure_png
 
         figure = event_figure(
-            ScoreFile(event, times_kept, self.categories, self.category_column), max_points=self.max_points
+            ScoreFile(event, times_kept, event_categories(self.categories, event), self.category_column),
+            max_points=self.max_points,
         )
         return Image.open(io.BytesIO(figure_png(figure)))
 
@@ -343,7 +362,7 @@ def default_reporters(trainer: SelectiveDPOTrainer) -> list[Reporter]:
     scalars (with a category column, handed to `trainer.log_selection_metrics`), wandb."""
     args = trainer.args
     column, categories = pool_categories(trainer.train_dataset, args.selection_category_column)
-    tally = KeepTally(args.output_dir)
+    tally = KeepTally(args.output_dir, len(trainer.train_dataset))
     reporters = [ScoreFileReporter(args.output_dir, tally, categories, column)]
     if column is not None:
         reporters.append(CategoryMetricsReporter(trainer.log_selection_metrics, categories, column))

@@ -7,6 +7,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers.trainer_pt_utils import BatchRebalanceSampler
 
+from .segments import whole_step_batch_sizes
+
 
 def balanced_sizes(total: int, num_chunks: int) -> list[int]:
     """Split `total` items into `num_chunks` chunks whose sizes differ by at most one, larger chunks first."""
@@ -18,17 +20,22 @@ def num_rank_batches(num_rows: int, world_size: int, max_batch_size: int) -> int
     return -(-(num_rows // world_size) // max_batch_size)  # ceil
 
 
-def shard_batches(order: torch.Tensor, world_size: int, rank: int, max_batch_size: int) -> list[list[int]]:
+def shard_batches(
+    order: torch.Tensor, world_size: int, rank: int, max_batch_size: int, sizes: Sequence[int] | None = None
+) -> list[list[int]]:
     """`rank`'s batches over the rows in `order`, for data-parallel training where every step must match on all ranks.
 
     `order` is cut to a multiple of `world_size` (the tail, fewer than `world_size` rows, is left out). Step `j` takes
     the next `world_size * size_j` rows and gives each rank a contiguous `size_j` of them; the sizes are balanced and
     at most `max_batch_size`. So every rank gets the same number of batches with the same sizes, the ranks' rows are
     disjoint, and a step's rows across ranks are those one process with `world_size` times the batch size would take.
+    `sizes` overrides the per-rank batch sizes (e.g. `segments.whole_step_batch_sizes`); rows past them are left out.
     """
     rows_per_rank = len(order) // world_size
+    if sizes is None:
+        sizes = balanced_sizes(rows_per_rank, num_rank_batches(len(order), world_size, max_batch_size))
     batches, start = [], 0
-    for size in balanced_sizes(rows_per_rank, num_rank_batches(len(order), world_size, max_batch_size)):
+    for size in sizes:
         step_rows = order[start : start + size * world_size]
         batches.append(step_rows[rank * size : (rank + 1) * size].tolist())
         start += size * world_size
@@ -78,6 +85,11 @@ class SelectionSampler(BatchRebalanceSampler):
         self.rank = rank
         self.epoch = 0
         self._rows = torch.arange(pool_size)
+        # In-epoch selection (`selection_strategy="steps"`): the current segment's rows in training order, in whole
+        # optimizer steps of `accumulation` micro-batches, and how many of its micro-batches were already trained.
+        self._segment: torch.Tensor | None = None
+        self._segment_accumulation = 1
+        self._segment_skip = 0
 
     @property
     def rows(self) -> list[int]:
@@ -100,6 +112,39 @@ class SelectionSampler(BatchRebalanceSampler):
             raise IndexError(f"Selected rows must lie in [0, {self.pool_size}), got {selection[0]}..{selection[-1]}.")
         self._rows = selection
 
+    def set_segment(self, order: Sequence[int], accumulation: int, skip_batches: int = 0) -> list[int]:
+        """Train `order` (pool rows, over all ranks, in this order) next, in whole optimizer steps; return the rows
+        that will be trained (the others, fewer than one step's worth, are left out). `skip_batches` micro-batches of
+        it were trained already (a resume). Until `end_segments`, `iter()` yields this segment's batches only."""
+        self._segment = torch.as_tensor(list(order), dtype=torch.long)
+        self._segment_accumulation = accumulation
+        self._segment_skip = skip_batches
+        return self._segment[: self.segment_size].tolist()
+
+    def end_segments(self) -> None:
+        """Back to whole-epoch iteration over the selection (`set_selection`)."""
+        self._segment = None
+        self._segment_skip = 0
+
+    @property
+    def segment_rows(self) -> list[int]:
+        """The current segment's rows in training order (over all ranks)."""
+        return [] if self._segment is None else self._segment.tolist()
+
+    @property
+    def in_segments(self) -> bool:
+        return self._segment is not None
+
+    def _segment_sizes(self) -> list[int]:
+        return whole_step_batch_sizes(
+            len(self._segment) // self.world_size, self.max_batch_size, self._segment_accumulation
+        )
+
+    @property
+    def segment_size(self) -> int:
+        """Rows the current segment trains over all ranks."""
+        return sum(self._segment_sizes()) * self.world_size if self._segment is not None else 0
+
     def set_epoch(self, epoch: int) -> None:
         """Called by the Trainer at the start of each epoch."""
         self.epoch = epoch
@@ -114,17 +159,59 @@ class SelectionSampler(BatchRebalanceSampler):
         return order[len(order) - len(order) % self.world_size :].tolist()
 
     def trained_rows(self, num_batches: int) -> list[int]:
-        """The rows, over all ranks, of this epoch's first `num_batches` micro-batches (for compute accounting)."""
+        """The rows, over all ranks, of this epoch's (or segment's) first `num_batches` micro-batches (for compute
+        accounting)."""
         sizes = [len(batch) for batch in self.rank_batches(0)[: max(0, num_batches)]]
-        return self._epoch_order()[: sum(sizes) * self.world_size].tolist()
+        order = self._segment if self._segment is not None else self._epoch_order()
+        return order[: sum(sizes) * self.world_size].tolist()
 
     def rank_batches(self, rank: int | None = None) -> list[list[int]]:
         """The batches `rank` (default: this one) trains on this epoch (see `shard_batches`)."""
         rank = self.rank if rank is None else rank
+        if self._segment is not None:
+            return shard_batches(self._segment, self.world_size, rank, self.max_batch_size, self._segment_sizes())
         return shard_batches(self._epoch_order(), self.world_size, rank, self.max_batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self.rank_batches()
+        batches = self.rank_batches()
+        if self._segment is not None:
+            batches, self._segment_skip = batches[self._segment_skip :], 0
+        yield from batches
 
     def __len__(self) -> int:
+        if self._segment is not None:
+            return len(self._segment_sizes())
         return num_rank_batches(len(self._rows), self.world_size, self.max_batch_size)
+
+
+class SegmentedLoader:
+    """An epoch of in-epoch selection (`selection_strategy="steps"`) as one iterable of training batches.
+
+    It iterates `loader` (whose sampler holds the current segment) once per segment, and between two segments calls
+    `next_segment()`, which runs the selection event, sets the sampler's next segment and returns `False` once the
+    pass has no pairs left; then `on_exhausted()` ends the epoch. The event thus runs when the Trainer asks for the
+    first batch of the next optimizer step, after the previous step's optimizer update, logging and checkpoint, and
+    before any batch of the new segment exists: accelerate's one-batch look-ahead stays inside a segment.
+    Everything else (`set_epoch`, `batch_sampler`, ...) is `loader`'s.
+    """
+
+    def __init__(self, loader, next_segment, on_exhausted) -> None:
+        self.loader = loader
+        self.next_segment = next_segment
+        self.on_exhausted = on_exhausted
+        self.num_yielded = 0
+
+    def __iter__(self) -> Iterator:
+        while True:
+            for batch in self.loader:
+                self.num_yielded += 1
+                yield batch
+            if not self.next_segment():
+                self.on_exhausted()
+                return
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)

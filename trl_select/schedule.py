@@ -27,17 +27,17 @@ def update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -
 
 
 def selective_horizon(
-    epoch_start_step: int, epoch: int, num_train_epochs: int, num_batches: int, gradient_accumulation_steps: int
+    epoch_start_step: int, epoch: int, num_train_epochs: float, num_batches: int, gradient_accumulation_steps: int
 ) -> int:
     """The run's last optimizer step, estimated as epoch `epoch` (`num_batches` batches) begins at `epoch_start_step`.
 
-    This epoch and every later one are counted at this epoch's length: the later selections are not known yet. The
-    estimate never ends the run early (the epoch under way always fits in it), and it is exact from the last epoch's
-    selection on, so the run's last step is the horizon's.
+    This epoch and every later one are counted at this epoch's length: the later selections are not known yet. A
+    fractional `num_train_epochs` ends the last epoch that far into it, rounded up to a whole step, as transformers
+    does. The estimate never ends the run early (the epoch under way fits in it unless the run ends inside it), and
+    it is exact from the last epoch's selection on, so the run's last step is the horizon's.
     """
-    return epoch_start_step + (num_train_epochs - epoch) * update_steps_per_epoch(
-        num_batches, gradient_accumulation_steps
-    )
+    steps = update_steps_per_epoch(num_batches, gradient_accumulation_steps)
+    return epoch_start_step + math.ceil(round((num_train_epochs - epoch) * steps, 9))
 
 
 class RetimedSchedule:

@@ -51,9 +51,13 @@ def ordered_score_names(names: Sequence[str]) -> list[str]:
     return preferred + [name for name in names if name not in preferred]
 
 
-def score_file_path(output_dir: str | os.PathLike, epoch: int) -> Path:
-    """`output_dir/selection/epoch_{epoch}.parquet`."""
-    return Path(output_dir) / SCORE_DIR / SCORE_FILE_PATTERN.format(epoch=epoch)
+def score_file_path(output_dir: str | os.PathLike, epoch: int, global_step: int | None = None) -> Path:
+    """`output_dir/selection/epoch_{epoch}.parquet`, or `epoch_{epoch}_step_{global_step}.parquet` for an in-epoch
+    event (several per epoch)."""
+    name = SCORE_FILE_PATTERN.format(epoch=epoch)
+    if global_step is not None:
+        name = name.replace(".parquet", f"_step_{global_step}.parquet")
+    return Path(output_dir) / SCORE_DIR / name
 
 
 def scatter_rows(num_rows: int, max_points: int = MAX_SCATTER_POINTS, seed: int = 0) -> np.ndarray:
@@ -224,7 +228,7 @@ def read_score_files(output_dir: str | os.PathLike) -> list[ScoreFile]:
     """Every score file under `output_dir/selection/`, in epoch order (empty if there are none)."""
     directory = Path(output_dir) / SCORE_DIR
     files = [read_score_file(path) for path in directory.glob(SCORE_FILE_PATTERN.format(epoch="*"))]
-    return sorted(files, key=lambda file: file.event.epoch)
+    return sorted(files, key=lambda file: (file.event.epoch, file.event.global_step))
 
 
 @dataclass(frozen=True)

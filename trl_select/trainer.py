@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,8 +47,9 @@ from .engine import ScoringEngine
 from .event import Reporter
 from .history import HISTORY_FILENAME
 from .memory import warn_if_aux_memory_costly
+from .registry import scorer_needs
 from .reporting import default_reporters
-from .sampler import SelectionSampler
+from .sampler import SegmentedLoader, SelectionSampler
 from .schedule import RetimedLR, selective_horizon, update_steps_per_epoch
 from .scores import PairLogProbs
 from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
@@ -59,6 +61,7 @@ from .validation import (
     check_fraction_can_fill_a_batch,
     check_not_vision,
     check_preference_rows,
+    event_schedule,
     min_selection_size,
 )
 
@@ -197,6 +200,20 @@ class SelectiveDPOTrainer(DPOTrainer):
             world_size=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
         )
+        # Refuse a schedule with no event now, and say once when this run will select.
+        schedule = self._event_schedule(args.per_device_train_batch_size)
+        if schedule.strategy == "steps":
+            events = max(0, -(-(schedule.horizon - schedule.warmup_steps) // schedule.interval))
+            logger.warning(
+                "trl-select: this run is %d optimizer steps (%.2g epochs of the pool), so it selects inside the epochs: "
+                "first at step %d, then every %d steps (about %d events), each scoring the next pairs it will train "
+                "(selection_strategy='steps').",
+                schedule.horizon,
+                schedule.horizon / schedule.steps_per_epoch,
+                schedule.warmup_steps,
+                schedule.interval,
+                events,
+            )
         self.selection_engine = ScoringEngine(self, validation_dataset)
         self.selection_callback = SelectionCallback(self, self.selection_engine)
         self.selection_callback.reporters.extend(default_reporters(self))  # score files, per-category, wandb
@@ -269,6 +286,15 @@ class SelectiveDPOTrainer(DPOTrainer):
         return list(ids)
 
     # ----- selection plumbing -----
+
+    def _event_schedule(self, batch_size: int):
+        return event_schedule(
+            self.args,
+            len(self.train_dataset),
+            batch_size,
+            self.accelerator.num_processes,
+            scorer_needs(self.args.required_scores),
+        )
 
     @property
     def scoring_batch_size(self) -> int:
@@ -398,6 +424,14 @@ class SelectiveDPOTrainer(DPOTrainer):
         """
         if self.selection_callback is not None:
             self.selection_callback.start_from_full_pool()
+            # The events of this loop, at its live batch size (`auto_find_batch_size` lowers it between retries).
+            schedule = self._event_schedule(self._train_batch_size if batch_size is None else batch_size)
+            self.selection_callback.configure(
+                schedule.strategy,
+                schedule.warmup_steps,
+                schedule.interval,
+                self.args.max_steps if self.args.max_steps > 0 else None,
+            )
         self._pairs_trained = 0.0
         return super()._inner_training_loop(
             batch_size,
@@ -407,11 +441,22 @@ class SelectiveDPOTrainer(DPOTrainer):
             ignore_keys_for_eval=ignore_keys_for_eval,
         )
 
+    def set_initial_training_values(self, args, dataloader):
+        values = super().set_initial_training_values(args, dataloader)
+        if self.selection_sampler is None or args.max_steps <= 0:
+            return values
+        # A step budget with selection: epochs are as short as their selections, so the Trainer's epoch count from the
+        # full pool would stop too early; `global_step >= max_steps` ends the run, as for a dataset of unknown length.
+        num_train_epochs, *rest = values
+        return (sys.maxsize, *rest)
+
     def _run_epoch(self, *args: Any, **kwargs: Any):
         # The Trainer passes step counts frozen from the full pool; recount them from the live selection so the epoch
         # ends, steps its last partial accumulation and sets `state.epoch` where the selection really ends.
         if self.selection_sampler is None:
             return super()._run_epoch(*args, **kwargs)
+        if self.selection_callback.strategy == "steps":
+            return self._run_steps_epoch(*args, **kwargs)
         num_batches = len(kwargs["train_dataloader"])
         num_steps = update_steps_per_epoch(num_batches, self.args.gradient_accumulation_steps)
         kwargs["steps_in_epoch"] = num_batches
@@ -420,6 +465,36 @@ class SelectiveDPOTrainer(DPOTrainer):
         result = super()._run_epoch(*args, **kwargs)
         # A resumed or stopped epoch ran only part of its steps; the balanced batches make each step's share equal.
         self._pairs_trained += epoch_size * (self.state.global_step - start_step) / num_steps
+        return result
+
+    def _run_steps_epoch(self, *args: Any, **kwargs: Any):
+        """One pass of the `"steps"` strategy: segments chosen as the Trainer asks for batches, ended by the callback.
+
+        Its length is known only as its events decide, so the Trainer gets an upper bound (every step trains at least
+        one pair per micro-batch per rank), in whole accumulation steps so that no step but a segment's last syncs
+        gradients, and the loader stops the epoch (`should_epoch_stop`) when the pass has no pairs left. Resumed
+        batches are skipped by the sampler itself (`restore_selection_state`), not by the Trainer.
+        """
+        callback, accumulation = self.selection_callback, self.args.gradient_accumulation_steps
+        bound = self.selection_sampler.pool_size // self.selection_sampler.world_size + 1
+        loader = kwargs["train_dataloader"]
+
+        def exhausted() -> None:
+            self.control.should_epoch_stop = True
+
+        segmented = SegmentedLoader(loader, lambda: callback.next_segment(self.state), exhausted)
+        kwargs["train_dataloader"] = segmented
+        kwargs["steps_in_epoch"] = bound * accumulation
+        kwargs["num_update_steps_per_epoch"] = bound
+        kwargs["steps_trained_in_current_epoch"] = 0
+        start_step = self.state.global_step
+        result = super()._run_epoch(*args, **kwargs)
+        self._pairs_trained += (
+            (self.state.global_step - start_step)
+            * accumulation
+            * self._train_batch_size
+            * (self.selection_sampler.world_size)
+        )
         return result
 
     def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float):
@@ -472,19 +547,28 @@ class SelectiveDPOTrainer(DPOTrainer):
             # Events after the checkpoint are dropped: the resumed run records them again.
             history = Path(checkpoint_dir) / HISTORY_FILENAME
             self.selection_callback.history.rewrite(history.read_bytes() if history.is_file() else b"")
-        epochs_trained, batches_trained = resume_position(
-            state, self.state.global_step, self.args.gradient_accumulation_steps
-        )
-        # The Trainer has just reset `state.max_steps` to the full-pool horizon; the run being resumed had moved it.
-        self.set_horizon(
-            selective_horizon(
-                state.epoch_start_step,
-                state.epoch,
-                num_train_epochs,
-                state.batches_in_epoch,
-                self.args.gradient_accumulation_steps,
+        if state.strategy == "steps":
+            # The pass goes on at the checkpoint's segment; the sampler skips what that segment already trained.
+            epochs_trained, batches_trained = state.epoch, 0
+            self.set_horizon(state.max_steps)
+        else:
+            epochs_trained, batches_trained = resume_position(
+                state, self.state.global_step, self.args.gradient_accumulation_steps
             )
-        )
+            if self.args.max_steps > 0:
+                self.set_horizon(self.args.max_steps)
+            else:
+                # The Trainer has just reset `state.max_steps` to the full-pool horizon; the run being resumed had
+                # moved it.
+                self.set_horizon(
+                    selective_horizon(
+                        state.epoch_start_step,
+                        state.epoch,
+                        self.args.num_train_epochs,
+                        state.batches_in_epoch,
+                        self.args.gradient_accumulation_steps,
+                    )
+                )
         logger.info(
             "Resuming selection from %s: epoch %d, %d of its batches already trained, %d pairs selected.",
             checkpoint_dir,

@@ -15,11 +15,17 @@ selection, from the config and again when the trainer is built.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from datasets import Dataset
+
+from .sampler import num_rank_batches
+from .schedule import update_steps_per_epoch
+from .segments import resolve_steps
 
 
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
@@ -277,3 +283,72 @@ def check_distributed_setup_supported(
             "whole-sequence log-probs per pair from data-parallel replicas and copies the policy into an auxiliary "
             "model, which sharded or split models do not provide. " + SUPPORTED_DISTRIBUTED
         )
+
+
+@dataclass(frozen=True)
+class EventSchedule:
+    """When a run's selection events happen (`selection_strategy` resolved against the run's length).
+
+    `horizon` is the run's steps as the Trainer sizes them from the full pool (`max_steps`, or `num_train_epochs`
+    full-pool epochs); `warmup_steps` and `interval` are the `"steps"` strategy's, in optimizer steps.
+    """
+
+    strategy: str
+    horizon: int
+    warmup_steps: int
+    interval: int
+    steps_per_epoch: int
+
+
+def event_schedule(
+    args: Any, pool_size: int, batch_size: int, world_size: int, rule_needs: set[str] | frozenset[str]
+) -> EventSchedule:
+    """Resolve `selection_strategy`, `selection_steps` and `selection_warmup_steps` for a pool of `pool_size` pairs
+    trained `batch_size` per rank on `world_size` ranks, refusing (`ValueError`, naming the flag and the fix) a
+    schedule with no event in the run or an interval shorter than one optimizer step. `rule_needs` are the inputs
+    the rule's scores need (`registry.scorer_needs`)."""
+    steps_per_epoch = update_steps_per_epoch(
+        num_rank_batches(pool_size, world_size, batch_size), args.gradient_accumulation_steps
+    )
+    horizon = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    strategy = args.selection_strategy
+    if strategy == "auto":
+        strategy = "epoch" if horizon > args.selection_warmup_epochs * steps_per_epoch else "steps"
+    if strategy == "epoch":
+        if horizon <= args.selection_warmup_epochs * steps_per_epoch:
+            raise ValueError(
+                f"`selection_strategy='epoch'` (`--selection_strategy epoch`) selects at epoch boundaries after "
+                f"`selection_warmup_epochs={args.selection_warmup_epochs}`, but this run ends at step {horizon}, within "
+                f"its warm-up epochs ({steps_per_epoch} steps each): no selection would happen. Use "
+                "`--selection_strategy steps` (or `auto`) to select inside the epoch, or train more epochs."
+            )
+        return EventSchedule(strategy, horizon, 0, 1, steps_per_epoch)
+    if rule_needs & {"model", "validation"}:
+        raise ValueError(
+            f"`selection_rule={args.selection_rule!r}` scores the whole pool with the model, which the in-epoch "
+            "`steps` strategy (it scores chunks) cannot do: set `--selection_strategy epoch` and train at least "
+            f"{args.selection_warmup_epochs + 1} epochs."
+        )
+    if args.aux_refresh_epochs != 1:
+        raise ValueError(
+            f"`aux_refresh_epochs={args.aux_refresh_epochs}` applies to the `epoch` strategy; with "
+            "`selection_strategy='steps'` the aux model is realigned at every event, for the chunk it scores. Leave "
+            "`--aux_refresh_epochs 1`, or use `--selection_strategy epoch`."
+        )
+    warmup_steps = resolve_steps(args.selection_warmup_steps, horizon)
+    interval = resolve_steps(args.selection_steps, horizon)
+    for name, value in (
+        ("selection_steps", args.selection_steps),
+        ("selection_warmup_steps", args.selection_warmup_steps),
+    ):
+        if isinstance(value, float) and value * horizon < 1:
+            raise ValueError(
+                f"`{name}={value}` (`--{name}`) is a fraction of this run's {horizon} optimizer steps, which is "
+                "shorter than one step. Give it in steps (an integer >= 1) or as a larger fraction."
+            )
+    if warmup_steps >= horizon:
+        raise ValueError(
+            f"`selection_warmup_steps` resolves to step {warmup_steps}, but this run ends at step {horizon}: no "
+            "selection would happen. Lower `--selection_warmup_steps` (e.g. 0.2, a fifth of the run) or train longer."
+        )
+    return EventSchedule(strategy, horizon, warmup_steps, interval, steps_per_epoch)

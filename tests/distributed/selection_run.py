@@ -93,6 +93,8 @@ def main() -> None:
         "--break_rank1_scoring", action="store_true", help="A deliberately broken variant: rank 1 skips a batch."
     )
     parser.add_argument("--save_steps", type=int, default=0, help="Checkpoint every this many steps (0: never).")
+    parser.add_argument("--epochs", type=float, default=3, help="`num_train_epochs` of the config.")
+    parser.add_argument("--max_steps", type=int, default=-1, help="`max_steps` of the config.")
     parser.add_argument("--resume", default=None, help="A checkpoint to resume from.")
     parser.add_argument(
         "--gather_aux_copy",
@@ -249,6 +251,8 @@ def main() -> None:
     args = fast_config(
         out / "run",
         per_device_train_batch_size=options.per_device_batch,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps,
         ddp_timeout=int(timedelta(seconds=60).seconds),
         deepspeed=options.deepspeed,
         use_cpu=options.deepspeed is None or options.bf16,  # TrainingArguments refuses bf16 on the CPU otherwise
