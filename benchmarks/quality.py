@@ -353,6 +353,8 @@ def run_arm(
         epochs_record.append(
             {
                 "epoch": record["epoch"],
+                "event": record["event"],
+                "global_step": record["global_step"],
                 "num_kept": len(kept),
                 "flipped_in_kept": sum(flipped[i] for i in kept) / max(len(kept), 1),
                 "flipped_in_dropped": sum(flipped[i] for i in dropped) / len(dropped) if dropped else None,

@@ -343,8 +343,7 @@ def test_in_epoch_selection_on_two_ranks_matches_one_process_and_zero3(tmp_path)
     history = one["history"]
     assert [r["event"] for r in history][:2] == ["warmup", "selection"]
     for run in (two, zero3):
-        assert run[0]["history"] == run[1]["history"]  # every rank recorded the same events
-        other = run[0]["history"]
+        other = run[0]["history"]  # the main process writes it
         assert [r["global_step"] for r in other] == [r["global_step"] for r in history]
         assert other[1]["selected_ids"] == history[1]["selected_ids"]
         for name, band in history[1]["thresholds"].items():
