@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 
 from trl_select import SelectiveDPOConfig, read_history
+from trl_select.callback import SelectionCallback
 from trl_select.schedule import RetimedLR
 from trl_select.segments import (
     chunk_size,
@@ -88,8 +89,8 @@ def test_schedules_with_no_event_are_refused_with_the_flag_named(tmp_path):
 
 
 def test_lr_retiming_follows_the_schedulers_counter_through_skipped_steps():
-    # The Trainer does not step the scheduler on a skipped optimizer step (fp16 overflow). Anchored on `global_step`,
-    # the retimed schedule would end `skipped` scheduler steps after the run's last step, with a non-zero LR.
+    # The Trainer does not step the scheduler on a skipped optimizer step (fp16 overflow). A retarget anchored on
+    # `global_step` (as before) ends the schedule `skipped` scheduler steps after the run's last step, LR not yet 0.
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([parameter], lr=1.0)
     scheduler = RetimedLR(optimizer, [lambda step: max(0.0, 1 - step / 100)], horizon=100)
@@ -98,9 +99,11 @@ def test_lr_retiming_follows_the_schedulers_counter_through_skipped_steps():
             optimizer.step()
             scheduler.step()
     assert scheduler.last_epoch == 16
-    remaining = 30  # the run now ends at global step 50
-    scheduler.retarget(scheduler.last_epoch, remaining)
-    for _ in range(remaining):
+    callback = SelectionCallback.__new__(SelectionCallback)
+    callback.trainer = SimpleNamespace(set_horizon=lambda horizon: None, lr_scheduler=scheduler)
+    callback._move_horizon(SimpleNamespace(global_step=20), 50)  # the run now ends at global step 50
+    for _ in range(30):
+        optimizer.step()
         scheduler.step()
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
 
