@@ -352,7 +352,8 @@ def test_wandb_reporter_logs_the_suspects_table(run_dir):
 
 def test_suspects_modules_import_neither_torch_nor_transformers():
     code = (
-        "import sys, trl_select.suspects, trl_select.suspects_report, trl_select.cli; "
+        "import sys, trl_select.suspects, trl_select.suspects_report, trl_select.cli, trl_select.cleaning, "
+        "trl_select.pool_source; "
         "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
