@@ -100,6 +100,9 @@ def test_decisions_read_case_insensitively_and_empty_cells_are_undecided(tmp_pat
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     decisions = read_decisions(path)
     assert [(d.pair_id, d.decision, d.line) for d in decisions] == [(1, "flip", 1)]
+    spreadsheet = tmp_path / "saved_by_a_spreadsheet.csv"  # pair_id first, behind a byte-order mark
+    spreadsheet.write_bytes("pair_id,decision\r\n7,Drop\r\n8,\r\n".encode("utf-8-sig"))
+    assert [(d.pair_id, d.decision, d.line) for d in read_decisions(spreadsheet)] == [("7", "drop", 2)]
 
 
 def test_flip_swaps_paired_columns():

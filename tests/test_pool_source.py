@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from datasets import Dataset, load_dataset
@@ -67,3 +68,18 @@ def test_a_loaded_dataset_records_its_arrow_file_an_in_memory_or_reordered_one_s
     record_pool_source(tmp_path / "run", Dataset.from_list([{"chosen": "a", "rejected": "b"}]))
     location, _, note = resolve_pool_source(tmp_path / "run")
     assert location is None and "built in memory" in note
+
+
+def test_unreadable_cache_files_give_a_record_that_says_so(pool_file, tmp_path):
+    loaded = load_dataset("json", data_files=str(pool_file), split="train")
+    cache = Path(loaded.cache_files[0]["filename"])
+    moved = cache.with_suffix(".moved")
+    cache.rename(moved)  # the cache was cleared under a live dataset
+    try:
+        record_pool_source(tmp_path / "run", loaded)
+    finally:
+        moved.rename(cache)
+    record = read_pool_source(tmp_path / "run")
+    assert record["format"] is None and "could not be read" in record["reason"]
+    with pytest.raises(FileNotFoundError):
+        record_pool_source(tmp_path / "run", loaded, location=tmp_path / "missing.jsonl")

@@ -103,7 +103,7 @@ def read_decisions(path: str | os.PathLike) -> list[Decision]:
     suffix = path.suffix.lower()
     rows: list[tuple[int, dict[str, Any]]] = []
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             rows = [(index + 2, row) for index, row in enumerate(reader)]  # line 1 is the header

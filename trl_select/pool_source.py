@@ -151,12 +151,26 @@ def record_pool_source(
 ) -> Path:
     """Write `output_dir/selection/pool_source.json` (`describe_pool_source`) and return its path.
 
-    Called once per run on the main process with the raw training dataset, before TRL tokenizes it. A later call
-    replaces the record (e.g. a script that knows the file it loaded the pool from passes `location=`).
+    Called once per run on the main process with the raw training dataset, as the trainer received it (before TRL
+    tokenizes and filters it). With only `dataset`, files that cannot be read give a record that says so rather than
+    an error. A later call replaces the record (e.g. a script that knows the file it loaded the pool from passes
+    `location=`).
     """
     path = pool_source_path(output_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = describe_pool_source(dataset, location, split, relative_to=path.parent)
+    try:
+        record = describe_pool_source(dataset, location, split, relative_to=path.parent)
+    except (OSError, ValueError) as error:  # a dataset whose files cannot be read must not stop a training run
+        if location is not None or dataset is None:
+            raise
+        record = {
+            "format_version": POOL_SOURCE_VERSION,
+            "format": None,
+            "location": None,
+            "num_rows": len(dataset),
+            "files": [],
+            "reason": f"the pool's files could not be read ({error})",
+        }
     path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if record["format"] is None:
         logger.info(
