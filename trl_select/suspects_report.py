@@ -143,7 +143,7 @@ _SCORE_COLOURS = {"irm": "#1f77b4", "lossdiff": "#d62728"}
 _SCORE_NAMES = {"irm": "IRM", "lossdiff": "LossDiff"}
 _OTHER_COLOURS = ("#2ca02c", "#9467bd", "#8c564b")
 # Texts longer than this (in characters, after collapsing whitespace) are shown collapsed in a <details> element.
-COLLAPSE_AFTER = {"prompt": 40, "chosen": 56, "rejected": 56}
+COLLAPSE_AFTER = {"prompt": 36, "chosen": 56, "rejected": 56}
 # The sparkline's y axis: the percentile on a log scale from SPARK_RANGE[0] (bottom) to 100 (top), the same for
 # every pair. The suspects live at the bottom of the pool, where a linear axis would draw every top row as the same
 # flat line; on this one 0.1, 1 and 10 are a third of the height apart.
