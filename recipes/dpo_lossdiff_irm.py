@@ -64,7 +64,8 @@ DEMO_DEFAULTS = {
     "save_strategy": "no",
     "report_to": ["wandb"],
     "run_name": "dpo-lossdiff-irm-demo",
-    "selection_category_column": "rejected_kind",  # kept fraction per kind of rejected answer, in wandb and the PNGs
+    # The known label flips group the pairs: the PNGs and wandb show the kept fraction of flipped and clean pairs.
+    "selection_category_column": "flipped",
 }
 
 
@@ -243,6 +244,11 @@ def main(
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if demo and trainer.accelerator.is_main_process:
+        if training_args.selection_enabled:
+            from trl_select.pool_source import record_pool_source
+
+            # The file the pool was read from: `trl-select suspects` shows each pair's text, `clean` rewrites it.
+            record_pool_source(training_args.output_dir, dataset["train"], location=DEMO_DATA / "train.jsonl")
         report_demo(trainer, dataset["train"], dataset["test"], model_args.model_name_or_path)
         if training_args.selection_enabled:
             from trl_select.plots import plot_selection

@@ -12,9 +12,9 @@ from PIL import Image
 from trl_select.callback import SelectionEvent
 from trl_select.cli import main
 from trl_select.history import SelectionHistory
-from trl_select.plots import event_figure, overview_figure
+from trl_select.plots import event_figure, overview_figure, robust_limits
 from trl_select.reporting import KeepTally, read_score_files, score_file_path, write_score_file
-from trl_select.rules import band_intersection, jaccard
+from trl_select.rules import Band, band_intersection, jaccard
 
 from .test_reporting import warmup_event
 
@@ -90,18 +90,46 @@ def test_event_figure_shows_bands_scatter_categories_and_counts(tmp_path):
     band = file.event.bands["lossdiff"]
     limits = {line.get_xdata()[0] for line in lossdiff_ax.get_lines() if len(line.get_xdata())}
     assert limits == {band.lo, band.hi}  # the band's limits drawn as vertical lines
+    # the axis fits the bulk of the scores and holds the band; the pairs beyond it are counted at the edges
+    values = file.event.scores["lossdiff"]
+    lo, hi = lossdiff_ax.get_xlim()
+    assert lo <= band.lo < band.hi <= hi and (lo, hi) == robust_limits(values, [band])
+    below, above = int((values < lo).sum()), int((values > hi).sum())
+    assert below > 0 and above > 0  # 3,000 normal scores: about 1% beyond each of the P1 and P99 limits
+    edge_notes = [text.get_text() for text in lossdiff_ax.texts]
+    assert edge_notes == [f"◀ {below:,} below", f"{above:,} above ▶"]
     all_pairs, kept_pairs = lossdiff_ax.containers  # the histogram of every pair, then of the kept ones
-    assert sum(bar.get_height() for bar in all_pairs) == 3_000
-    assert sum(bar.get_height() for bar in kept_pairs) == kept.sum()
-    dropped, kept_points = (c for c in scatter_ax.collections if isinstance(c, PathCollection))
+    assert sum(bar.get_height() for bar in all_pairs) + below + above == 3_000
+    assert sum(bar.get_height() for bar in kept_pairs) == kept.sum()  # kept pairs are inside the band
+    dropped, kept_points, beyond = (c for c in scatter_ax.collections if isinstance(c, PathCollection))
     assert len(dropped.get_offsets()) + len(kept_points.get_offsets()) == 1_000  # bounded
-    assert [p.get_label() for p in scatter_ax.patches] == ["both bands"]
+    (x_lo, x_hi), (y_lo, y_hi) = scatter_ax.get_xlim(), scatter_ax.get_ylim()
+    points = np.concatenate([dropped.get_offsets(), kept_points.get_offsets()])
+    assert (points[:, 0] >= x_lo).all() and (points[:, 0] <= x_hi).all() and (points[:, 1] >= y_lo).all()
+    edge = (points[:, 0] == x_lo) | (points[:, 0] == x_hi) | (points[:, 1] == y_lo) | (points[:, 1] == y_hi)
+    assert len(beyond.get_offsets()) == edge.sum() > 0  # the pairs beyond the axes, ringed at the edge
+    # both bands shaded, and their intersection outlined
+    assert [p.get_label() for p in scatter_ax.patches] == ["LossDiff band", "IRM band", "both bands (kept)"]
+    # every legend sits below its axes, off the data
+    figure.draw_without_rendering()
+    for ax in (lossdiff_ax, scatter_ax, category_ax):
+        assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0, ax.get_title()
     widths = sorted(round(bar.get_width(), 6) for bar in category_ax.containers[0])
     expected = sorted(round(kept[file.categories == v].mean(), 6) for v in ("copy", "near_miss", "other"))
     assert widths == expected
     assert [bar.get_height() for bar in times_ax.containers[0]] == [0, 3_000 - kept.sum(), kept.sum()]
     summary = summary_ax.texts[0].get_text()
     assert f"kept: {kept.sum():,} of 3,000 pairs" in summary and "validation loss 0.6900 → 0.6000" in summary
+
+
+def test_robust_limits_fit_the_bulk_and_hold_the_bands():
+    values = np.concatenate([np.linspace(-1.0, 1.0, 999), [500.0, np.nan]])
+    lo, hi = robust_limits(values)
+    assert -1.1 < lo < -0.9 and 0.9 < hi < 1.1  # the outlier at 500 does not squash the axis
+    band = Band(lo=-3.0, hi=0.5, lo_percentile=10.0, hi_percentile=90.0)
+    lo, hi = robust_limits(values, [band])
+    assert lo < -3.0 and 0.9 < hi < 1.2  # widened by the band, plus a margin of the wider span
+    assert robust_limits(np.full(5, 2.0)) == (1.0, 3.0) and robust_limits(np.array([np.nan])) == (-1.0, 1.0)
 
 
 def test_event_figure_of_a_single_score_rule_has_no_scatter(tmp_path):
@@ -142,7 +170,10 @@ def test_overview_shows_cumulative_compute_from_the_score_files(tmp_path):
     assert files[2].event.metrics["selection/compute/train"] == 8000.0  # reporting keeps compute, unlike timings
     figure = overview_figure(history, files)
     compute_ax = figure.axes[-1]
-    assert compute_ax.get_title() == "Cumulative compute at each selection (FTE): selection 20.0%"
+    assert compute_ax.get_title() == "Compute so far at each selection event (FTE)"
+    # the share says what it is: as of the last event, without the last epoch's training (the console's is lower)
+    share = compute_ax.texts[0].get_text()
+    assert "as of the epoch-2 event: 20.0%" in share and "training of epochs 0–1" in share
     legend = [text.get_text() for text in compute_ax.get_legend().get_texts()]
     assert legend == ["train", "reference", "policy scoring", "aux alignment", "aux validation", "aux pool"]
     assert compute_ax.get_ylim()[1] >= 8000 + 1200 + 800  # the stack's top at epoch 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from trl_select import read_history
+from trl_select.pool_source import resolve_pool_source
 from trl_select.testing import build_char_tokenizer, build_tiny_llama
 
 from .testing_utils import DEMO_DATA, REPO
@@ -54,6 +55,8 @@ def test_demo_recipe_with_no_arguments(tmp_path):
     for _, _, flipped_kept, flipped_dropped in rows:
         assert float(flipped_kept) < 0.3 < float(flipped_dropped)
     assert "Greedy exact-match" in output
+    # The demo records the file its pool came from: `trl-select suspects` shows each pair's text without --dataset
+    assert resolve_pool_source(output_dir)[0] == str((RECIPES / "data" / "reverse_digits" / "train.jsonl").resolve())
     assert list((output_dir / "wandb").glob("offline-run-*")), "wandb did not log offline"
     assert (output_dir / "model.safetensors").exists()
 

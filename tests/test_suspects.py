@@ -4,7 +4,9 @@ wandb table, and that the module loads without torch."""
 from __future__ import annotations
 
 import csv
+import html
 import json
+import re
 import subprocess
 import sys
 import types
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import render_suspects_report as render
 from trl_select import find_suspects
 from trl_select.callback import SelectionEvent
 from trl_select.cli import main
@@ -26,9 +29,12 @@ from trl_select.suspects import (
     rank_suspects,
     split_implicit_prompt,
 )
-from trl_select.suspects_report import sparkline_svg, suspects_html, suspects_table
+from trl_select.suspects_report import sparkline_svg, suspects_html, suspects_table, write_suspects
 
 
+REPO = Path(__file__).resolve().parents[1]
+HH_RUN = REPO / "benchmarks" / "results" / "suspects_hh_rlhf"  # the score files of a run on the HH-RLHF slice
+HH_RLHF_SLICE = REPO / "tests" / "data" / "hh_rlhf" / "harmless-base-test.first72.jsonl"
 POOL = 60
 PLANTED = 17  # the pair whose label is "flipped": lowest IRM and LossDiff at every event
 
@@ -133,12 +139,14 @@ def test_cli_prints_the_top_pairs_and_a_legend(run_dir, capsys):
     lines = out.splitlines()
     header = next(line for line in lines if line.startswith("rank"))
     assert header.split() == [
-        "rank", "pair_id", "mean_log_odds", "times_dropped",
+        "rank", "pair_id", "suspicion", "times_dropped",
         "epoch_1.irm", "epoch_1.lossdiff", "epoch_2.irm", "epoch_2.lossdiff",
     ]  # fmt: skip
     first = lines[lines.index(header) + 1].split()
     assert first[:2] == ["1", str(PLANTED)]
     assert "Columns:" in out and "times_dropped:" in out and "0 = lowest of the pool" in out
+    # the run recorded no pool source: the console says so and how to add the text
+    assert "No text of the pairs" in out and "--dataset PATH adds it" in out
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
@@ -152,9 +160,10 @@ def test_cli_writes_jsonl_and_csv_with_the_text(run_dir, dataset_file, tmp_path,
             rows = list(csv.DictReader(f))
     assert len(rows) == POOL  # every pair by default in a file
     assert list(rows[0]) == [
-        "rank", "pair_id", "mean_log_odds", "times_dropped", "epoch_1.irm", "epoch_1.lossdiff", "epoch_2.irm",
-        "epoch_2.lossdiff", "prompt", "chosen", "rejected",
+        "rank", "pair_id", "suspicion", "times_dropped", "epoch_1.irm", "epoch_1.lossdiff", "epoch_2.irm",
+        "epoch_2.lossdiff", "prompt", "chosen", "rejected", "decision",
     ]  # fmt: skip
+    assert {row["decision"] for row in rows} == {""}  # for the reviewer to fill
     assert str(rows[0]["pair_id"]) == str(PLANTED) and rows[0]["chosen"].startswith("<script>")
     assert rows[1]["prompt"] == f"question {rows[1]['pair_id']}"
 
@@ -222,12 +231,92 @@ def test_html_report_is_self_contained_and_escapes_the_text(run_dir, dataset_fil
     assert all(not value.startswith("http") for name, value in parsed.attributes if value and name != "xmlns")
 
 
-def test_sparkline_draws_one_line_per_score():
+def _polylines(svg: str) -> list[list[float]]:
+    """The y coordinates of each polyline of an SVG, in drawing order."""
+    return [
+        [float(point.split(",")[1]) for point in points.split()]
+        for points in re.findall(r'<polyline points="([^"]+)"', svg)
+    ]
+
+
+def test_sparkline_draws_both_scores_on_one_axis_that_separates_the_top_suspects():
     svg = sparkline_svg({"epoch_1": {"irm": 1.0, "lossdiff": 50.0}, "epoch_2": {"irm": 2.0, "lossdiff": 99.0}})
     parsed = Structure()
     parsed.feed(svg)
-    assert parsed.tags.count("polyline") == 2 and parsed.tags.count("circle") == 4
+    # IRM: a line with round dots; LossDiff: a dashed line with square markers
+    assert parsed.tags.count("polyline") == 2 and parsed.tags.count("circle") == 2
+    assert ("stroke-dasharray", "3 2") in parsed.attributes
+    # Two top suspects, both in the bottom percents of the pool, must not draw the same flat line
+    a = _polylines(sparkline_svg({"e1": {"irm": 0.1, "lossdiff": 0.2}, "e2": {"irm": 0.1, "lossdiff": 0.2}}))
+    b = _polylines(sparkline_svg({"e1": {"irm": 3.0, "lossdiff": 5.0}, "e2": {"irm": 3.0, "lossdiff": 5.0}}))
+    assert min(abs(ya - yb) for line_a, line_b in zip(a, b) for ya, yb in zip(line_a, line_b)) >= 5.0
+    # ... and the axis is shared: the same percentile is the same height in any pair's sparkline
+    c = _polylines(sparkline_svg({"e1": {"irm": 0.1, "lossdiff": 9.0}, "e2": {"irm": 0.1, "lossdiff": 9.0}}))
+    assert c[0] == a[0] and c[1] != a[1]
     assert suspects_html([]).count("<tr>") == 1  # an empty ranking: the header row only
+
+
+def test_html_rows_are_compact_and_long_texts_collapse_in_details(run_dir, tmp_path):
+    long_answer = "A long answer that goes on. " * 20
+    rows = [
+        {"id": i, "prompt": f"\n\nHuman: question {i}?\n\nAssistant:", "chosen": long_answer, "rejected": "no"}
+        for i in range(POOL)
+    ]
+    dataset = tmp_path / "long.jsonl"
+    dataset.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "report.html"
+    assert main(["suspects", str(run_dir), "--dataset", str(dataset), "--html", str(out), "--top", "5"]) == 0
+    page = out.read_text(encoding="utf-8")
+    parsed = Structure()
+    parsed.feed(page)
+    headers = re.findall(r"<th>(.*?)</th>", page)
+    assert headers == [
+        "rank", "pair_id", "suspicion", "times_dropped", "IRM / LossDiff percentile", "prompt", "chosen", "rejected"
+    ]  # fmt: skip
+    # a long text and a text of several lines collapse (here the answer and the prompt of each row), plus the legend
+    assert parsed.tags.count("details") == 2 * 5 + 1
+    assert "<pre>" + html.escape(long_answer.strip()) + "</pre>" in page  # the whole text, one click away
+    # a prompt's summary is its end, the last turn; a short one-line text is a plain span
+    assert f"<summary>…Human: question {PLANTED}?</summary>" in page
+    assert '<span class="short">no</span>' in page
+    assert "script" not in parsed.tags
+
+
+def test_recorded_pool_gives_the_text_and_dataset_overrides_it(run_dir, dataset_file, tmp_path, capsys):
+    from trl_select.pool_source import record_pool_source
+
+    record_pool_source(run_dir, location=dataset_file)
+    html_out = tmp_path / "report.html"
+    assert main(["suspects", str(run_dir), "--top", "3", "--html", str(html_out)]) == 0
+    out = capsys.readouterr().out
+    assert f"Text from {dataset_file.resolve()} (recorded by the run, sha256 checked)." in out
+    assert "rank  pair_id  suspicion" in out and "question" in out  # the console table is printed with --html too
+    assert out.rstrip().endswith(str(html_out))
+    assert "&lt;script&gt;" in html_out.read_text()  # the planted pair's text, from the recorded file
+    other = tmp_path / "other.jsonl"
+    other.write_text(dataset_file.read_text().replace("question", "other question"))
+    assert main(["suspects", str(run_dir), "--top", "3", "--dataset", str(other)]) == 0
+    assert "other question" in capsys.readouterr().out
+    dataset_file.write_text(dataset_file.read_text().replace("good", "fine"))  # the file changed since the run
+    assert main(["suspects", str(run_dir), "--top", "3", "--html", str(html_out)]) == 0
+    out = capsys.readouterr().out
+    assert "changed since the run" in out and "--dataset PATH adds it" in out
+    page = html_out.read_text()
+    assert "No text of the pairs" in page and "--dataset PATH" in page and "changed since the run" in page
+
+
+@pytest.mark.skipif(render.browser() is None, reason="needs headless Chromium (apt-get install -y chromium)")
+def test_report_layout_in_chromium(tmp_path):
+    """The HH-RLHF report, rendered: 25 rows or more on a 1400x1000 screen, no header cut, long texts collapsed."""
+    suspects = find_suspects(HH_RUN, dataset=HH_RLHF_SLICE, top=40)
+    page = tmp_path / "report.html"
+    write_suspects(suspects, page, format="html", text_note="text from the HH-RLHF slice")
+    layout = render.measure_layout(page, window=(1400, 1000))
+    assert layout["rows"] == 40 and layout["sparklines"] == 40
+    assert layout["rows_on_first_screen"] >= 25, layout
+    assert layout["cut_headers"] == [] and "times_dropped" in layout["headers"]
+    assert layout["details"] >= 40  # every HH-RLHF prompt is a long multi-turn transcript
+    assert layout["scripts_in_report"] == 0
 
 
 # ----- wandb -----
@@ -241,7 +330,7 @@ class FakeTable:
 def test_wandb_reporter_logs_the_suspects_table(run_dir):
     fake_wandb = types.SimpleNamespace(Table=FakeTable)
     table = suspects_table(find_suspects(run_dir, top=4), fake_wandb)
-    assert table.columns[:3] == ["rank", "pair_id", "mean_log_odds"] and len(table.data) == 4
+    assert table.columns[:3] == ["rank", "pair_id", "suspicion"] and len(table.data) == 4
     assert table.data[0][1] == PLANTED
 
     wandb_module = types.SimpleNamespace(
@@ -263,7 +352,8 @@ def test_wandb_reporter_logs_the_suspects_table(run_dir):
 
 def test_suspects_modules_import_neither_torch_nor_transformers():
     code = (
-        "import sys, trl_select.suspects, trl_select.suspects_report, trl_select.cli; "
+        "import sys, trl_select.suspects, trl_select.suspects_report, trl_select.cli, trl_select.cleaning, "
+        "trl_select.pool_source; "
         "print(sorted(m for m in ('torch', 'transformers', 'trl') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)

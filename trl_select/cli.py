@@ -1,4 +1,5 @@
-"""The `trl-select` command line: score pairs offline, select a subset, compare selections, plot a run.
+"""The `trl-select` command line: score pairs offline, select a subset, compare selections, plot a run, review and
+clean its pool.
 
 ```bash
 trl-select score --model POLICY --ref_model SFT --dataset train.jsonl --validation val.jsonl \
@@ -6,7 +7,8 @@ trl-select score --model POLICY --ref_model SFT --dataset train.jsonl --validati
 trl-select select scores.parquet --rule lossdiff_irm --dataset train.jsonl --out subset/   # datasets.save_to_disk
 trl-select overlap subset_a/ subset_b/ scores.parquet   # overlap coefficients between selections
 trl-select plot OUTPUT_DIR                              # PNGs of a run's selection into OUTPUT_DIR/selection_plots
-trl-select suspects OUTPUT_DIR --dataset train.jsonl    # pairs ranked by the evidence their label is flipped
+trl-select suspects OUTPUT_DIR --out suspects.csv       # pairs ranked by the evidence their label is flipped
+trl-select clean OUTPUT_DIR --decisions suspects.csv --out cleaned.jsonl   # the reviewed pairs dropped or flipped
 ```
 
 Each subcommand lives in its own `_add_<name>_command(subparsers)`, which defines its arguments and sets `handler`
@@ -22,6 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from .pair_files import load_pairs, pair_ids_of
+from .suspects import DEFAULT_STATISTIC, SUSPECT_STATISTICS
 from .suspects_report import add_suspects_command
 
 
@@ -355,6 +358,88 @@ def _overlap(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- clean -----
+
+
+def _add_clean_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "clean",
+        help="Write a dataset without the pairs a reviewer (or a policy) dropped and with the flipped ones swapped.",
+        description="Read the decisions (the `trl-select suspects --out` CSV/JSONL with its `decision` column filled "
+        "with keep, drop or flip) or apply a policy to a run's suspects ranking (--drop-top, --flip-top), check every "
+        "decision against the dataset, and write the cleaned dataset in the input's format (.jsonl, .json, .parquet "
+        "or a `save_to_disk` folder) with a JSON manifest of every change and the source's sha256. Nothing is written "
+        "if a decision names an id not in the dataset, an id twice, or an unknown decision.",
+    )
+    parser.add_argument(
+        "output_dir",
+        nargs="?",
+        default=None,
+        metavar="OUTPUT_DIR",
+        help="The run whose pool is cleaned: its recorded dataset is the default --dataset, its ranking the policies'.",
+    )
+    parser.add_argument("--decisions", default=None, metavar="FILE", help="The reviewed suspects .csv or .jsonl.")
+    parser.add_argument(
+        "--drop-top", default=None, metavar="N|P%", help="Drop the N (or P%% of the pool) most suspect pairs."
+    )
+    parser.add_argument(
+        "--flip-top", default=None, metavar="N|P%", help="Flip the N (or P%% of the pool) most suspect pairs."
+    )
+    parser.add_argument(
+        "--dataset", default=None, help="The dataset to clean (default: the one OUTPUT_DIR recorded, if any)."
+    )
+    parser.add_argument("--split", default="train", help="Split of a DatasetDict directory (default: train).")
+    parser.add_argument("--out", required=True, help="The cleaned dataset: a file like the input's, or a folder.")
+    parser.add_argument("--manifest", default=None, metavar="FILE", help="The manifest (default: OUT.manifest.json).")
+    parser.add_argument(
+        "--statistic",
+        default=DEFAULT_STATISTIC,
+        choices=sorted(SUSPECT_STATISTICS),
+        help=f"The suspicion statistic the policies rank by (default: {DEFAULT_STATISTIC}).",
+    )
+    parser.set_defaults(handler=_clean)
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from .cleaning import clean_dataset, policy_decisions, read_decisions
+    from .pool_source import file_sha256
+    from .suspects import recorded_dataset
+
+    policies = [flag for flag, value in (("--drop-top", args.drop_top), ("--flip-top", args.flip_top)) if value]
+    try:
+        if (args.decisions is None) == (not policies) or len(policies) > 1:
+            raise ValueError("Give either --decisions FILE or one policy (--drop-top N|P% or --flip-top N|P%).")
+        if policies and args.output_dir is None:
+            raise ValueError(f"{policies[0]} ranks the pairs of a run: pass its OUTPUT_DIR.")
+        dataset, split = args.dataset, args.split
+        if dataset is None:
+            if args.output_dir is None:
+                raise ValueError("Pass --dataset PATH (or a run's OUTPUT_DIR that recorded its pool).")
+            dataset, recorded_split, note = recorded_dataset(args.output_dir)
+            if dataset is None:
+                raise ValueError(f"No dataset to clean: {note}. Pass --dataset PATH.")
+            split = recorded_split or split
+        if args.decisions is not None:
+            decisions = read_decisions(args.decisions)
+            source = {"file": str(args.decisions), "sha256": file_sha256(args.decisions)}
+        else:
+            decisions, source = policy_decisions(args.output_dir, args.drop_top, args.flip_top, args.statistic)
+        result = clean_dataset(
+            dataset, decisions, args.out, split=split, manifest=args.manifest, decisions_source=source
+        )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"trl-select clean: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"{dataset}: {result.source_rows} pairs -> {result.output_rows} ({result.dropped} dropped, {result.flipped} "
+        f"flipped) -> {result.output}"
+    )
+    print(f"Manifest (every change, the source's sha256): {result.manifest}")
+    if not result.dropped and not result.flipped:
+        print("No decision changed a pair: fill the `decision` column with keep, drop or flip.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trl-select",
@@ -367,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overlap_command(subparsers)
     _add_plot_command(subparsers)
     add_suspects_command(subparsers)
+    _add_clean_command(subparsers)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Preference pairs read from files: a `save_to_disk` folder or a .jsonl/.json/.parquet file, and their stable ids.
+"""Preference pairs read from files: a `save_to_disk` folder or a .jsonl/.json/.parquet/.arrow file, and their stable ids.
 
 Used by the CLI (`score`, `select`, `overlap`) and by `trl-select suspects`; `datasets` is imported when called.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 def load_pairs(path: str, split: str = "train"):
     """A preference dataset from a `save_to_disk` directory (a `DatasetDict` picks `split`), or a .jsonl/.json/.parquet
-    file."""
+    file, or an Arrow file (the cache file `datasets` writes, which `pool_source.json` may name)."""
     from pathlib import Path
 
     from datasets import Dataset, DatasetDict, load_from_disk
@@ -25,6 +25,10 @@ def load_pairs(path: str, split: str = "train"):
         return Dataset.from_json(str(location))
     if location.suffix == ".parquet":
         return Dataset.from_parquet(str(location))
+    if location.suffix == ".arrow":
+        return Dataset.from_file(str(location))
+    if not location.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a `save_to_disk` directory or a .jsonl/.parquet file.")
     raise ValueError(f"{path}: expected a `save_to_disk` directory or a .jsonl, .json or .parquet file.")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.collections import PathCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
@@ -55,7 +56,10 @@ KEPT_COLOR = "#1f77b4"
 DROPPED_COLOR = "#b8b8b8"
 BAND_COLOR = "#ff7f0e"
 CATEGORY_COLORS = ["#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
-_PANEL_SIZE = (5.4, 4.0)  # inches per panel
+_PANEL_SIZE = (5.4, 4.3)  # inches per panel
+# Axis limits: the 1st-99th percentiles of a score, widened to hold its band; pairs outside are marked at the edge.
+ROBUST_PERCENTILES = (1.0, 99.0)
+OUTLIER_COLOR = "#6a3d9a"
 
 
 def score_label(name: str) -> str:
@@ -69,6 +73,43 @@ def _grid(num_panels: int, title: str, columns: int = 3) -> tuple[Figure, list[A
     figure.suptitle(title, fontsize=13, fontweight="bold")
     axes = [figure.add_subplot(rows, columns, index + 1) for index in range(num_panels)]
     return figure, axes
+
+
+def _legend_below(ax: Axes, columns: int = 2, bbox_to_anchor_y: float = -0.17, **kwargs: Any) -> None:
+    """The legend under the axes (below the x label), never over the data."""
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, bbox_to_anchor_y), ncols=columns, fontsize=8, frameon=False, **kwargs
+    )
+
+
+def robust_limits(values: np.ndarray, bands: Sequence[Any] = (), margin: float = 0.04) -> tuple[float, float]:
+    """Axis limits that fit the bulk of `values`: the `ROBUST_PERCENTILES` of the finite values, widened to hold
+    every band's `lo` and `hi`, plus `margin` of the span on each side. A constant score gets a unit-wide window."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return -1.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(finite, ROBUST_PERCENTILES))
+    for band in bands:
+        if band is not None:
+            lo, hi = min(lo, float(band.lo)), max(hi, float(band.hi))
+    span = hi - lo
+    if span <= 0:
+        half = max(abs(hi), 1.0) * 0.5
+        return lo - half, hi + half
+    return lo - margin * span, hi + margin * span
+
+
+def _mark_outside(ax: Axes, below: int, above: int, axis: str = "x") -> None:
+    """Say at the axis edges how many pairs lie beyond the limits (◀ 12 on the left, 7 ▶ on the right)."""
+    if axis != "x":
+        return
+    for count, x, text, align in (
+        (below, 0.0, f"◀ {below:,} below", "left"),
+        (above, 1.0, f"{above:,} above ▶", "right"),
+    ):
+        if count:
+            ax.text(x, 1.0, text, transform=ax.transAxes, ha=align, va="bottom", fontsize=8, color=OUTLIER_COLOR)
 
 
 def _note(ax: Axes, text: str) -> None:
@@ -121,22 +162,26 @@ def _histogram_panel(ax: Axes, name: str, values: np.ndarray, keep: np.ndarray, 
         _note(ax, "no finite score")
         ax.set_title(title)
         return
-    edges = np.histogram_bin_edges(values[finite], bins=60)
-    ax.hist(values[finite], bins=edges, color=DROPPED_COLOR, label=f"all pairs ({finite.sum():,})")
+    lo, hi = robust_limits(values, [band])
+    inside = finite & (values >= lo) & (values <= hi)
+    below, above = int((finite & (values < lo)).sum()), int((finite & (values > hi)).sum())
+    edges = np.linspace(lo, hi, 61)
+    ax.hist(values[inside], bins=edges, color=DROPPED_COLOR, label=f"all pairs ({finite.sum():,})")
     ax.hist(
-        values[finite & keep], bins=edges, color=KEPT_COLOR, label=f"kept, in every band ({(finite & keep).sum():,})"
+        values[inside & keep], bins=edges, color=KEPT_COLOR, label=f"kept, in every band ({(finite & keep).sum():,})"
     )
     if band is not None:
-        ax.axvspan(band.lo, band.hi, color=BAND_COLOR, alpha=0.12, zorder=0)
+        ax.axvspan(band.lo, band.hi, color=BAND_COLOR, alpha=0.15, zorder=0, label=_band_label(band))
         for limit in (band.lo, band.hi):
             ax.axvline(limit, color=BAND_COLOR, linestyle="--", linewidth=1.5)
-        ax.plot([], [], color=BAND_COLOR, linestyle="--", label=_band_label(band))
+    ax.set_xlim(lo, hi)
+    _mark_outside(ax, below, above)
     if (~finite).any():
         title += f" ({(~finite).sum():,} non-finite not shown)"
-    ax.set_title(title)
+    ax.set_title(title, pad=14 if below or above else 6)
     ax.set_xlabel(SCORE_AXIS_LABELS.get(name, name))
     ax.set_ylabel("pairs")
-    ax.legend(fontsize=8, loc="upper right")
+    _legend_below(ax)
 
 
 def _band_label(band) -> str:
@@ -147,23 +192,42 @@ def _scatter_panel(ax: Axes, score_file: ScoreFile, x: str, y: str, max_points: 
     event = score_file.event
     keep = np.asarray(event.keep, dtype=bool)
     rows = scatter_rows(keep.size, max_points, seed=event.epoch)
-    xs, ys, kept = event.scores[x][rows], event.scores[y][rows], keep[rows]
+    xlim = robust_limits(event.scores[x], [event.bands.get(x)])
+    ylim = robust_limits(event.scores[y], [event.bands.get(y)])
+    xs, ys, kept = np.clip(event.scores[x][rows], *xlim), np.clip(event.scores[y][rows], *ylim), keep[rows]
+    outside = (xs != event.scores[x][rows]) | (ys != event.scores[y][rows])  # drawn at the edge they pass
     size = 16 if rows.size <= 1_000 else 5  # small pools get visible dots, large ones a density
     ax.scatter(xs[~kept], ys[~kept], s=size, color=DROPPED_COLOR, alpha=0.7, linewidths=0, label="dropped")
     ax.scatter(xs[kept], ys[kept], s=size, color=KEPT_COLOR, alpha=0.6, linewidths=0, label="kept")
+    if outside.any():
+        ax.scatter(
+            xs[outside], ys[outside], s=28, facecolors="none", edgecolors=OUTLIER_COLOR, linewidths=0.9,
+            label=f"beyond the axes, at the edge ({outside.sum():,})", clip_on=False,
+        )  # fmt: skip
+    if x in event.bands:
+        bx = event.bands[x]
+        ax.axvspan(bx.lo, bx.hi, color=BAND_COLOR, alpha=0.10, zorder=0, label=f"{score_label(x)} band")
+    if y in event.bands:
+        by = event.bands[y]
+        ax.axhspan(by.lo, by.hi, color=KEPT_COLOR, alpha=0.08, zorder=0, label=f"{score_label(y)} band")
     if x in event.bands and y in event.bands:
         bx, by = event.bands[x], event.bands[y]
         ax.add_patch(
             Rectangle(
                 (bx.lo, by.lo), bx.hi - bx.lo, by.hi - by.lo, fill=False, edgecolor=BAND_COLOR, linestyle="--",
-                linewidth=1.5, label="both bands",
+                linewidth=1.5, label="both bands (kept)",
             )
         )  # fmt: skip
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
     sampled = f", {rows.size:,} of {keep.size:,} pairs sampled" if rows.size < keep.size else ""
     ax.set_title(f"{score_label(x)} × {score_label(y)}{sampled}")
     ax.set_xlabel(SCORE_AXIS_LABELS.get(x, x))
     ax.set_ylabel(SCORE_AXIS_LABELS.get(y, y))
-    ax.legend(fontsize=8, loc="upper right", markerscale=4 if size < 10 else 1.5)
+    _legend_below(ax, columns=3)
+    for handle in ax.get_legend().legend_handles:  # legend dots of one readable size, whatever the point size
+        if isinstance(handle, PathCollection):
+            handle.set_sizes([30])
 
 
 def _category_panel(ax: Axes, categories: np.ndarray, keep: np.ndarray, column: str | None) -> None:
@@ -183,11 +247,11 @@ def _category_panel(ax: Axes, categories: np.ndarray, keep: np.ndarray, column: 
             bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
         )
     ax.axvline(keep.mean(), color="0.3", linestyle=":", label=f"all pairs ({keep.mean():.2f})")
-    ax.set_yticks(positions, [str(value) for value in values])
+    ax.set_yticks(positions, [f"{column} = {value}" if column else str(value) for value in values])
     ax.set_xlim(0, 1.18)
     ax.set_xlabel("kept fraction")
     ax.set_title(f"Kept fraction by {column}")
-    ax.legend(fontsize=8, loc="lower right")
+    _legend_below(ax)
 
 
 def _summary_panel(ax: Axes, score_file: ScoreFile) -> None:
@@ -291,13 +355,13 @@ def _kept_timeline(ax: Axes, records: Sequence[dict[str, Any]], by_epoch: dict[i
                 [file.event.keep[file.categories == value].mean() for file in files],
                 "s--", color=color, linewidth=1.2, markersize=4, label=f"{files[0].category_column} = {value}",
             )  # fmt: skip
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.05)
     ax.set_ylabel("kept fraction of the pool")
     ax.set_title("Kept fraction per epoch")
-    ax.legend(fontsize=8, loc="lower right")
     _epoch_axis(ax, records)
     # The counts go under the epochs, where no line can cover them
     ax.set_xticks(epochs, [f"{record['epoch']}\n{record['num_selected']:,} kept" for record in records])
+    _legend_below(ax, bbox_to_anchor_y=-0.26)
 
 
 def _churn_timeline(ax: Axes, records: Sequence[dict[str, Any]]) -> None:
@@ -336,8 +400,8 @@ def _band_timeline(ax: Axes, name: str, records: Sequence[dict[str, Any]], by_ep
         ax.plot(*zip(*medians, strict=True), "o:", color="0.25", label="pool median")
     ax.set_title(f"{score_label(name)} band per epoch")
     ax.set_ylabel(SCORE_AXIS_LABELS.get(name, name))
-    ax.legend(fontsize=8)
     _epoch_axis(ax, records)
+    _legend_below(ax, columns=3)
 
 
 def _aux_timeline(ax: Axes, records: Sequence[dict[str, Any]], by_epoch: dict[int, ScoreFile]) -> None:
@@ -364,7 +428,7 @@ def _aux_timeline(ax: Axes, records: Sequence[dict[str, Any]], by_epoch: dict[in
     margin = max(spread * 0.25, 1e-3)
     ax.set_ylim(min(before + after) - margin, max(before + after) + margin)
     ax.set_ylabel("validation preference loss")
-    ax.legend(fontsize=8)
+    _legend_below(ax)
 
 
 def _compute_timeline(ax: Axes, records: Sequence[dict[str, Any]], by_epoch: dict[int, ScoreFile]) -> None:
@@ -375,11 +439,21 @@ def _compute_timeline(ax: Axes, records: Sequence[dict[str, Any]], by_epoch: dic
     values = [[file.event.metrics.get(f"{COMPUTE_PREFIX}{name}", 0.0) for file in files] for name in categories]
     colors = [KEPT_COLOR, *CATEGORY_COLORS[: len(SELECTION_CATEGORIES)]]
     ax.stackplot(epochs, values, labels=[name.replace("_", " ") for name in categories], colors=colors, alpha=0.8)
+    last = files[-1].event.epoch
     share = files[-1].event.metrics.get(f"{COMPUTE_PREFIX}selection_share", 0.0)
-    ax.set_title(f"Cumulative compute at each selection (FTE): selection {100 * share:.1f}%")
-    ax.set_ylabel("forward-token equivalents (train: previous epochs)")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("Compute so far at each selection event (FTE)")
+    ax.set_ylabel("forward-token equivalents")
+    ax.text(
+        0.02, 0.97,
+        f"selection share as of the epoch-{last} event: {100 * share:.1f}%\n"
+        f"= selection / (selection + training of epochs 0–{last - 1});\n"
+        "the end-of-run console line also counts the last\nepoch's training, so its share is lower",
+        transform=ax.transAxes, va="top", ha="left", fontsize=7.5,
+        bbox={"facecolor": "white", "edgecolor": "0.8", "alpha": 0.9},
+    )  # fmt: skip
+    ax.set_ylim(0, max(sum(column) for column in zip(*values, strict=True)) * 1.55)
     _epoch_axis(ax, records)
+    _legend_below(ax, columns=3)
 
 
 # ----- files -----

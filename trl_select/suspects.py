@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .pair_files import load_pairs, pair_ids_of
+from .pool_source import resolve_pool_source
 from .score_files import (  # noqa: F401  (ScoreEvent, read_score_event: re-exported, they lived here)
     FIXED_COLUMNS,
     FORMAT_VERSION,
@@ -241,13 +242,13 @@ class Suspect:
     chosen: str | None = None
     rejected: str | None = None
 
-    def to_record(self, statistic_name: str = DEFAULT_STATISTIC) -> dict[str, Any]:
-        """A flat row: rank, pair_id, the statistic under its name, times_dropped, `{event}.{score}` percentiles,
-        and the text columns when known."""
+    def to_record(self) -> dict[str, Any]:
+        """A flat row: rank, pair_id, suspicion (the statistic the ranking used), times_dropped, `{event}.{score}`
+        percentiles, and the text columns when known."""
         record: dict[str, Any] = {
             "rank": self.rank,
             "pair_id": self.pair_id,
-            statistic_name: _round(self.statistic),
+            "suspicion": _round(self.statistic),
             "times_dropped": self.times_dropped,
         }
         for event, values in self.percentiles.items():
@@ -399,6 +400,20 @@ def pair_texts(
     return texts
 
 
+def recorded_dataset(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str | None, str | None, str]:
+    """`(location, split, note)` of the pool the first run folder of `paths` recorded (`pool_source.json`, its files'
+    sha256 checked), or `(None, None, why not)`: the text `trl-select suspects` shows when `--dataset` is not given."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    notes = []
+    for path in paths:
+        if Path(path).is_dir():
+            location, split, note = resolve_pool_source(path)
+            if location is not None:
+                return location, split, note
+            notes.append(note)
+    return None, None, "; ".join(notes) or "score files only (no run folder)"
+
+
 def find_suspects(
     output_dir: str | os.PathLike | Sequence[str | os.PathLike],
     dataset: str | os.PathLike | None = None,
@@ -443,6 +458,7 @@ __all__ = [
     "Suspect",
     "find_suspects",
     "load_score_files",
+    "recorded_dataset",
     "percentile_ranks",
     "rank_suspects",
     "read_score_event",
