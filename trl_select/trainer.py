@@ -47,6 +47,7 @@ from .engine import ScoringEngine
 from .event import Reporter
 from .history import HISTORY_FILENAME
 from .memory import warn_if_aux_memory_costly
+from .pool_source import record_pool_source
 from .registry import scorer_needs
 from .reporting import default_reporters
 from .sampler import SegmentedLoader, SelectionSampler
@@ -133,6 +134,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             args,
             {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "validation_dataset": validation_dataset},
         )
+        raw_train_dataset = train_dataset  # as the user passed it: what `trl-select suspects` shows the text of
         if args.selection_enabled:
             train_dataset = self._check_train_dataset(train_dataset)
             if validation_dataset is None:
@@ -176,6 +178,8 @@ class SelectiveDPOTrainer(DPOTrainer):
                 "process with `trl-select score --scores influence` and train on `trl-select select`'s subset."
             )
         warn_if_aux_memory_costly(args, self.model, self.accelerator)  # a full-copy aux: name aux_mode="lora"
+        if self.accelerator.is_main_process and isinstance(raw_train_dataset, Dataset):
+            record_pool_source(args.output_dir, raw_train_dataset)
         self.pair_ids = self._stable_pair_ids(self.train_dataset)
         if validation_dataset is not None:
             if validation_dataset is eval_dataset and isinstance(self.eval_dataset, Dataset):
