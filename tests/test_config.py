@@ -53,7 +53,7 @@ def test_every_selection_field_has_help():
         ({"aux_lora_r": 0}, "aux_lora_r"),
         ({"aux_lora_alpha": 0.0}, "aux_lora_alpha"),
         ({"aux_lora_target_modules": []}, "aux_lora_target_modules"),
-        ({"loss_type": ["ipo"]}, "loss_type"),
+        ({"loss_type": ["aot"]}, "loss_type"),
         ({"ld_alpha": 0.5}, "ld_alpha"),
         ({"num_train_epochs": 0.0}, "num_train_epochs"),
         ({"selection_strategy": "batch"}, "selection_strategy"),

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, use_adapter
 
 from .sampler import num_rank_batches, shard_batches
-from .scores import PairLogProbs, preference_loss, reference_normalised_margin
+from .scores import CompletionLengths, PairLogProbs, PreferenceLoss
 from .scoring import (
     ROW_KEY,
     build_pass_loader,
@@ -85,6 +85,13 @@ class AlignmentSettings:
     lora_target_modules: str | tuple[str, ...] = "all-linear"
     # fp16 without DeepSpeed: scale the aux loss and skip non-finite steps (DeepSpeed fp16 has its own loss scaler)
     loss_scaling: bool = False
+    # The trainer's whole loss (every `loss_type` with its options); `None` means `loss_type` alone with `beta`
+    loss: PreferenceLoss | None = None
+
+    @property
+    def preference_loss(self) -> PreferenceLoss:
+        """The per-pair loss the stage trains with: the trainer's (docs/design.md §2, §6)."""
+        return self.loss if self.loss is not None else PreferenceLoss(beta=self.beta, loss_types=(self.loss_type,))
 
 
 @dataclass(frozen=True)
@@ -336,6 +343,8 @@ class AuxiliaryModel:
             The tokenized validation pairs.
         validation_reference ([`PairLogProbs`]):
             π_ref's log-probs of `validation`, in row order.
+        validation_lengths ([`CompletionLengths`], *optional*):
+            The completion lengths of `validation`, in row order; needed by the losses that read them (`ipo`, ...).
         settings ([`AlignmentSettings`]):
             The alignment stage.
         gradient_checkpointing_kwargs (`dict`, *optional*, defaults to `None`):
@@ -351,7 +360,9 @@ class AuxiliaryModel:
         validation_reference: PairLogProbs,
         settings: AlignmentSettings,
         gradient_checkpointing_kwargs: dict | None = None,
+        validation_lengths: CompletionLengths | None = None,
     ) -> None:
+        self.validation_lengths = validation_lengths
         self.policy = policy
         self.accelerator = accelerator
         self.collator = collator
@@ -637,8 +648,8 @@ class AuxiliaryModel:
             chosen=self.validation_reference.chosen[rows].to(chosen.device),
             rejected=self.validation_reference.rejected[rows].to(chosen.device),
         )
-        margin = reference_normalised_margin(PairLogProbs(chosen.float(), rejected.float()), reference)
-        return preference_loss(margin, self.settings.beta, self.settings.loss_type)
+        lengths = None if self.validation_lengths is None else self.validation_lengths.select(rows).to(chosen.device)
+        return self.settings.preference_loss(PairLogProbs(chosen.float(), rejected.float()), reference, lengths)
 
     def _align(self, aux: _AuxHandle) -> tuple[int, int, tuple[int, ...]]:
         """Run one alignment stage; returns the number of steps, how many were skipped, and every rank's rows."""
@@ -682,5 +693,5 @@ class AuxiliaryModel:
                 len(self.validation),
                 desc="Aux validation loss",
             )
-        margin = reference_normalised_margin(log_probs, self.validation_reference)
-        return float(preference_loss(margin, self.settings.beta, self.settings.loss_type).mean())
+        loss = self.settings.preference_loss(log_probs, self.validation_reference, self.validation_lengths)
+        return float(loss.mean())

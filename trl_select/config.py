@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from trl import DPOConfig
 
 from . import registry_builtins  # noqa: F401  (the built-in rules and scorers, registered before any lookup)
-from .registry import get_rule, scorer_needs
+from .registry import get_rule, scorer_needs, scores_use_loss
 from .rules import check_fraction, check_percentile_band
+from .scores import LABEL_SMOOTHING_LOSS_TYPES, UNSUPPORTED_LOSS_TYPES, PreferenceLoss
 from .validation import check_distributed_setup_supported
 
 
@@ -22,6 +23,25 @@ SCORING_REUSE = ("none", "reference", "reference_and_policy")
 # When selection events happen: at epoch boundaries, every `selection_steps` optimizer steps inside the epochs, or
 # whichever of the two the run's length calls for (`SelectiveDPOTrainer` resolves "auto" once the pool is known).
 SELECTION_STRATEGIES = ("auto", "epoch", "steps")
+
+
+# `DPOConfig` fields that selection refuses away from their default, with the reason (docs/configuration.md's table).
+UNSUPPORTED_WITH_SELECTION: dict[str, tuple[object, str]] = {
+    "ld_alpha": (
+        None,
+        "LD-DPO weights each completion's tokens past the pair's shared length, which the scoring passes' per-pair "
+        "summed log-probs do not split, so every score would read other log-probs than the loss",
+    ),
+    "use_weighting": (
+        False,
+        "WPO weights each pair's loss by its per-token probabilities (`log_sum_sq_probs`), which per-pair summed "
+        "log-probs cannot give",
+    ),
+    "sync_ref_model": (
+        False,
+        "TR-DPO moves the reference during training, while selection caches π_ref's log-probs once per run",
+    ),
+}
 
 
 @dataclass
@@ -303,6 +323,33 @@ class SelectiveDPOConfig(DPOConfig):
         """Whether a score of the rule reads validation pairs (through θ_aux, or directly like influence)."""
         return bool({"auxiliary", "validation"} & scorer_needs(self.required_scores))
 
+    @property
+    def evaluates_loss(self) -> bool:
+        """Whether a score of the rule evaluates the trainer's loss (LossDiff, influence), per pair."""
+        return self.selection_enabled and scores_use_loss(self.required_scores)
+
+    def preference_loss(self) -> PreferenceLoss:
+        """The trainer's per-pair loss (`loss_type`, `loss_weights`, `beta`, ...), exactly TRL's (docs/design.md §2)."""
+        return PreferenceLoss.from_args(self)
+
+    def check_loss_is_scorable(self) -> None:
+        """Refuse a loss the rule's scores cannot evaluate per pair (docs/design.md §2).
+
+        LossDiff and influence score with the trainer's own loss, so a rule that reads them needs a loss with a
+        per-pair form; rules of IRM, reward gap or DavIR read no loss and accept every `loss_type`.
+        """
+        if not self.evaluates_loss:
+            return
+        unscorable = [loss_type for loss_type in self.loss_type if loss_type in UNSUPPORTED_LOSS_TYPES]
+        if unscorable:
+            raise ValueError(
+                f"`loss_type={unscorable[0]!r}` (`--loss_type`) cannot be scored per pair: "
+                f"{UNSUPPORTED_LOSS_TYPES[unscorable[0]]}. `selection_rule={self.selection_rule!r}` "
+                f"(`--selection_rule`) scores pairs with the trainer's loss ({list(self.required_scores)}); use a rule "
+                "that reads no loss (`irm_band`, `reward_gap`, `davir`), or `selection_rule='none'`."
+            )
+        self.preference_loss()  # a ValueError naming the option when the loss is misconfigured
+
     def percentile_bands(self) -> dict[str, tuple[float, float]]:
         """The configured `(lo, hi)` percentile band of each score the rule needs that has band fields here."""
         return {
@@ -387,26 +434,16 @@ class SelectiveDPOConfig(DPOConfig):
             raise ValueError(
                 f"`selection_category_column` must be a column name or unset, got {self.selection_category_column!r}."
             )
+        warn_inert_loss_options(self)
         if not self.selection_enabled:
             return
-        # Selection scores with the trainer's own loss (docs/design.md §2-3), so that loss must be one the scores implement.
-        if len(self.loss_type) != 1 or self.loss_type[0] not in ("sigmoid", "hinge"):
-            raise ValueError(
-                f"`loss_type` must be ['sigmoid'] (DPO) or ['hinge'] (SLiC) when `selection_rule` is "
-                f"{self.selection_rule!r}, got {self.loss_type}. Set `selection_rule='none'` to train other losses."
-            )
-        unsupported = {
-            "ld_alpha": (self.ld_alpha, None),
-            "f_divergence_type": (self.f_divergence_type, "reverse_kl"),
-            "use_weighting": (self.use_weighting, False),
-            "sync_ref_model": (self.sync_ref_model, False),
-        }
-        for name, (value, default) in unsupported.items():
+        self.check_loss_is_scorable()
+        for name, (default, why) in UNSUPPORTED_WITH_SELECTION.items():
+            value = getattr(self, name)
             if value != default:
                 raise ValueError(
-                    f"`{name}={value!r}` changes the loss that selection scores with; it is not supported with "
-                    f"`selection_rule={self.selection_rule!r}`. Leave `{name}` at {default!r}, or set "
-                    "`selection_rule='none'`."
+                    f"`{name}={value!r}` (`--{name}`) is not supported with `selection_rule={self.selection_rule!r}`: "
+                    f"{why}. Leave `{name}` at {default!r}, or set `selection_rule='none'`."
                 )
         if not self.num_train_epochs > 0:
             raise ValueError(f"`num_train_epochs` must be > 0 with selection, got {self.num_train_epochs}.")
@@ -445,6 +482,36 @@ class SelectiveSLiCConfig(SelectiveDPOConfig):
                 f"`loss_type` must be ['hinge'] for SelectiveSLiCConfig (SLiC is the hinge loss), got {self.loss_type}."
                 " Use SelectiveDPOConfig for the sigmoid (DPO) loss."
             )
+
+
+def inert_loss_options(config: DPOConfig) -> list[str]:
+    """The loss options `config` sets away from their default that TRL 1.16's loss never reads with its `loss_type`
+    and `f_divergence_type` (dpo_trainer.py:1353-1516), each as a sentence naming the option."""
+    loss_types = set(config.loss_type)
+    inert = []
+    readers = LABEL_SMOOTHING_LOSS_TYPES + ("aot", "aot_unpaired")
+    if config.label_smoothing != 0.0 and not loss_types & set(readers):
+        inert.append(f"`label_smoothing={config.label_smoothing}` (read only by the {'/'.join(readers)} losses)")
+    if config.discopop_tau != 0.05 and "discopop" not in loss_types:
+        inert.append(f"`discopop_tau={config.discopop_tau}` (read only by the discopop loss)")
+    f_divergence = getattr(config.f_divergence_type, "value", config.f_divergence_type)
+    if config.f_alpha_divergence_coef != 0.5 and f_divergence != "alpha_divergence":
+        inert.append(
+            f"`f_alpha_divergence_coef={config.f_alpha_divergence_coef}` (read only with "
+            "`f_divergence_type='alpha_divergence'`)"
+        )
+    return inert
+
+
+def warn_inert_loss_options(config: DPOConfig) -> None:
+    """Log a warning for each option the run accepts but its loss ignores (`inert_loss_options`)."""
+    inert = inert_loss_options(config)
+    if inert:
+        logger.warning(
+            "These options have no effect with `loss_type=%s` in TRL 1.16, which accepts them silently: %s.",
+            list(config.loss_type),
+            "; ".join(inert),
+        )
 
 
 def _check_int_at_least(config: object, name: str, minimum: int, why: str = "") -> None:

@@ -28,7 +28,7 @@ from . import registry_builtins  # noqa: F401  (the built-in scorers, registered
 from .auxiliary import AlignmentSettings, AuxiliaryModel
 from .compute import FORWARD, TRAIN_STEP, ComputeLedger, pair_token_counts, rows_tokens
 from .registry import ScoringContext, SelectionContext, run_scorer, scorer_needs
-from .scores import PairLogProbs
+from .scores import CompletionLengths, PairLogProbs, completion_lengths
 from .scoring import build_pass_loader, inference_mode, run_log_prob_pass, sequence_log_probs
 from .training_log_probs import POLICY, REFERENCE, TrainingLogProbs, fill_rows, missing_rows
 
@@ -67,6 +67,7 @@ def alignment_settings(trainer: SelectiveDPOTrainer) -> AlignmentSettings:
     return AlignmentSettings(
         beta=args.beta,
         loss_type=args.loss_type[0],
+        loss=args.preference_loss(),
         learning_rate=args.aux_learning_rate or args.learning_rate,
         weight_decay=args.weight_decay,
         batch_size=args.aux_batch_size or args.per_device_train_batch_size,
@@ -112,6 +113,7 @@ class ScoringEngine:
         # (every rank counts the same), and without collectives or the scoring passes' padding duplicates.
         self.compute = ComputeLedger()
         self._token_counts: dict[str, np.ndarray] = {}
+        self._completion_lengths: dict[str, CompletionLengths] = {}
         self._precompute_pass_counted = False
         # The log-probs the training steps compute, kept for the next event (`scoring_reuse`).
         self.training_log_probs = TrainingLogProbs(self.pool_size, trainer.accelerator.device)
@@ -142,6 +144,22 @@ class ScoringEngine:
             max_length = getattr(self.trainer.data_collator, "max_length", self.trainer.args.max_length)
             self._token_counts[split] = pair_token_counts(dataset, max_length)
         return self._token_counts[split]
+
+    def completion_lengths(self, split: str) -> CompletionLengths:
+        """Completion token counts of the pool (`split="pool"`) or the validation pairs, truncated as the collator
+        truncates them (the losses `ipo`, `sigmoid_norm`, `sft` read them)."""
+        key = f"completion_lengths/{split}"
+        if key not in self._completion_lengths:
+            dataset = self.trainer.train_dataset if split == "pool" else self.validation_dataset
+            collator = self.trainer.data_collator
+            self._completion_lengths[key] = completion_lengths(
+                [len(ids) for ids in dataset["prompt_ids"]],
+                [len(ids) for ids in dataset["chosen_ids"]],
+                [len(ids) for ids in dataset["rejected_ids"]],
+                getattr(collator, "max_length", self.trainer.args.max_length),
+                getattr(collator, "truncation_mode", self.trainer.args.truncation_mode),
+            )
+        return self._completion_lengths[key]
 
     def selection_context(self, epoch: int, rows: list[int] | None = None) -> SelectionContext:
         """What a rule sees besides the scores (the same on every rank): the whole pool, or the chunk `rows`."""
@@ -210,10 +228,22 @@ class ScoringEngine:
             inputs.update(
                 validation=self.validation_dataset, validation_reference=self.validation_reference_log_probs()
             )
+        try:
+            loss = args.preference_loss()
+        except ValueError:  # a loss with no per-pair form (`aot`), which only rules that read no loss accept
+            loss = None
+        lengths = None
+        if loss is not None and loss.needs_lengths:
+            lengths = self.completion_lengths("pool")
+            lengths = lengths if rows is None else lengths.select(rows)
+            if "validation" in needs:
+                inputs["validation_lengths"] = self.completion_lengths("validation")
         context = ScoringContext(
             pool_size=self.pool_size if rows is None else len(rows),
             beta=args.beta,
             loss_type=args.loss_type[0],
+            loss=loss,
+            lengths=lengths,
             selection=self.selection_context(epoch, rows),
             **inputs,
         )
@@ -346,6 +376,7 @@ class ScoringEngine:
                 validation_reference=self.validation_reference_log_probs(),
                 settings=alignment_settings(trainer),
                 gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+                validation_lengths=self.completion_lengths("validation"),
             )
             # A resumed run continues the aux shuffle seeds (`seed + num_refreshes`) where the checkpoint left them.
             self._auxiliary.num_refreshes = self._restored_aux_num_refreshes

@@ -5,11 +5,12 @@
 over the trainable parameters (all of them, or the LoRA parameters under PEFT), with the identity Hessian. High IF
 means an SGD step on z lowers the validation loss: `L_val(θ - η ∇L(z)) ≈ L_val(θ) - η IF(z)`.
 
-How it is computed, exactly and batched. `g = ∇L(D_val)` takes one backward pass over the validation pairs. Then, by
-the DPO closed form `∇L(z) = (dL/dh) [∇ log π(y_w|x) - ∇ log π(y_l|x)]` (`dL/dh = -β σ(-β h)`; hinge:
-`-β 1[βh < 1]`),
+How it is computed, exactly and batched. `g = ∇L(D_val)` takes one backward pass over the validation pairs. Then,
+since every per-pair loss of the trainer (`PreferenceLoss`) is a function of the pair's two summed log-probs,
+`∇L(z) = ∂L/∂log π(y_w|x) ∇ log π(y_w|x) + ∂L/∂log π(y_l|x) ∇ log π(y_l|x)` (for DPO the partials are `±dL/dh`,
+`dL/dh = -β σ(-β h)`; hinge: `-β 1[βh < 1]`), and
 
-    IF(z) = (dL/dh)(z) · ( D_g log π(y_w|x) - D_g log π(y_l|x) ),
+    IF(z) = ∂L/∂log π(y_w|x) · D_g log π(y_w|x) + ∂L/∂log π(y_l|x) · D_g log π(y_l|x),
 
 where `D_g f = ⟨∇f, g⟩` is the directional derivative along `g`. One forward-mode pass (`torch.func.jvp`) gives
 `D_g log π` for every sequence of a batch at once, so no per-pair gradient is ever materialised: the pool costs one
@@ -38,7 +39,7 @@ import torch
 from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from .scores import PairLogProbs, influence_from_directional_derivatives, preference_loss
+from .scores import CompletionLengths, PairLogProbs, PreferenceLoss, influence_from_directional_derivatives
 from .scoring import NON_MODEL_KEYS, ROW_KEY, activation_checkpointing_off, build_pass_loader
 
 
@@ -134,10 +135,17 @@ def validation_gradient(
     loader,
     reference: PairLogProbs,
     num_rows: int,
-    beta: float,
-    loss_type: str,
+    loss: PreferenceLoss | float,
+    loss_type: str | None = None,
+    lengths: CompletionLengths | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`∇θ L(D_val)`, the gradient of the mean validation loss over `parameters`, one backward per batch."""
+    """`∇θ L(D_val)`, the gradient of the mean validation loss over `parameters`, one backward per batch.
+
+    `loss` is the trainer's [`PreferenceLoss`] (or `beta`, with one `loss_type`); `lengths` the validation pairs'
+    completion lengths, in row order, for the losses that read them.
+    """
+    if not isinstance(loss, PreferenceLoss):
+        loss = PreferenceLoss(beta=float(loss), loss_types=(loss_type,))
     names = list(parameters)
     total = {name: torch.zeros_like(p) for name, p in parameters.items()}
     seen = torch.zeros(num_rows, dtype=torch.bool)
@@ -150,12 +158,14 @@ def validation_gradient(
             continue
         chosen, rejected = completion_log_probs(model, batch).chunk(2)
         device = chosen.device
-        margin = (chosen - reference.chosen[rows].to(device, chosen.dtype)) - (
-            rejected - reference.rejected[rows].to(device, rejected.dtype)
+        batch_reference = PairLogProbs(
+            chosen=reference.chosen[rows].to(device, chosen.dtype),
+            rejected=reference.rejected[rows].to(device, rejected.dtype),
         )
-        losses = preference_loss(margin, beta, loss_type)
-        loss = (losses * fresh.to(device, losses.dtype)).sum() / num_rows
-        for name, grad in zip(names, torch.autograd.grad(loss, [parameters[n] for n in names]), strict=True):
+        batch_lengths = None if lengths is None else lengths.select(rows).to(device)
+        losses = loss(PairLogProbs(chosen, rejected), batch_reference, batch_lengths)
+        total_loss = (losses * fresh.to(device, losses.dtype)).sum() / num_rows
+        for name, grad in zip(names, torch.autograd.grad(total_loss, [parameters[n] for n in names]), strict=True):
             total[name] += grad
     if not bool(seen.all()):
         raise RuntimeError(f"Validation gradient: {int((~seen).sum())} of {num_rows} rows were never seen.")
@@ -167,7 +177,7 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
     model = context.model
     parameters = {name: p for name, p in model.named_parameters() if p.requires_grad}
     _check_supported(context, parameters)
-    beta, loss_type = context.beta, context.loss_type
+    loss = context.loss if context.loss is not None else PreferenceLoss(context.beta, (context.loss_type,))
     validation_loader = build_pass_loader(
         context.validation, context.collator, context.accelerator, context.batch_size
     )
@@ -175,8 +185,8 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
     scores = torch.full((context.pool_size,), float("nan"), dtype=torch.float64)
     with gradient_pass_mode(model, context.checkpointing_kwargs):
         tangent = validation_gradient(
-            model, parameters, validation_loader, context.validation_reference, len(context.validation), beta,
-            loss_type,
+            model, parameters, validation_loader, context.validation_reference, len(context.validation), loss,
+            lengths=context.validation_lengths,
         )  # fmt: skip
         primals = {name: p.detach() for name, p in parameters.items()}
         progress = tqdm(
@@ -197,7 +207,8 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
                 PairLogProbs(chosen=chosen.double().cpu(), rejected=rejected.double().cpu()),
                 PairLogProbs(chosen=context.reference.chosen[rows].double(),
                              rejected=context.reference.rejected[rows].double()),
-                d_chosen.double().cpu(), d_rejected.double().cpu(), beta, loss_type,
+                d_chosen.double().cpu(), d_rejected.double().cpu(), loss,
+                lengths=None if context.lengths is None else context.lengths.select(rows),
             )  # fmt: skip
     if bool(scores.isnan().any()):
         raise RuntimeError(f"Influence: {int(scores.isnan().sum())} of {context.pool_size} rows were never scored.")

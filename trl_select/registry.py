@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from datasets import Dataset
 
-    from .scores import PairLogProbs
+    from .scores import CompletionLengths, PairLogProbs, PreferenceLoss
 
 
 # What a scorer can ask for; the selection event fills in the `ScoringContext` fields of each requested input.
@@ -87,7 +87,7 @@ class ScoringContext:
 
     pool_size: int
     beta: float
-    loss_type: str
+    loss_type: str  # the trainer's first `loss_type`; `loss` is the whole loss (every term and option)
     selection: SelectionContext | None = None
     policy: PairLogProbs | None = None
     reference: PairLogProbs | None = None
@@ -100,6 +100,11 @@ class ScoringContext:
     validation: Dataset | None = None
     validation_reference: PairLogProbs | None = None
     checkpointing_kwargs: dict | None = None  # the trainer's, so a pass that turns checkpointing off restores it
+    # The trainer's per-pair loss (docs/design.md §2) and the completion lengths some losses read: `lengths` of the
+    # scored rows (context order), `validation_lengths` of the validation pairs. Set for every scorer.
+    loss: PreferenceLoss | None = None
+    lengths: CompletionLengths | None = None
+    validation_lengths: CompletionLengths | None = None
 
 
 RuleFn = Callable[[dict[str, np.ndarray], SelectionContext], "np.ndarray | tuple[np.ndarray, dict[str, Band]]"]
@@ -118,6 +123,7 @@ class ScorerSpec:
     name: str
     fn: ScorerFn
     needs: tuple[str, ...]
+    uses_loss: bool = False  # whether the score evaluates the trainer's loss (then it must be a per-pair one)
 
 
 _RULES: dict[str, RuleSpec] = {}
@@ -148,11 +154,15 @@ def register_rule(name: str, scores: Sequence[str], *, overwrite: bool = False) 
     return decorator
 
 
-def register_scorer(name: str, needs: Sequence[str], *, overwrite: bool = False) -> Callable[[ScorerFn], ScorerFn]:
+def register_scorer(
+    name: str, needs: Sequence[str], *, uses_loss: bool = False, overwrite: bool = False
+) -> Callable[[ScorerFn], ScorerFn]:
     """Decorator: register `fn(context: ScoringContext) -> np.ndarray` (one float per pool row) as score `name`.
 
-    `needs` lists the `ScoringContext` inputs the scorer reads, from `SCORER_INPUTS`. Registering an existing name
-    raises `ValueError` unless `overwrite=True`.
+    `needs` lists the `ScoringContext` inputs the scorer reads, from `SCORER_INPUTS`. `uses_loss=True` says the score
+    evaluates the trainer's loss (`context.loss`): a config whose rule reads it refuses losses that have no per-pair
+    form (`aot`, ...); other rules accept every `loss_type`. Registering an existing name raises `ValueError` unless
+    `overwrite=True`.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"A scorer name must be a non-empty string, got {name!r}.")
@@ -166,7 +176,7 @@ def register_scorer(name: str, needs: Sequence[str], *, overwrite: bool = False)
     def decorator(fn: ScorerFn) -> ScorerFn:
         if name in _SCORERS and not overwrite:
             raise ValueError(f"A scorer named {name!r} is already registered; pass `overwrite=True` to replace.")
-        _SCORERS[name] = ScorerSpec(name=name, fn=fn, needs=needs)
+        _SCORERS[name] = ScorerSpec(name=name, fn=fn, needs=needs, uses_loss=bool(uses_loss))
         return fn
 
     return decorator
@@ -262,6 +272,15 @@ def get_scorer(name: str, field_name: str = "scores") -> ScorerSpec:
 def scorer_needs(score_names: Sequence[str]) -> set[str]:
     """The union of the inputs the named scorers need."""
     return {need for name in score_names for need in get_scorer(name).needs}
+
+
+def scores_use_loss(score_names: Sequence[str]) -> bool:
+    """Whether any of the named scorers evaluates the trainer's loss (`register_scorer(..., uses_loss=True)`).
+
+    A name not registered yet counts as not evaluating it: a config may name a rule whose scorers are registered
+    later; the trainer checks again when it is built, when they must exist.
+    """
+    return any(name in _SCORERS and _SCORERS[name].uses_loss for name in score_names)
 
 
 def run_scorer(name: str, context: ScoringContext) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 
 from .registry import ScoringContext, SelectionContext, register_rule, register_scorer
 from .rules import Band, band_intersection, bottom_fraction, top_fraction
-from .scores import davir, implicit_reward_margin, loss_difference, reward_gap
+from .scores import PreferenceLoss, davir, implicit_reward_margin, reward_gap
 
 
 # ----- scorers -----
@@ -22,14 +22,18 @@ def irm_scorer(context: ScoringContext) -> np.ndarray:
     return implicit_reward_margin(context.policy, context.reference, context.beta).double().numpy()
 
 
-@register_scorer("lossdiff", needs=("policy", "reference", "auxiliary"))
+def context_loss(context: ScoringContext) -> PreferenceLoss:
+    """The trainer's loss of `context` (one `loss_type` with `beta` when a caller built the context without it)."""
+    if context.loss is not None:
+        return context.loss
+    return PreferenceLoss(beta=context.beta, loss_types=(context.loss_type,))
+
+
+@register_scorer("lossdiff", needs=("policy", "reference", "auxiliary"), uses_loss=True)
 def lossdiff_scorer(context: ScoringContext) -> np.ndarray:
     """LossDiff `L(z; θ_t) - L(z; θ_aux)` with the trainer's loss (LossDiff-IRM paper, eq. 8)."""
-    return (
-        loss_difference(context.policy, context.auxiliary, context.reference, context.beta, context.loss_type)
-        .double()
-        .numpy()
-    )
+    loss = context_loss(context)
+    return loss.loss_difference(context.policy, context.auxiliary, context.reference, context.lengths).double().numpy()
 
 
 @register_scorer("reward_gap", needs=("policy", "reference"))
@@ -44,7 +48,7 @@ def davir_scorer(context: ScoringContext) -> np.ndarray:
     return davir(context.policy, context.reference).numpy()
 
 
-@register_scorer("influence", needs=("model", "reference", "validation"))
+@register_scorer("influence", needs=("model", "reference", "validation"), uses_loss=True)
 def influence_scorer(context: ScoringContext) -> np.ndarray:
     """Exact first-order influence `⟨∇L(D_val; θ_t), ∇L(z; θ_t)⟩` over the trainable parameters (expensive)."""
     from .influence import influence_scores

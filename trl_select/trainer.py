@@ -136,6 +136,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         )
         raw_train_dataset = train_dataset  # as the user passed it: what `trl-select suspects` shows the text of
         if args.selection_enabled:
+            args.check_loss_is_scorable()  # again: the rule's scorers may have been registered after the config
             train_dataset = self._check_train_dataset(train_dataset)
             if validation_dataset is None:
                 validation_dataset = eval_dataset
