@@ -178,19 +178,16 @@ def test_rule_none_is_exactly_dpo_trainer(tmp_path, tokenizer, pool):
 
 
 def test_slic_scores_with_the_hinge_loss(tmp_path, tokenizer, tiny_model, pool, validation, monkeypatch):
-    import trl_select.auxiliary
-    import trl_select.registry_builtins
+    from trl_select.scores import PreferenceLoss
 
-    seen = []
-    for module in (trl_select.registry_builtins, trl_select.auxiliary):
-        original = module.loss_difference if hasattr(module, "loss_difference") else module.preference_loss
-        name = "loss_difference" if hasattr(module, "loss_difference") else "preference_loss"
+    seen = []  # every evaluation of the per-pair loss: the aux stage's steps and losses, and LossDiff's two terms
+    original = PreferenceLoss.__call__
 
-        def spy(*args, _original=original, **kwargs):
-            seen.append(args[-1] if "loss_type" not in kwargs else kwargs["loss_type"])
-            return _original(*args, **kwargs)
+    def spy(self, *args, **kwargs):
+        seen.append(self.loss_types)
+        return original(self, *args, **kwargs)
 
-        monkeypatch.setattr(module, name, spy)
+    monkeypatch.setattr(PreferenceLoss, "__call__", spy)
     args = fast_config(tmp_path, config_class=SelectiveSLiCConfig, num_train_epochs=2)
     trainer = SelectiveSLiCTrainer(
         tiny_model,
@@ -203,7 +200,7 @@ def test_slic_scores_with_the_hinge_loss(tmp_path, tokenizer, tiny_model, pool, 
     trainer.train()
     first_loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
     assert first_loss == pytest.approx(1.0, abs=0.02)  # hinge max(0, 1 - βh) at h ≈ 0; sigmoid would be 0.693
-    assert seen and set(seen) == {"hinge"}
+    assert seen and set(seen) == {("hinge",)}
     assert read_history(tmp_path)[1]["event"] == "selection"
 
 
