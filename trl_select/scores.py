@@ -302,9 +302,9 @@ class PreferenceLoss:
                 loss = (per_token_delta - 1 / (2 * beta)) ** 2
             elif loss_type == "exo_pair":
                 epsilon = torch.tensor(self.label_smoothing, device=device, dtype=delta.dtype)
-                loss = torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - torch.log1p(-epsilon)) + torch.sigmoid(
-                    -beta * delta
-                ) * (F.logsigmoid(-beta * delta) - torch.log(epsilon))
+                chosen_term = torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - torch.log1p(-epsilon))
+                rejected_term = torch.sigmoid(-beta * delta) * (F.logsigmoid(-beta * delta) - torch.log(epsilon))
+                loss = chosen_term + rejected_term
             elif loss_type == "nca_pair":
                 loss = (
                     -F.logsigmoid(beta * chosen_ratio)
