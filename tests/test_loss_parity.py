@@ -193,3 +193,39 @@ def test_log_prob_slopes_match_the_closed_form_for_dpo_and_slic():
         d_chosen, d_rejected = PreferenceLoss(beta=0.3, loss_types=(loss_type,)).log_prob_slopes(policy, reference)
         torch.testing.assert_close(d_chosen, slope)
         torch.testing.assert_close(d_rejected, -slope)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_influence_partials_give_the_gradient_inner_product(case):
+    """`IF(z) = ⟨g, ∇θ L(z)⟩` from the per-pair partials and directional derivatives (docs/design.md §3.5) equals
+    autograd's inner product, for log-probs that depend on parameters θ: `log π(y|x) = u_y·θ` (float64)."""
+    from trl_select.scores import CompletionLengths, influence_from_directional_derivatives
+
+    torch.manual_seed(0)
+    n, d = 12, 5
+    theta = torch.randn(d, dtype=torch.float64, requires_grad=True)
+    u_chosen, u_rejected = torch.randn(n, d, dtype=torch.float64), torch.randn(n, d, dtype=torch.float64)
+    reference = PairLogProbs(torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64))
+    lengths = CompletionLengths(*(torch.randint(1, 9, (n,)) for _ in range(3)))
+    g = torch.randn(d, dtype=torch.float64)
+    fields = {"loss_weights": None, "label_smoothing": 0.0, **case}
+    loss = PreferenceLoss(
+        beta=0.5,
+        loss_types=tuple(fields["loss_type"]),
+        loss_weights=fields["loss_weights"],
+        label_smoothing=fields["label_smoothing"],
+        f_divergence_type=fields.get("f_divergence_type", "reverse_kl"),
+        f_alpha_divergence_coef=fields.get("f_alpha_divergence_coef", 0.5),
+        discopop_tau=fields.get("discopop_tau", 0.05),
+    )
+    expected = []
+    for i in range(n):
+        pair = PairLogProbs((u_chosen[i] @ theta).reshape(1), (u_rejected[i] @ theta).reshape(1))
+        one_reference = PairLogProbs(reference.chosen[i : i + 1], reference.rejected[i : i + 1])
+        (grad,) = torch.autograd.grad(loss(pair, one_reference, lengths.select([i])).sum(), theta)
+        expected.append(grad @ g)
+    policy = PairLogProbs((u_chosen @ theta).detach(), (u_rejected @ theta).detach())
+    scores = influence_from_directional_derivatives(
+        policy, reference, u_chosen @ g, u_rejected @ g, loss, lengths=lengths
+    )
+    torch.testing.assert_close(scores, torch.stack(expected))
