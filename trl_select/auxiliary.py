@@ -31,7 +31,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from .scoring import (
     enable_activation_checkpointing,
     inference_mode,
     is_activation_checkpointing,
+    progress_disabled,
     run_log_prob_pass,
     sequence_log_probs,
 )
@@ -675,7 +675,7 @@ class AuxiliaryModel:
         progress = tqdm(
             range(num_steps),
             desc="Aligning aux model",
-            disable=not self.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
+            disable=progress_disabled(self.accelerator),
             leave=False,
         )
         skipped_steps = 0

@@ -3,6 +3,7 @@ its pairs, record it all."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .checkpoint import SelectionState
 from .engine import ScoringEngine
-from .event import Reporter, SelectionEvent
+from .event import EVENT_LOGGER, Reporter, SelectionEvent
 from .history import SelectionHistory
 from .registry import SelectionContext, apply_rule
 from .rules import jaccard, score_quantiles
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 
 
 logger = get_logger(__name__)  # logs on the main process only
+# One line per selection event, at INFO, on a logger of its own that the trainer makes visible by default
+# (`trainer.show_selection_events`); silence it with `logging.getLogger("trl_select.events").setLevel("WARNING")`.
+event_logger = logging.getLogger(EVENT_LOGGER)  # plain: the line is logged by the main process only
 
 
 class SelectionCallback(TrainerCallback):
@@ -211,8 +215,8 @@ class SelectionCallback(TrainerCallback):
             for key, value in score_quantiles(values).items():
                 metrics[f"selection/{name}/{key}"] = value
         self.publish_metrics(metrics)
-        logger.info(
-            "Selection at epoch %d: kept %d/%d (%.1f%%), %s, churn %.3f, %.1fs",
+        self._log_event(
+            "trl-select: epoch %d selection kept %d/%d (%.1f%%), %s, churn %.3f, %.1fs, selection %.1f%% of compute",
             epoch,
             len(selected),
             pool_size,
@@ -220,6 +224,7 @@ class SelectionCallback(TrainerCallback):
             ", ".join(f"{name} in [{band.lo:.4g}, {band.hi:.4g}]" for name, band in bands.items()),
             1.0 - similarity,
             elapsed,
+            100 * self.engine.compute.share,
         )
         self._write_record(
             {
@@ -374,8 +379,9 @@ class SelectionCallback(TrainerCallback):
             for key, value in score_quantiles(values).items():
                 metrics[f"selection/{name}/{key}"] = value
         self.publish_metrics(metrics)
-        logger.info(
-            "Selection at step %d (epoch %d): scored %d pairs, kept %d (%.1f%%), %d trained until step %d, %s, %.1fs",
+        self._log_event(
+            "trl-select: step %d (epoch %d) selection scored %d pairs, kept %d (%.1f%%), %d trained until step %d, %s, "
+            "%.1fs, selection %.1f%% of compute",
             state.global_step,
             epoch,
             len(chunk),
@@ -385,6 +391,7 @@ class SelectionCallback(TrainerCallback):
             state.global_step + len(self.sampler) // self.trainer.args.gradient_accumulation_steps,
             ", ".join(f"{name} in [{band.lo:.4g}, {band.hi:.4g}]" for name, band in bands.items()),
             elapsed,
+            100 * self.engine.compute.share,
         )
         self._record_segment(
             state,
@@ -588,6 +595,11 @@ class SelectionCallback(TrainerCallback):
         # The scheduler's own counter, not `global_step`: the Trainer does not step it on skipped optimizer steps
         # (fp16 overflow), so the two drift apart, and the rest of the schedule must span the steps really left.
         scheduler.retarget(scheduler.last_epoch, max(horizon - state.global_step, 1))
+
+    def _log_event(self, message: str, *args: Any) -> None:
+        """The event's console line, on the main process (see `EVENT_LOGGER`)."""
+        if self.trainer.accelerator.is_main_process:
+            event_logger.info(message, *args)
 
     def publish_metrics(self, metrics: dict[str, float]) -> None:
         """Hand `metrics` (`selection/*` scalars) to every `report_to` backend with the next training log.

@@ -459,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("trl_select.progress").setLevel(logging.INFO)  # the scoring passes' progress bars
     return args.handler(args)
 
 

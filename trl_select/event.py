@@ -6,6 +6,8 @@ Pure data: no torch, no transformers. The callback builds one event per epoch; r
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,4 +48,50 @@ class SelectionEvent:
 Reporter = Callable[[SelectionEvent, "TrainingArguments", "TrainerState"], None]
 
 
-__all__ = ["Reporter", "SelectionEvent"]
+# The logger of the one console line per selection event (`SelectionCallback`).
+EVENT_LOGGER = "trl_select.events"
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+               "critical": logging.CRITICAL}  # fmt: skip
+
+
+class _ProgressBarSafeHandler(logging.StreamHandler):
+    """Writes each record through `tqdm.write`, which clears the Trainer's progress bar, prints the line on its own
+    and redraws the bar (the way transformers prints its logs), instead of appending to the bar's line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+def show_selection_events(log_level: str = "passive") -> None:
+    """Make the event lines (INFO on `EVENT_LOGGER`) reach the console, unless the user configured that logger.
+
+    Scripts like TRL's `dpo.py` leave Python logging unconfigured and set only transformers' own verbosity (warning by
+    default), so an INFO line of `trl_select` would reach no handler. This sets `EVENT_LOGGER` alone to INFO, or to
+    the trainer's `log_level` when that is set and not `passive` (`--log_level warning` hides the lines), and gives it
+    a plain stderr handler only when no handler would receive its records (after a `logging.basicConfig`, or with any
+    root handler, they propagate there instead, printed once). Nothing changes if the logger already has a level or
+    a handler. An explicit `log_level` also becomes the `trl_select` loggers' level if unset (at info and debug, the
+    selection passes' progress bars show, `PROGRESS_LOGGER`). Other `trl_select` loggers keep their levels.
+    """
+    level = _LOG_LEVELS.get(str(log_level).lower())  # None for "passive"
+    package = logging.getLogger("trl_select")
+    if level is not None and package.level == logging.NOTSET:
+        package.setLevel(level)  # `--log_level info`: trl_select's other INFO lines and its progress bars too
+    events = logging.getLogger(EVENT_LOGGER)
+    if events.level != logging.NOTSET or events.handlers:
+        return
+    events.setLevel(logging.INFO if level is None else level)
+    if not events.hasHandlers():
+        handler = _ProgressBarSafeHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.set_name("trl_select.events")
+        events.addHandler(handler)
+        events.propagate = False
+
+
+__all__ = ["EVENT_LOGGER", "Reporter", "SelectionEvent", "show_selection_events"]

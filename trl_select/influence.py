@@ -30,7 +30,6 @@ all-reduce of `g`; that is not implemented, and the scorer raises rather than re
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
 from .scores import CompletionLengths, PairLogProbs, PreferenceLoss, influence_from_directional_derivatives
-from .scoring import NON_MODEL_KEYS, ROW_KEY, activation_checkpointing_off, build_pass_loader
+from .scoring import NON_MODEL_KEYS, ROW_KEY, activation_checkpointing_off, build_pass_loader, progress_disabled
 
 
 if TYPE_CHECKING:
@@ -192,7 +191,7 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
         progress = tqdm(
             pool_loader,
             desc="Influence of each pair",
-            disable=not context.accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
+            disable=progress_disabled(context.accelerator),
             leave=False,
         )
         for batch in progress:

@@ -35,6 +35,19 @@ ROW_KEY = "pool_row"
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", ROW_KEY}
 
 BatchForward = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+# The progress bars of the selection's own passes (scoring, aux alignment, influence) show when this logger is enabled
+# for INFO: with the trainer's `log_level` at info or debug, or in the `trl-select` CLI. Inside a training run they are
+# off by default, so a script's console shows the Trainer's bar and one line per selection event, not a bar per pass.
+PROGRESS_LOGGER = "trl_select.progress"
+
+
+def progress_disabled(accelerator: Accelerator) -> bool:
+    """Whether the selection's progress bars are off on this process (see `PROGRESS_LOGGER`)."""
+    return (
+        not accelerator.is_local_main_process
+        or bool(os.environ.get("TQDM_DISABLE"))
+        or not logging.getLogger(PROGRESS_LOGGER).isEnabledFor(logging.INFO)
+    )
 
 
 class _RowTaggingCollator:
@@ -257,7 +270,7 @@ def run_log_prob_pass(
     progress = tqdm(
         loader,
         desc=desc,
-        disable=not accelerator.is_local_main_process or bool(os.environ.get("TQDM_DISABLE")),
+        disable=progress_disabled(accelerator),
         leave=False,
     )
     for batch in progress:

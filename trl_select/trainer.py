@@ -44,7 +44,7 @@ from .checkpoint import (
 )
 from .config import SelectiveDPOConfig, SelectiveSLiCConfig
 from .engine import ScoringEngine
-from .event import Reporter
+from .event import Reporter, show_selection_events
 from .history import HISTORY_FILENAME
 from .memory import warn_if_aux_memory_costly
 from .pool_source import record_pool_source
@@ -167,6 +167,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         self._pool_fingerprint: dict[str, Any] | None = None
         self._resumed_selection: tuple[SelectionState, dict[str, torch.Tensor], str] | None = None
         self._pairs_trained = 0.0  # pairs the current training loop trained, for `train()`'s speed metrics
+        self._pending_selection_metrics: dict[str, float] = {}  # `log_selection_metrics`, merged into the next log
+        self._pending_selection_step = -1
         if not args.selection_enabled:
             return
         # A pre-configured accelerate state can turn FSDP or a parallelism config on with no argument showing it.
@@ -179,6 +181,7 @@ class SelectiveDPOTrainer(DPOTrainer):
                 "process with `trl-select score --scores influence` and train on `trl-select select`'s subset."
             )
         warn_if_aux_memory_costly(args, self.model, self.accelerator)  # a full-copy aux: name aux_mode="lora"
+        show_selection_events(args.log_level)  # one console line per event, whatever the script configured
         if self.accelerator.is_main_process and isinstance(raw_train_dataset, Dataset):
             record_pool_source(args.output_dir, raw_train_dataset)
         self.pair_ids = self._stable_pair_ids(self.train_dataset)
@@ -352,15 +355,27 @@ class SelectiveDPOTrainer(DPOTrainer):
             return run_log_prob_pass(loader, forward, self.accelerator, len(dataset), desc="Scoring with reference")
 
     def log_selection_metrics(self, metrics: dict[str, float]) -> None:
-        """Send `metrics` (`selection/*` scalars) to every `report_to` backend with the next training log.
+        """Send `metrics` (`selection/*` scalars) to every `report_to` backend with the next log, whatever its kind.
 
-        Not `log`: `DPOTrainer.log` picks train/eval from `model.training` and clears its buffer. The values go into
-        TRL's train metric buffer, which is averaged and merged into the next train log; a later value of the same key
-        before that log replaces the earlier one.
+        They wait in a buffer of their own and are merged into the next `log` call, train or eval. Not TRL's train
+        metric buffer: `DPOTrainer.log` merges that one only when the model is in training mode, and after an
+        evaluation the next logs (with `eval_strategy="epoch"`, the run's final one) run in eval mode, so an event
+        followed by no train log (an epoch shorter than `logging_steps`) never reached the backends. If an event's
+        metrics are still waiting when the next event publishes, they are logged on their own first, so no event's
+        metrics are lost. Calls at the same optimizer step (an event and its reporters) are merged, a later value of
+        a key replacing the earlier one.
         """
-        buffer = self._metrics["train"]
-        for key, value in metrics.items():
-            buffer[key] = [float(value)]
+        if self._pending_selection_metrics and self._pending_selection_step != self.state.global_step:
+            pending, self._pending_selection_metrics = self._pending_selection_metrics, {}
+            super().log(pending)  # `DPOTrainer.log`: with them its own buffer of the current mode
+        self._pending_selection_step = self.state.global_step
+        self._pending_selection_metrics.update({key: float(value) for key, value in metrics.items()})
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if getattr(self, "_pending_selection_metrics", None):
+            logs = {**logs, **self._pending_selection_metrics}
+            self._pending_selection_metrics = {}
+        super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         recorder = self.selection_engine.training_log_probs if self.selection_engine is not None else None
