@@ -253,8 +253,9 @@ def get_rule(name: str, field_name: str = "selection_rule") -> RuleSpec:
     """The rule registered as `name`; a `ValueError` naming `field_name` and the registered names otherwise."""
     if name not in _RULES:
         raise ValueError(
-            f"`{field_name}` must be a registered rule, one of {registered_rules()}, got {name!r}. Register a custom "
-            "rule with `@trl_select.register_rule(name, scores=...)` before building the config."
+            f"`{field_name}` must be a registered rule, one of {registered_rules()}, got {name!r}"
+            f"{' (`--selection_rule`)' if field_name == 'selection_rule' else ''}. Register a custom rule with "
+            "`@trl_select.register_rule(name, scores=...)` before building the config."
         )
     return _RULES[name]
 

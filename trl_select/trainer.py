@@ -264,9 +264,12 @@ class SelectiveDPOTrainer(DPOTrainer):
             return None  # only LossDiff's aux model and validation-directed scores (influence) use validation pairs
         if validation_dataset is None:
             raise ValueError(
-                f"`selection_rule={args.selection_rule!r}` uses {list(args.required_scores)}, which need validation "
-                "pairs (LossDiff aligns the auxiliary model on them): pass `validation_dataset=` (or `eval_dataset=`), "
-                "or use `selection_rule='irm_band'`."
+                f"`selection_rule={args.selection_rule!r}` (`--selection_rule`) uses {list(args.required_scores)}, "
+                "which need validation pairs (LossDiff aligns the auxiliary model on them): pass `validation_dataset=` "
+                "(or `eval_dataset=`). From TRL's `dpo.py`, which passes `eval_dataset` only when it evaluates, add "
+                "`--eval_strategy epoch` (or `steps`) and `--dataset_test_split <split>` (a split of the dataset with "
+                "preference pairs, e.g. `test`). Or select without validation pairs: `--selection_rule irm_band` "
+                "(`selection_rule='irm_band'`)."
             )
         if not isinstance(validation_dataset, Dataset):
             raise TypeError(

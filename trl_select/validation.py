@@ -157,8 +157,8 @@ def check_enough_validation_pairs(num_pairs: int, batch_size: int, world_size: i
     if num_pairs < batch_size * world_size:
         raise ValueError(
             f"{what} has {num_pairs} pairs, fewer than one aux batch per rank ({batch_size} x {world_size} ranks = "
-            f"{batch_size * world_size}). Add validation pairs, or lower `aux_batch_size` (defaults to "
-            "`per_device_train_batch_size`)."
+            f"{batch_size * world_size}). Add validation pairs (from TRL's `dpo.py`: a larger `--dataset_test_split`), "
+            "or lower `aux_batch_size` (`--aux_batch_size`; defaults to `per_device_train_batch_size`)."
         )
 
 
