@@ -126,6 +126,46 @@ def test_trl_dpo_script_with_selective_classes(tmp_path):
     assert 0.5 <= history[1]["num_selected"] / 2000 <= 0.8
 
 
+@pytest.mark.parametrize(
+    "loss_flags",
+    [["--loss_type", "ipo"], ["--loss_type", "sigmoid", "sft", "--loss_weights", "1", "1"]],
+    ids=["ipo", "sigmoid+sft"],
+)
+def test_trl_dpo_script_selects_with_other_losses(tmp_path, loss_flags):
+    """TRL's dpo.py, classes swapped, with a loss other than DPO's: it trains, selects, and prints one line per event."""
+    import trl.scripts.dpo
+
+    script = tmp_path / "dpo_select.py"
+    result = subprocess.run(["sed", *SED_TO_SELECTIVE, trl.scripts.dpo.__file__], capture_output=True, text=True)
+    script.write_text(result.stdout)
+    tokenizer = build_char_tokenizer()
+    model_dir = tmp_path / "tiny-llama"
+    build_tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    flags = [
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", str(DEMO_DATA),
+        "--dataset_test_split", "validation",
+        "--eval_strategy", "epoch",
+        "--output_dir", str(tmp_path / "out"),
+        "--num_train_epochs", "2",
+        "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "64",
+        "--max_length", "32",
+        "--gradient_checkpointing", "False",
+        "--bf16", "False",
+        "--report_to", "none",
+        "--save_strategy", "no",
+        "--aux_max_steps", "2",
+        *loss_flags,
+    ]  # fmt: skip
+    output = _run([sys.executable, str(script), *flags], cwd=tmp_path, timeout=600)
+    history = read_history(tmp_path / "out")
+    assert [r["event"] for r in history] == ["warmup", "selection"]
+    assert 0 < history[1]["num_selected"] < 2000
+    assert output.count("trl-select: epoch 1 selection kept") == 1  # the event's console line, once
+
+
 def test_trl_dpo_script_one_epoch_with_max_steps_selects_inside_the_epoch(tmp_path):
     """TRL's documented command (one epoch, `--max_steps`), classes swapped, no selection flag: events inside it."""
     import trl.scripts.dpo
