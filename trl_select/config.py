@@ -447,6 +447,12 @@ class SelectiveDPOConfig(DPOConfig):
                 )
         if not self.num_train_epochs > 0:
             raise ValueError(f"`num_train_epochs` must be > 0 with selection, got {self.num_train_epochs}.")
+        if self.data_seed is not None:
+            logger.warning(
+                "`data_seed=%s` has no effect with selection: the selection sampler orders the pairs by `seed` "
+                "(`seed + epoch`).",
+                self.data_seed,
+            )
         if self.train_sampling_strategy != "random":
             raise ValueError(
                 f"`train_sampling_strategy={self.train_sampling_strategy!r}` is not supported with selection: the "
