@@ -82,8 +82,3 @@ def test_loss_rows_work_with_selection():
     )
     loss = config.preference_loss()
     assert config.evaluates_loss and loss.loss_types == ("robust", "sft") and loss.label_smoothing == 0.1
-
-
-def test_table_counts():
-    statuses = list(_table().values())
-    assert statuses.count("works") + statuses.count("refused") == len(dataclasses.fields(DPOConfig))
