@@ -229,3 +229,23 @@ def test_influence_partials_give_the_gradient_inner_product(case):
         policy, reference, u_chosen @ g, u_rejected @ g, loss, lengths=lengths
     )
     torch.testing.assert_close(scores, torch.stack(expected))
+
+
+def test_a_resume_with_another_loss_option_is_refused():
+    """The loss options change every LossDiff: they are selection settings a resume must keep (older checkpoints,
+    which did not record them, are not compared on them)."""
+    from types import SimpleNamespace
+
+    from trl_select.checkpoint import check_resumable, config_fingerprint
+
+    def fingerprint(**fields):
+        config = SelectiveDPOConfig(output_dir="out", use_cpu=True, bf16=False, loss_type=["robust"], **fields)
+        return config_fingerprint(config, world_size=1)
+
+    pool = {"num_pairs": 1, "sha256": "0" * 64}
+    saved = SimpleNamespace(pool=pool, config=fingerprint(label_smoothing=0.1))
+    check_resumable(saved, pool, fingerprint(label_smoothing=0.1), "ckpt")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        check_resumable(saved, pool, fingerprint(label_smoothing=0.2), "ckpt")
+    older = SimpleNamespace(pool=pool, config={k: v for k, v in saved.config.items() if k != "label_smoothing"})
+    check_resumable(older, pool, fingerprint(label_smoothing=0.2), "ckpt")

@@ -60,6 +60,11 @@ SELECTION_CONFIG_FIELDS = (
     "aux_batch_size",
     "beta",
     "loss_type",
+    "loss_weights",
+    "label_smoothing",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "discopop_tau",
     "seed",
     "num_train_epochs",
     "per_device_train_batch_size",
@@ -88,6 +93,7 @@ def config_fingerprint(args, world_size: int) -> dict[str, Any]:
     """The selection-relevant config fields (JSON values), plus the world size (it decides the sharding)."""
     values = {name: getattr(args, name, None) for name in SELECTION_CONFIG_FIELDS}
     values["lr_scheduler_type"] = getattr(values["lr_scheduler_type"], "value", values["lr_scheduler_type"])
+    values["f_divergence_type"] = getattr(values["f_divergence_type"], "value", values["f_divergence_type"])
     values["world_size"] = world_size
     return json.loads(json.dumps(values, default=str))
 
@@ -166,8 +172,11 @@ def check_resumable(state: SelectionState, pool: dict[str, Any], config: dict[st
             f"{pool['sha256'][:12]}...). Pass the same `train_dataset` (same rows, order, ids and tokenization: same "
             "tokenizer and `max_length`), or start a new run without `resume_from_checkpoint`."
         )
+    # A field the checkpoint does not record (written before the field counted) is not compared.
     changed = {
-        name: (state.config.get(name), value) for name, value in config.items() if state.config.get(name) != value
+        name: (state.config.get(name), value)
+        for name, value in config.items()
+        if name in state.config and state.config[name] != value
     }
     if changed:
         details = ", ".join(
