@@ -78,7 +78,7 @@ def test_dataset_test_split_supplies_the_validation_pairs_and_the_console_stays_
     output = _run(_accelerate(RECIPES / "dpo_lossdiff_irm.py", *flags), cwd=tmp_path, timeout=600)
     assert "No `validation` split: aligning on the test split `test` (40 pairs)" in output
     assert len(re.findall(r"Aux model refreshed at epoch \d", output)) == 2  # aligned on those pairs
-    assert len(re.findall(r"Selection at epoch \d", output)) == 2
+    assert len(re.findall(r"trl-select: epoch \d selection kept", output)) == 2  # once each, not twice
     assert [r["event"] for r in read_history(tmp_path / "out")] == ["warmup", "selection", "selection"]
     assert "had no length" not in output
 
