@@ -71,6 +71,7 @@ def fresh_event_logger():
     events, package = logging.getLogger(EVENT_LOGGER), logging.getLogger("trl_select")
     saved = (events.level, list(events.handlers), events.propagate, package.level)
     events.setLevel(logging.NOTSET)
+    package.setLevel(logging.NOTSET)
     events.handlers.clear()
     yield events
     events.setLevel(saved[0])
@@ -99,6 +100,10 @@ def test_event_lines_show_by_default_and_respect_the_users_configuration(fresh_e
     events.setLevel(logging.ERROR)  # the user's own choice is kept
     show_selection_events("passive")
     assert events.level == logging.ERROR
+    events.setLevel(logging.NOTSET)
+    logging.getLogger("trl_select").setLevel(logging.WARNING)  # a level for the whole package is kept too
+    show_selection_events("passive")
+    assert events.level == logging.NOTSET and not events.isEnabledFor(logging.INFO)
 
 
 def test_validation_error_names_the_script_flags(tmp_path, tokenizer, tiny_model, pool):

@@ -74,17 +74,16 @@ def show_selection_events(log_level: str = "passive") -> None:
     default), so an INFO line of `trl_select` would reach no handler. This sets `EVENT_LOGGER` alone to INFO, or to
     the trainer's `log_level` when that is set and not `passive` (`--log_level warning` hides the lines), and gives it
     a plain stderr handler only when no handler would receive its records (after a `logging.basicConfig`, or with any
-    root handler, they propagate there instead, printed once). Nothing changes if the logger already has a level or
-    a handler. An explicit `log_level` also becomes the `trl_select` loggers' level if unset (at info and debug, the
+    root handler, they propagate there instead, printed once). Nothing changes if that logger or the `trl_select`
+    logger already has a level, or it has a handler. An explicit `log_level` also becomes the `trl_select` loggers' level if unset (at info and debug, the
     selection passes' progress bars show, `PROGRESS_LOGGER`). Other `trl_select` loggers keep their levels.
     """
+    package, events = logging.getLogger("trl_select"), logging.getLogger(EVENT_LOGGER)
+    if events.level != logging.NOTSET or events.handlers or package.level != logging.NOTSET:
+        return  # configured by the user (or by an earlier trainer)
     level = _LOG_LEVELS.get(str(log_level).lower())  # None for "passive"
-    package = logging.getLogger("trl_select")
-    if level is not None and package.level == logging.NOTSET:
-        package.setLevel(level)  # `--log_level info`: trl_select's other INFO lines and its progress bars too
-    events = logging.getLogger(EVENT_LOGGER)
-    if events.level != logging.NOTSET or events.handlers:
-        return
+    if level is not None:
+        package.setLevel(level)  # `--log_level info`: the selection passes' progress bars too
     events.setLevel(logging.INFO if level is None else level)
     if not events.hasHandlers():
         handler = _ProgressBarSafeHandler(sys.stderr)
