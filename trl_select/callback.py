@@ -3,8 +3,10 @@ its pairs, record it all."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +39,44 @@ if TYPE_CHECKING:
 
 
 logger = get_logger(__name__)  # logs on the main process only
+
+
+class SelectionOutOfMemoryError(RuntimeError):
+    """A selection event ran out of accelerator memory. Not an out-of-memory error in accelerate's eyes, on purpose.
+
+    `auto_find_batch_size` retries the whole training loop on any out-of-memory error raised inside it, from step 0
+    and at a smaller *training* batch, on the weights trained so far, and the event would rerun with the same
+    scoring and aux batch sizes: silent over-training, then "No executable batch size found". So an event's OOM stops
+    the run instead, naming the two batch sizes an event uses.
+    """
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
+
+
+@contextlib.contextmanager
+def event_memory_guard(where: str, scoring_batch_size: int, aux_batch_size: int) -> Iterator[None]:
+    """Turn an out-of-memory error inside a selection event into a `SelectionOutOfMemoryError` naming the fix.
+
+    On several ranks the rank that ran out stops here; the others wait in the pass's next collective until
+    `ddp_timeout` and then stop too (the launcher ends the job): no rank trains on.
+    """
+    try:
+        yield
+    except Exception as error:
+        if not _is_out_of_memory(error):
+            raise
+        raise SelectionOutOfMemoryError(
+            f"The selection event at {where} ran out of accelerator memory (the error above). An event runs no-grad "
+            f"passes over the pool in batches of `scoring_batch_size`={scoring_batch_size} per device and aligns the "
+            f"aux model in batches of `aux_batch_size`={aux_batch_size}: lower them (`--scoring_batch_size "
+            f"{max(1, scoring_batch_size // 2)}`, `--aux_batch_size {max(1, aux_batch_size // 2)}`) and resume from "
+            "the last checkpoint. It is not retried by `auto_find_batch_size`: a retry would restart training from "
+            "step 0 on the weights already trained."
+        ) from error
 
 
 class SelectionCallback(TrainerCallback):
@@ -183,7 +223,8 @@ class SelectionCallback(TrainerCallback):
         args = self.trainer.args
         start = time.perf_counter()
         metrics: dict[str, float] = {}
-        scores = self.engine.compute_scores(epoch, metrics, reuse_training=True)
+        with self._memory_guard(f"epoch {epoch}"):
+            scores = self.engine.compute_scores(epoch, metrics, reuse_training=True)
         keep, bands = apply_rule(args.selection_rule, scores, self.selection_context(epoch))
         selected = np.flatnonzero(keep).tolist()
         pool_size = self.sampler.pool_size
@@ -252,6 +293,12 @@ class SelectionCallback(TrainerCallback):
                 aux_refreshed="selection/aux/refreshed" in metrics,
             ),
             state,
+        )
+
+    def _memory_guard(self, where: str) -> contextlib.AbstractContextManager:
+        args = self.trainer.args
+        return event_memory_guard(
+            where, self.trainer.scoring_batch_size, args.aux_batch_size or args.per_device_train_batch_size
         )
 
     def selection_context(self, epoch: int) -> SelectionContext:
@@ -337,7 +384,8 @@ class SelectionCallback(TrainerCallback):
         start = time.perf_counter()
         chunk = remaining[: chunk_size(needed, self._keep_estimate, len(remaining))].tolist()
         metrics: dict[str, float] = {}
-        scores = self.engine.compute_scores(epoch, metrics, reuse_training=True, rows=chunk)
+        with self._memory_guard(f"step {state.global_step}"):
+            scores = self.engine.compute_scores(epoch, metrics, reuse_training=True, rows=chunk)
         keep, bands = apply_rule(args.selection_rule, scores, self.engine.selection_context(epoch, chunk))
         check_same_on_all_ranks(
             np.flatnonzero(keep).tolist(), self.trainer.accelerator, f"The selection at step {state.global_step}"
