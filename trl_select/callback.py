@@ -171,10 +171,7 @@ class SelectionCallback(TrainerCallback):
         epoch = math.floor(state.epoch + 1e-6)
         if epoch == self._last_epoch_handled:
             # Resumed mid-epoch: the Trainer skips the micro-batches the checkpoint had trained.
-            skipped = 0 if args.ignore_data_skip else (state.global_step - self._epoch_start_step)
-            self.engine.record_training_log_probs(
-                epoch, skipped * args.gradient_accumulation_steps, state.num_train_epochs
-            )
+            self.engine.record_training_log_probs(epoch, state.num_train_epochs)
             return
         self._last_epoch_handled = epoch
         self._epoch_start_step = state.global_step
@@ -183,7 +180,7 @@ class SelectionCallback(TrainerCallback):
         else:
             self._select(epoch, state, train_dataloader)
         self.engine.training_log_probs.clear(POLICY)  # the event has used the previous epoch's
-        self.engine.record_training_log_probs(epoch, 0, state.num_train_epochs)
+        self.engine.record_training_log_probs(epoch, state.num_train_epochs)
 
     # ----- the event -----
 
@@ -351,9 +348,9 @@ class SelectionCallback(TrainerCallback):
             self._record_segment(state, "warmup", trained, left_out)
             # π_ref of the pairs these steps train, for the events that will score them (`scoring_reuse`)
             kinds = self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE}
-            self.engine.training_log_probs.begin_epoch(self.sampler.rank_batches() if kinds else [], 0, kinds)
+            self.engine.training_log_probs.begin_epoch(kinds)
             return bool(trained)
-        self.engine.training_log_probs.begin_epoch([], 0, set())
+        self.engine.training_log_probs.begin_epoch(set())
         return self._segment_event(state, remaining, needed, pairs_per_step)
 
     def _begin_pass(self, args: TrainingArguments, state: TrainerState) -> None:
@@ -362,8 +359,7 @@ class SelectionCallback(TrainerCallback):
             self._resumed_pass = False
             if state.global_step < self.warmup_steps:
                 kinds = self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE}
-                skipped = (state.global_step - self._segment_start_step) * args.gradient_accumulation_steps
-                self.engine.training_log_probs.begin_epoch(self.sampler.rank_batches(), skipped, kinds)
+                self.engine.training_log_probs.begin_epoch(kinds)
             return
         # Its segments are chosen as the Trainer asks for batches (`next_segment`).
         self._last_epoch_handled = 0 if self._last_epoch_handled is None else self._last_epoch_handled + 1
