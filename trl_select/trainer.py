@@ -10,6 +10,7 @@ reference log-probs. The selection event is in `callback.py`, the scores and the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -170,6 +171,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         self._pool_fingerprint: dict[str, Any] | None = None
         self._resumed_selection: tuple[SelectionState, dict[str, torch.Tensor], str] | None = None
         self._pairs_trained = 0.0  # pairs the current training loop trained, for `train()`'s speed metrics
+        self._forward_noise_cache: tuple[tuple[int, frozenset[str]], dict[str, list[str]]] | None = None
         if not args.selection_enabled:
             return
         # A pre-configured accelerate state can turn FSDP or a parallelism config on with no argument showing it.
@@ -403,15 +405,23 @@ class SelectiveDPOTrainer(DPOTrainer):
 
     def _forward_noise(self, kinds: set[str]) -> dict[str, list[str]]:
         """The training forwards of `kinds` (θ's; π_ref's: the `ref_model`, or the policy with its adapters off) that
-        dropout would perturb, each with the parts that would (`active_dropout`); a kind without any is left out."""
+        dropout would perturb, each with the parts that would (`active_dropout`); a kind without any is left out.
+
+        Checked once per epoch and set of kinds (a walk over every module, too slow for every step of a PEFT model):
+        the Trainer puts the models in the same mode at every step.
+        """
+        key = (math.floor(self.state.epoch + 1e-6), frozenset(kinds))
+        if self._forward_noise_cache is not None and self._forward_noise_cache[0] == key:
+            return self._forward_noise_cache[1]
         policy = self.accelerator.unwrap_model(self.model)
         modules = {POLICY: (policy, False)}
         if self.ref_model is not None:
             modules[REFERENCE] = (self.accelerator.unwrap_model(self.ref_model), False)
         else:  # TRL's reference forward: the PEFT policy with its adapters off, or a "ref" adapter on
             modules[REFERENCE] = (policy, "ref" not in getattr(policy, "peft_config", {}))
-        noise = {kind: active_dropout(*modules[kind]) for kind in kinds}
-        return {kind: parts for kind, parts in noise.items() if parts}
+        noise = {kind: parts for kind in kinds if (parts := active_dropout(*modules[kind]))}
+        self._forward_noise_cache = (key, noise)
+        return noise
 
     def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
         if not (is_training and self.selection_engine is not None):
