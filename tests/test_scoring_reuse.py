@@ -393,3 +393,28 @@ def test_the_cached_reference_stands_in_for_the_live_reference_forward_exactly(
         handle.remove()
     torch.testing.assert_close(injected, live)
     assert engine._reference_forwards == {"live": 0, "cached": 1}
+
+
+def test_in_epoch_segments_take_the_reference_of_their_scored_pairs_from_the_cache(
+    tmp_path, tokenizer, pool, validation
+):
+    # One epoch selects inside it (`selection_strategy="steps"`): π_ref's cache holds only the pairs events scored or
+    # warm-up steps recorded, and each segment after an event trains scored pairs only.
+    trainer = _trainer(
+        tmp_path, tokenizer, pool, validation, "reference", num_train_epochs=1, per_device_train_batch_size=4
+    )
+    engine, forwards = trainer.selection_engine, []  # per micro-batch: whether π_ref ran live
+    note = engine.note_reference_forward
+    engine.note_reference_forward = lambda live: (forwards.append(live), note(live=live))
+    trainer.train()
+    assert trainer.selection_callback.strategy == "steps"
+    history = read_history(tmp_path)
+    assert [record["event"] for record in history][:2] == ["warmup", "selection"]
+    row_of_id = {pair_id: row for row, pair_id in enumerate(trainer.pair_ids)}
+    tokens = engine.token_counts("pool")
+    segments = [(record["event"], sum(tokens[row_of_id[i]] for i in record["selected_ids"])) for record in history]
+    warmup_steps = sum(len(record["selected_ids"]) for record in history if record["event"] == "warmup") // 4
+    assert forwards == [True] * warmup_steps + [False] * (len(forwards) - warmup_steps)
+    assert len(forwards) > warmup_steps
+    expected = sum((4 if event == "warmup" else 3) * count for event, count in segments)
+    assert engine.compute.fte["train"] == pytest.approx(expected)

@@ -468,6 +468,7 @@ class SelectionCallback(TrainerCallback):
         """Mark the segment's pairs consumed, and move the horizon and the LR to what the pass and the run have left."""
         self._consumed[np.asarray(trained + left_out, dtype=np.int64)] = True
         self._segment_start_step, self._segment_counted = state.global_step, False
+        self.engine.plan_training(trained)  # the steps take π_ref from the cache if it holds all these pairs
         self._previous_selection = trained
         if self.fixed_horizon is not None:
             return
@@ -573,13 +574,14 @@ class SelectionCallback(TrainerCallback):
             self._consumed = tensors.pop("pass.consumed").numpy().astype(bool)
             accumulation = self.trainer.args.gradient_accumulation_steps
             skip = (state.global_step - state.segment_start_step) * accumulation
-            self.sampler.set_segment(tensors.pop("segment.rows").tolist(), accumulation, skip_batches=skip)
+            trained = self.sampler.set_segment(tensors.pop("segment.rows").tolist(), accumulation, skip_batches=skip)
             self._segment_start_step, self._segment_counted = state.segment_start_step, False
             self._keep_estimate = state.keep_estimate
             self._last_epoch_handled = state.epoch
             self._epoch_start_step = state.epoch_start_step
             self._resumed_pass = True
             self.engine.restore(tensors, state.aux_num_refreshes)
+            self.engine.plan_training(trained)  # as the uninterrupted run's steps: π_ref from the cache or not
             return
         self.sampler.set_selection(state.selected_rows)
         self.sampler.set_epoch(state.epoch)

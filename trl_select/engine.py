@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,8 +105,11 @@ class ScoringEngine:
         self.pair_ids: list[Any] = trainer.pair_ids
         self._pool_loader = None
         self._reference: PairLogProbs | None = None
-        # π_ref's pool log-probs as a (pool, 2) fp32 tensor on the device, for the training steps; None while unknown
+        # π_ref's pool log-probs as a (pool, 2) fp32 tensor on the device (NaN where unknown), for the training steps,
+        # and whether it holds every pair the steps train now (the whole pool, or the rows of `plan_training`)
         self._device_reference: torch.Tensor | None = None
+        self._reference_complete = False
+        self._plan_covered = False
         self._validation_reference: PairLogProbs | None = None
         self._auxiliary_log_probs: PairLogProbs | None = None
         self._auxiliary: AuxiliaryModel | None = None
@@ -325,18 +328,27 @@ class ScoringEngine:
 
     def _set_reference(self, log_probs: PairLogProbs | None) -> None:
         self._reference = log_probs
-        self._device_reference = None
+        self._device_reference, self._reference_complete, self._plan_covered = None, False, False
         if log_probs is not None:
             stacked = torch.stack([log_probs.chosen, log_probs.rejected], dim=1).float()
-            # Only a cache that covers the whole pool serves the training steps: the same answer on every rank (the
-            # cache is), so every rank skips the same reference forwards, which under ZeRO-3 or DDP are collectives.
-            if bool(torch.isfinite(stacked).all()):
-                self._device_reference = stacked.to(self.trainer.accelerator.device)
+            self._device_reference = stacked.to(self.trainer.accelerator.device)
+            self._reference_complete = bool(torch.isfinite(stacked).all())
+
+    def plan_training(self, rows: Sequence[int]) -> None:
+        """Say which pool rows, over all ranks, the training steps train until the next call (an epoch's selection, an
+        in-epoch segment): `cached_reference` serves them if the cache holds every one.
+
+        The answer depends on the cache and on these rows only, both the same on every rank, never on the rank's own
+        batch: every rank skips the same reference forwards, which under ZeRO-3 (and DDP's forward) are collectives.
+        """
+        rows = list(rows)
+        self._plan_covered = self._reference is not None and not missing_rows(_take(self._reference, rows))
 
     def cached_reference(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """π_ref's cached log-probs `(chosen, rejected)` of the pool rows `rows`, fp32 on `rows`' device, or `None`
-        while they are not cached for the whole pool. The same answer on every rank, whatever its rows."""
-        if self._device_reference is None:
+        """π_ref's cached log-probs `(chosen, rejected)` of the pool rows `rows` (a training micro-batch's, within
+        the planned rows), fp32 on `rows`' device; `None` unless the cache holds the whole pool or every planned row.
+        The same answer on every rank, whatever its rows."""
+        if self._device_reference is None or not (self._reference_complete or self._plan_covered):
             return None
         values = self._device_reference[rows.to(self._device_reference.device)].to(rows.device)
         return values[:, 0], values[:, 1]
@@ -431,8 +443,9 @@ class ScoringEngine:
         backward, plus 1 for π_ref's forward inside the step unless precomputed or taken from the cache.
 
         The rows are the sampler's (every rank's, without a collective); whether the steps ran π_ref is what
-        `note_reference_forward` noted. That is decided alike on every rank and stays the same within an epoch (the
-        cache and the models' dropout change only between epochs), so the share of live micro-batches is 0 or 1.
+        `note_reference_forward` noted since the last call. That is decided alike on every rank and stays the same
+        between two calls (an epoch, or a segment of the in-epoch strategy: the cache changes only at events, the
+        models' dropout not at all), so the share of live micro-batches is 0 or 1.
         """
         tokens = rows_tokens(self.token_counts("pool"), self.sampler.trained_rows(micro_batches))
         self.compute.add("train", tokens, TRAIN_STEP)
@@ -465,8 +478,10 @@ class ScoringEngine:
         return kinds
 
     def record_training_log_probs(self, epoch: int, num_train_epochs: float) -> None:
-        """Record the log-probs of epoch `epoch`'s training steps (each at its pairs' pool rows)."""
+        """Record the log-probs of epoch `epoch`'s training steps (each at its pairs' pool rows), whose pairs are the
+        sampler's selection."""
         self.training_log_probs.begin_epoch(self.reused_kinds(epoch, num_train_epochs))
+        self.plan_training(self.sampler.rows)
 
     # ----- checkpoint state -----
 
