@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,14 +123,106 @@ def _gathered(parameters: list[torch.nn.Parameter]) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+# The largest flat buffer one gradient all-reduce sends, in elements (DDP's default bucket is 25 MiB; this is 25M
+# elements, 100 MB of fp32): a handful of collectives per aux step instead of one per adapter tensor (1,120 at 70B
+# with all-linear targets), each large enough to run at bus bandwidth, with a bounded extra buffer.
+AVERAGING_BUCKET_NUMEL = 25_000_000
+
+
+def bucket_ranges(numels: Sequence[int], max_numel: int) -> list[tuple[int, int]]:
+    """Split consecutive tensors of `numels` elements into `[start, stop)` index ranges of at most `max_numel` elements.
+
+    Greedy in order: a bucket is closed when the next tensor would take it over `max_numel`; a tensor larger than
+    `max_numel` gets a bucket of its own.
+    """
+    ranges: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for index, numel in enumerate(numels):
+        if index > start and size + numel > max_numel:
+            ranges.append((start, index))
+            start, size = index, 0
+        size += numel
+    if start < len(numels):
+        ranges.append((start, len(numels)))
+    return ranges
+
+
+def average_in_buckets(
+    tensors: list[torch.Tensor],
+    world_size: int,
+    all_reduce: Callable[[torch.Tensor], None],
+    max_numel: int = AVERAGING_BUCKET_NUMEL,
+) -> int:
+    """Replace each tensor by its average over `world_size` ranks, one `all_reduce` (a sum, in place) per bucket.
+
+    Tensors are grouped by dtype and device (a flat buffer has one of each), kept in order, flattened into buckets of
+    at most `max_numel` elements, summed, divided and copied back. Every rank must pass tensors of the same shapes in
+    the same order, so that the buckets line up. Returns the number of `all_reduce` calls.
+    """
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    calls = 0
+    for group in groups.values():
+        for start, stop in bucket_ranges([t.numel() for t in group], max_numel):
+            bucket = group[start:stop]
+            flat = _flatten_dense_tensors(bucket)
+            all_reduce(flat)
+            flat.div_(world_size)
+            for tensor, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                tensor.copy_(averaged)
+            calls += 1
+    return calls
+
+
 def _average_gradients_across_ranks(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Average `parameters`' gradients over the ranks in a few bucketed all-reduces (missing gradients count as 0)."""
     if accelerator.num_processes == 1:
         return
     for parameter in parameters:
-        if parameter.grad is None:
+        if parameter.grad is None:  # every rank must send the same buckets
             parameter.grad = torch.zeros_like(parameter)
-        torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
-        parameter.grad.div_(accelerator.num_processes)
+    average_in_buckets(
+        [parameter.grad for parameter in parameters],
+        accelerator.num_processes,
+        lambda flat: torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM),
+    )
+
+
+class _MasterWeights:
+    """fp32 master copies of low-precision trainable parameters: the optimizer steps the masters, the module computes
+    with their rounding in its own dtype (mixed precision as DeepSpeed and AMP O2 train the policy itself).
+
+    A pure fp16/bf16 AdamW cannot train at DPO learning rates: an update of 1e-6 is below half an ulp of most bf16
+    weights (A barely moves), and in fp16 `eps = 1e-8` rounds to 0, so a zero second moment divides by zero. fp32
+    parameters are their own masters (no copy).
+    """
+
+    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
+        self.parameters = parameters
+        self.masters = [
+            p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone()) for p in parameters
+        ]
+
+    @property
+    def has_copies(self) -> bool:
+        return any(m is not p for p, m in zip(self.parameters, self.masters, strict=True))
+
+    def pull_gradients(self) -> None:
+        """Move the module's gradients onto the masters in fp32 (still scaled, if the loss was), freeing the half ones."""
+        for parameter, master in zip(self.parameters, self.masters, strict=True):
+            if master is not parameter:
+                master.grad = None if parameter.grad is None else parameter.grad.float()
+                parameter.grad = None
+
+    @torch.no_grad()
+    def push_weights(self) -> None:
+        """Round the stepped masters into the module's parameters."""
+        for parameter, master in zip(self.parameters, self.masters, strict=True):
+            if master is not parameter:
+                parameter.copy_(master)
 
 
 def _offloads_optimizer(config: dict) -> bool:
@@ -436,7 +528,7 @@ class AuxiliaryModel:
         parameters = [p for n, p in policy.named_parameters() if f".{AUX_ADAPTER}." in n]
         try:
             # `use_adapter` makes the aux adapter the only trainable one, and restores the policy adapter after
-            yield self._torch_handle(policy, parameters, lambda: use_adapter(policy, AUX_ADAPTER))
+            yield self._torch_handle(policy, parameters, lambda: use_adapter(policy, AUX_ADAPTER), fp32_masters=True)
         finally:
             policy.delete_adapter(AUX_ADAPTER)
 
@@ -510,7 +602,7 @@ class AuxiliaryModel:
                             adapter.data = adapter.data.to(dtype=dtype)
                         adapter.requires_grad_(True)
                         parameters.append(adapter)
-            yield self._torch_handle(policy, parameters, contextlib.nullcontext)
+            yield self._torch_handle(policy, parameters, contextlib.nullcontext, fp32_masters=True)
         finally:
             # Every LoraLayer back to the module it wraps (also those of an injection that failed half-way), outermost
             # first: a nested wrapper goes with its outer one, which `get_base_layer` unwraps all the way.
@@ -529,39 +621,47 @@ class AuxiliaryModel:
         module: torch.nn.Module,
         parameters: list[torch.nn.Parameter],
         activate: Callable[[], contextlib.AbstractContextManager],
+        fp32_masters: bool = False,
     ) -> _AuxHandle:
-        optimizer = torch.optim.AdamW(
-            parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
-        )
+        """θ_aux stepped by a torch AdamW: over fp32 masters of `parameters` when `fp32_masters` (the adapters), else
+        over `parameters` themselves (the full copy without DeepSpeed, stepped as the policy is)."""
+        masters = _MasterWeights(parameters if fp32_masters else [])
+        trained = masters.masters if fp32_masters else parameters
+        optimizer = torch.optim.AdamW(trained, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay)
         # fp16 gradients underflow without a loss scale and overflow now and then with one; the scaler finds the
         # overflows and skips those steps. The scale is a power of two, so a finite step is exactly the unscaled one.
-        # Gradients are averaged over ranks before the inf check, so every rank skips the same steps.
+        # Gradients are averaged over ranks before the inf check, so every rank skips the same steps. An adapter that
+        # computes in fp16 needs it whatever launched the run: under DeepSpeed fp16 the settings ask for none (the
+        # policy's engine scales its own loss, not this one).
         scaler = None
-        if self.settings.loss_scaling:
+        computes_in_fp16 = fp32_masters and any(p.dtype == torch.float16 for p in parameters)
+        if self.settings.loss_scaling or computes_in_fp16:
             scaler = torch.amp.GradScaler(self.accelerator.device.type)
             if self.grad_scaler_state is not None:
                 scaler.load_state_dict(self.grad_scaler_state)
 
         def step(loss: torch.Tensor) -> bool:
-            if scaler is None:
-                loss.backward()
-                _average_gradients_across_ranks(parameters, self.accelerator)
-                if self.settings.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return False
-            scaler.scale(loss).backward()
-            _average_gradients_across_ranks(parameters, self.accelerator)
-            scaler.unscale_(optimizer)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            masters.pull_gradients()
+            # Averaged in fp32 when there are masters: a bf16 sum over many ranks loses the small gradients
+            _average_gradients_across_ranks(trained, self.accelerator)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if self.settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped when the unscaled gradients hold an inf or a NaN
-            scaler.update()  # ... and then the scale is lowered
+                torch.nn.utils.clip_grad_norm_(trained, self.settings.max_grad_norm)
+            if scaler is None:
+                optimizer.step()
+                skipped = False
+            else:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped when the unscaled gradients hold an inf or a NaN
+                scaler.update()  # ... and then the scale is lowered
+                skipped = scaler.get_scale() < scale
+                self.grad_scaler_state = scaler.state_dict()
             optimizer.zero_grad(set_to_none=True)
-            self.grad_scaler_state = scaler.state_dict()
-            return scaler.get_scale() < scale
+            if not skipped:
+                masters.push_weights()
+            return skipped
 
         return _AuxHandle(module, activate, step)
 
