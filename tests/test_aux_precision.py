@@ -185,3 +185,74 @@ def test_aux_gradients_are_averaged_in_one_collective_per_bucket(monkeypatch):
     assert calls == [300 * 16 * 8]
     assert torch.equal(parameters[0].grad, torch.zeros(16, 8))  # a missing gradient is sent as zeros
     assert all(torch.equal(p.grad, torch.full((16, 8), float(i))) for i, p in enumerate(parameters[1:]))
+
+
+# ----- a full-copy aux rebuilt from the class must compute what the policy computes -----
+
+
+def _rebuilt(policy: torch.nn.Module) -> torch.nn.Module:
+    """What `_build_engine` builds under ZeRO-1/2 before handing it to DeepSpeed."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from trl_select.auxiliary import _construct_on_meta, _materialise_from
+
+    aux = _construct_on_meta(policy)
+    _materialise_from(aux, policy)
+    add_fused_lm_head(aux)
+    return aux
+
+
+def _patch_norm_forward(module: torch.nn.Module) -> None:
+    """A kernel bound to one instance, as Liger's `apply_liger_kernel_to_*(model=...)` binds its RMSNorm forward."""
+    import types
+
+    def liger_like_rms_norm(self, hidden_states):
+        variance = hidden_states.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (hidden_states.float() * torch.rsqrt(variance + 1e-5))).to(hidden_states.dtype)
+
+    module.forward = types.MethodType(liger_like_rms_norm, module)
+
+
+def test_rebuilt_aux_of_a_plain_policy_matches_it(tokenizer):
+    from trl.trainer.utils import add_fused_lm_head
+
+    from trl_select.auxiliary import rebuild_mismatches
+
+    policy = build_tiny_llama(tokenizer, seed=0)
+    add_fused_lm_head(policy)  # TRL's instance-level forward, re-applied to the aux: not a mismatch
+    assert rebuild_mismatches(policy, _rebuilt(policy)) == []
+
+
+def test_rebuilt_aux_of_a_patched_or_compiled_policy_is_named(tokenizer):
+    from trl.trainer.utils import add_fused_lm_head
+
+    from trl_select.auxiliary import rebuild_mismatches
+
+    policy = build_tiny_llama(tokenizer, seed=0)
+    add_fused_lm_head(policy)
+    _patch_norm_forward(policy.model.norm)
+    policy.model.layers[0].mlp.compile()  # compiled in place, as DeepSpeed's `engine.compile()` does
+    mismatches = rebuild_mismatches(policy, _rebuilt(policy))
+    assert any(m.startswith("model.norm.forward is patched") for m in mismatches), mismatches
+    assert "model.layers.0.mlp is compiled (torch.compile)" in mismatches
+    # A forward wrapped by TRL's fused head over a patched class forward differs from the rebuilt one's
+    other = build_tiny_llama(tokenizer, seed=0)
+    other.forward = lambda *args, **kwargs: None
+    add_fused_lm_head(other)
+    assert any("forward is patched" in m for m in rebuild_mismatches(other, _rebuilt(other)))
+
+
+def test_full_copy_aux_under_deepspeed_refuses_an_instance_patched_policy(tmp_path, tokenizer, pool, validation):
+    """The rebuilt aux would lack the policy's patched norm: θ_aux ≠ θ_t before alignment. Refused, naming the fix."""
+    model = build_tiny_llama(tokenizer, seed=0)
+    trainer = _trainer(tmp_path, tokenizer, pool, validation, model, aux_mode="full")
+    _patch_norm_forward(model.model.norm)
+    engine = trainer.selection_engine
+    auxiliary = engine.auxiliary()
+    # The settings a ZeRO-2 run gives (the rebuild is checked before any DeepSpeed engine is made)
+    auxiliary.settings = dataclasses.replace(
+        auxiliary.settings, deepspeed_config={"zero_optimization": {"stage": 2}, "bf16": {"enabled": False}}
+    )
+    with pytest.raises(ValueError, match=r"aux_mode='full'.*model\.norm\.forward is patched.*aux_mode='lora'"):
+        auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
+    assert "forward" in vars(model.model.norm)  # the policy is left as it was

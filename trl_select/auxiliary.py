@@ -315,6 +315,80 @@ def _check_same_parameters(policy: torch.nn.Module, aux: torch.nn.Module) -> dic
     return source
 
 
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module` is a `torch.compile` wrapper (`OptimizedModule`, holding `_orig_mod`) or was compiled in place
+    (`module.compile()`, as DeepSpeed's `engine.compile()` does)."""
+    return "_orig_mod" in module._modules or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _call_identity(function, depth: int = 3) -> tuple:
+    """What a (bound) function runs: its code and, recursively, the code of the functions it closes over.
+
+    TRL's fused LM head is an instance-level forward that closes over the forward it wraps; two of them run the same
+    thing exactly when they wrap forwards with the same code.
+    """
+    function = getattr(function, "__func__", function)
+    code = getattr(function, "__code__", None)
+    if code is None or depth == 0:
+        return (code if code is not None else type(function),)
+    cells = []
+    for cell in function.__closure__ or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(content) and not isinstance(content, (type, torch.nn.Module)):
+            cells.append(_call_identity(content, depth - 1))
+    return (code, tuple(cells))
+
+
+def rebuild_mismatches(policy: torch.nn.Module, aux: torch.nn.Module) -> list[str]:
+    """Where an aux rebuilt as `type(policy)(policy.config)` (and given TRL's fused head, as the policy was) would not
+    compute what `policy` computes; empty when it would.
+
+    Construction from the class drops what was done to the policy's instance after it was built: `torch.compile`
+    wrappers or in-place compilation, forwards patched on the instance (Liger kernels bind theirs to each norm and MLP
+    module), module classes swapped on the instance or in the modeling module since. Then θ_aux ≠ θ_t before alignment,
+    a LossDiff offset on every pair that no alignment step explains.
+    """
+    mismatches: list[str] = []
+    aux_modules = dict(aux.named_modules())
+    for name, module in policy.named_modules():
+        label = name or type(policy).__name__
+        if _is_compiled(module):
+            mismatches.append(f"{label} is compiled (torch.compile)")
+            continue
+        twin = aux_modules.get(name)
+        if twin is None:
+            mismatches.append(f"{label} has no counterpart in the rebuilt model")
+            continue
+        if type(twin) is not type(module):
+            mismatches.append(f"{label} is a {type(module).__name__}, the rebuilt one a {type(twin).__name__}")
+        forwards = [vars(m).get("forward") for m in (module, twin)]
+        if forwards[0] is not None and (
+            forwards[1] is None or _call_identity(forwards[0]) != _call_identity(forwards[1])
+        ):
+            function = getattr(forwards[0], "__func__", forwards[0])
+            mismatches.append(
+                f"{label}.forward is patched on the instance ({getattr(function, '__qualname__', function)})"
+            )
+    return mismatches
+
+
+def _refuse_unfaithful_rebuild(policy: torch.nn.Module, aux: torch.nn.Module) -> None:
+    """Raise when the rebuilt aux would not equal the policy before alignment (see `rebuild_mismatches`)."""
+    mismatches = rebuild_mismatches(policy, aux)
+    if mismatches:
+        shown = "; ".join(mismatches[:5]) + (f"; and {len(mismatches) - 5} more" if len(mismatches) > 5 else "")
+        raise ValueError(
+            "`aux_mode='full'` under DeepSpeed rebuilds θ_aux from the policy's class and config, which would not "
+            f"compute what the policy computes: {shown}. θ_aux would differ from θ_t before any alignment step, an "
+            "offset in every pair's LossDiff. Set `aux_mode='lora'` (the default: LoRA layers injected into the policy "
+            "module itself, so its compiled or patched modules stay), or train without torch.compile / instance-level "
+            "kernel patches."
+        )
+
+
 def _copy_buffers(policy: torch.nn.Module, aux: torch.nn.Module) -> None:
     """Every aux buffer (never partitioned; rotary frequencies and the like) becomes a clone of the policy's."""
     policy_buffers = dict(policy.named_buffers())
@@ -689,6 +763,7 @@ class AuxiliaryModel:
         disable_dropout_in_model(aux)
         if is_activation_checkpointing(policy):
             enable_activation_checkpointing(aux, self.gradient_checkpointing_kwargs)
+        _refuse_unfaithful_rebuild(policy, aux)
         parameters = [p for p in aux.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
