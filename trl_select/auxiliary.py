@@ -8,8 +8,8 @@ then discarded: LossDiff only needs its pool log-probabilities, which are cached
   third model is held in memory; the policy adapter is frozen while it trains.
 - Without PEFT, `aux_mode="lora"`: θ_aux = θ_t + a low-rank update, LoRA layers injected into the policy module in place
   for the stage (the policy's weights frozen meanwhile) and removed after it. No second copy of the weights and no
-  second full optimizer state: the extra memory is the adapter, its gradients and its AdamW moments,
-  r·(d_in + d_out) parameters per adapted matrix.
+  second full optimizer state: the extra memory is the adapter, its gradients, its fp32 masters (bf16/fp16 only) and
+  its AdamW moments, r·(d_in + d_out) parameters per adapted matrix.
 - Without PEFT, `aux_mode="full"`: θ_aux is a full copy of the policy (a DeepSpeed engine of its own under DeepSpeed),
   with its own full AdamW state: about 16 more bytes per policy parameter at the refresh peak (`memory.py`).
 
@@ -19,10 +19,15 @@ rank.
 
 Precision follows the policy: the aux adapter is created in the policy adapter's dtype (so θ_aux = θ_t exactly before
 alignment, and LossDiff carries no dtype offset), the injected LoRA update takes the dtype of the weights it adapts
-(B = 0, so θ_aux = θ_t exactly before alignment in any dtype), an fp16 run scales the aux loss (a `GradScaler`, or the
-full-copy engine's DeepSpeed loss scaler; the adapters under DeepSpeed fp16 are not scaled) and skips steps whose
-gradients overflow, and a DeepSpeed config that offloads the optimizer gives the full-copy engine DeepSpeed's CPU Adam,
-as accelerate gives the policy (the adapters, a few MB to a few hundred MB, keep a torch AdamW on the device).
+(B = 0, so θ_aux = θ_t exactly before alignment in any dtype). Either adapter computes in that dtype but is stepped
+through fp32 master weights when it is bf16/fp16 (`_MasterWeights`), as DeepSpeed steps the policy. The aux loss is
+scaled and steps whose gradients overflow are skipped (a `GradScaler`) under fp16 autocast and whenever an adapter
+computes in fp16 (DeepSpeed fp16: the engine's loss scaler serves only the policy); the full-copy engine under
+DeepSpeed fp16 uses its own DeepSpeed loss scaler. Gradients are averaged over ranks in a few bucketed all-reduces
+(`average_in_buckets`). Under DeepSpeed the full copy is rebuilt from the policy's class and config, so a policy that
+rebuild would not reproduce (compiled, kernels patched on the instance) is refused (`rebuild_mismatches`). A DeepSpeed
+config that offloads the optimizer gives the full-copy engine DeepSpeed's CPU Adam, as accelerate gives the policy (the
+adapters, a few MB to a few hundred MB, keep a torch AdamW on the device).
 """
 
 from __future__ import annotations
@@ -83,7 +88,8 @@ class AlignmentSettings:
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_target_modules: str | tuple[str, ...] = "all-linear"
-    # fp16 without DeepSpeed: scale the aux loss and skip non-finite steps (DeepSpeed fp16 has its own loss scaler)
+    # fp16 autocast without DeepSpeed: scale the aux loss and skip non-finite steps. An adapter that computes in fp16
+    # (DeepSpeed fp16) is scaled whatever this says; the full-copy engine under DeepSpeed fp16 has its own scaler.
     loss_scaling: bool = False
 
 
