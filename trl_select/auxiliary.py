@@ -165,6 +165,7 @@ def average_in_buckets(
     at most `max_numel` elements, summed, divided and copied back. Every rank must pass tensors of the same shapes in
     the same order, so that the buckets line up. Returns the number of `all_reduce` calls.
     """
+    # torch's own flat-buffer helpers (those DDP's and DeepSpeed's bucketing use): one `cat`, and views to copy back
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
@@ -211,10 +212,6 @@ class _MasterWeights:
         self.masters = [
             p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone()) for p in parameters
         ]
-
-    @property
-    def has_copies(self) -> bool:
-        return any(m is not p for p, m in zip(self.parameters, self.masters, strict=True))
 
     def pull_gradients(self) -> None:
         """Move the module's gradients onto the masters in fp32 (still scaled, if the loss was), freeing the half ones."""
