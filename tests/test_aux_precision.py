@@ -256,3 +256,31 @@ def test_full_copy_aux_under_deepspeed_refuses_an_instance_patched_policy(tmp_pa
     with pytest.raises(ValueError, match=r"aux_mode='full'.*model\.norm\.forward is patched.*aux_mode='lora'"):
         auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert "forward" in vars(model.model.norm)  # the policy is left as it was
+
+
+def test_fp16_adapter_skips_an_overflowing_step_and_keeps_its_weights(
+    tmp_path, tokenizer, pool, validation, monkeypatch
+):
+    """The scaler of an fp16 adapter (DeepSpeed fp16) finds an inf in the masters' gradients and skips that step."""
+    model = _half_policy(tokenizer, torch.float16, peft=False)
+    trainer = _trainer(tmp_path, tokenizer, pool, validation, model, learning_rate=1e-6)
+    engine = trainer.selection_engine
+    auxiliary = engine.auxiliary()
+    calls = {"n": 0}
+    batch_loss = AuxiliaryModel._batch_loss
+
+    def overflowing_second_step(self, module, batch):
+        loss = batch_loss(self, module, batch)
+        if module.training:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return loss * float("inf")
+        return loss
+
+    monkeypatch.setattr(AuxiliaryModel, "_batch_loss", overflowing_second_step)
+    result = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
+    assert result.num_steps == 4 and result.skipped_steps == 1
+    assert bool(
+        torch.isfinite(result.pool_log_probs.chosen).all() and torch.isfinite(result.pool_log_probs.rejected).all()
+    )
+    assert auxiliary.grad_scaler_state["scale"] == 2.0**15  # lowered once, carried to the next refresh
