@@ -385,7 +385,8 @@ def report(
             "Plain DPO full FT = 2 + 2 + 4 + 8 = 16 bytes per parameter + 2 for the reference; a "
             'full-copy aux adds its own 16 (in its own engine, sharded like the policy); `aux_mode="lora"` adds '
             "r·(d_in + d_out) parameters per adapted matrix (all linear layers but the LM head) in the weights' bf16, "
-            "with bf16 AdamW moments: 2 + 2 + 4 = 8 bytes each (whole on every rank); a LoRA policy "
+            "stepped through fp32 masters (fp32 gradients on the masters, fp32 AdamW moments): 2 + 4 + 4 + 8 = 18 "
+            "bytes each (whole on every rank); a LoRA policy "
             "(r 16, all linear layers, fp32 adapter: 16 bytes per adapter parameter) holds the bf16 base (2 bytes per "
             "parameter, no reference: the base with the adapter off) and its aux is a second adapter. DDP and "
             "DeepSpeed keep gradient buffers, so the aux adds to the full training state. "

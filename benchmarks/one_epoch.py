@@ -59,6 +59,20 @@ def flipped_share_after_first_event(epochs: list[dict[str, Any]]) -> float:
     return sum(record["flipped_in_kept"] * record["num_kept"] for record in events) / kept if kept else float("nan")
 
 
+def scored_chunk_and_rest(epochs: list[dict[str, Any]], pool_size: int) -> tuple[int, int]:
+    """Pairs the run's events scored (chunks), and the pairs they would have scored rescoring the whole untrained rest
+    of the pass at every event instead (the same events, the same consumption)."""
+    consumed, chunk, rest = 0, 0, 0
+    for record in epochs:
+        if record.get("event") == "selection":
+            chunk += record["num_scored"]
+            rest += pool_size - consumed
+            consumed += record["num_scored"] - record["num_surplus"]
+        else:
+            consumed += record["num_kept"]
+    return chunk, rest
+
+
 def total_fte(run: dict[str, Any], arm: str) -> float:
     return counted_compute(QUALITY_ARM[arm], run["evals"][-1])
 
@@ -119,15 +133,33 @@ def write_report(runs: list[dict[str, Any]], command: str) -> str:
                 what,
                 f"{delta.mean:+.3f} ± {delta.se:.3f}",
                 f"{delta.wins}/{delta.n}",
-                f"in-epoch selection {verdict} {baseline} (|Δ| {'>' if abs(delta.mean) > 2 * delta.se else '≤'} 2 SE)",
+                f"in-epoch selection {verdict} {baseline} "
+                + ("(more than 2 SE from 0)" if abs(delta.mean) > 2 * delta.se else "(within 2 SE of 0)"),
             ]
         )
     sft = [by_arm["plain"][s].get("sft_exact_match", float("nan")) for s in seeds]
+    counts = [
+        scored_chunk_and_rest(by_arm["in_epoch"][s]["epochs"], by_arm["in_epoch"][s]["pool_size"])
+        for s in seeds
+        if all(r.get("num_scored") is not None for r in by_arm["in_epoch"][s]["epochs"] if r["event"] == "selection")
+    ]
+    if counts:
+        chunk = sum(c for c, _ in counts) / len(counts)
+        rest = sum(r for _, r in counts) / len(counts)
+        pool = by_arm["in_epoch"][seeds[0]]["pool_size"]
+        choice = (
+            f"Scoring chunks (the design) scored {chunk:.0f} pairs per run ({chunk / pool:.2f} passes over the "
+            f"{pool}-pair pool); rescoring the whole untrained rest of the pass at the same events would have scored "
+            f"{rest:.0f} ({rest / pool:.2f} passes), {rest / chunk:.1f}× as many policy, aux and reference forwards."
+        )
+    else:
+        choice = ""
     lines += [
         f"{len(seeds)} paired seeds; SFT exact-match {sum(sft) / len(sft):.3f} before DPO.",
         "",
         table,
         markdown_table(["difference", "at", "Δ exact-match ± paired SE", "wins", "verdict"], deltas),
+        choice,
     ]
     text = "\n".join(lines)
     REPORT.write_text(text)

@@ -505,7 +505,8 @@ def realistic_report(runs: list[dict[str, Any]], num_parameters: dict[str, int])
         f"LossDiff-IRM, bands 10-90, warm-up 1 epoch, {REALISTIC_EPOCHS} epochs, 256-token sequences (128-token "
         f"prompt, 128-token completion), validation = 5% of the pool, train batch {REALISTIC_POOL[1]}, scoring batch "
         f"{REALISTIC_POOL[2]}. FTE = forward-token equivalents (`trl_select/compute.py`): a training step is 3 per "
-        "token plus 1 for the live reference forward, a scoring forward 1 per token. Plain = a 3-epoch run of "
+        "token plus 1 for the live reference forward (the selective runs' steps take π_ref from the cache once it "
+        "holds the pool, after the first event), a scoring forward 1 per token. Plain = a 3-epoch run of "
         '`selection_rule="none"` (exactly `DPOTrainer`): 3 full-pool epochs, counted from the pool\'s tokens.',
         "",
         f"### Counted (the trainer's ledger), pool {pool} pairs, validation {round(0.05 * pool)}",
@@ -552,7 +553,9 @@ def realistic_report(runs: list[dict[str, Any]], num_parameters: dict[str, int])
             "selection s = the events' own timers. Plain s = the 3 epochs of the plain `DPOTrainer` run at that pool "
             "(without one: 3 × the mean full-pool epoch 0 of the timed runs, a plain DPO epoch). Timed runs of one "
             "pool ran two at a time, one torch thread each, on 2 logical CPUs shared with other jobs: seconds are "
-            "noisy (the same full-pool epoch 0 took different times in different runs), FTE counts are exact.",
+            "noisy (the same full-pool epoch 0 took different times in different runs), FTE counts are exact, as "
+            "counted when each run was made (a run older than the cached reference in the training steps counts 4 "
+            "per token in every epoch, and its steps ran π_ref).",
             "",
         ]
         for r in timed:

@@ -355,6 +355,8 @@ def run_arm(
                 "epoch": record["epoch"],
                 "event": record["event"],
                 "global_step": record["global_step"],
+                "num_scored": record.get("num_scored"),  # in-epoch events score a chunk of the pass
+                "num_surplus": len(record.get("surplus_ids", [])),
                 "num_kept": len(kept),
                 "flipped_in_kept": sum(flipped[i] for i in kept) / max(len(kept), 1),
                 "flipped_in_dropped": sum(flipped[i] for i in dropped) / len(dropped) if dropped else None,

@@ -71,7 +71,7 @@ def test_influence_pass_restores_the_trainers_checkpoint_kwargs(tmp_path, tokeni
     """The `influence` scorer turns checkpointing off for its JVPs and back on with the trainer's kwargs."""
     args = fast_config(
         tmp_path,
-        num_train_epochs=1,
+        num_train_epochs=2,
         selection_rule="tif",
         activation_checkpointing=True,
         activation_checkpointing_kwargs={"use_reentrant": True},
@@ -84,7 +84,7 @@ def test_influence_pass_restores_the_trainers_checkpoint_kwargs(tmp_path, tokeni
         eval_dataset=validation.select(range(16)),
         processing_class=tokenizer,
     )
-    trainer.train()  # the Trainer enables checkpointing with the kwargs; one warm-up epoch
+    trainer.train()  # the Trainer enables checkpointing with the kwargs; a warm-up epoch and an influence selection
     model = trainer.accelerator.unwrap_model(trainer.model)
     before = _layer_state(model)
     assert before == [(True, {"use_reentrant": True})] * 2

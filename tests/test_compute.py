@@ -108,8 +108,10 @@ def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool
     pool_tokens, validation_tokens = tokens(trainer.train_dataset), tokens(trainer.eval_dataset)
     row_of_id = {pair_id: row for row, pair_id in enumerate(trainer.pair_ids)}
     history = read_history(tmp_path)
-    # One process: nothing trimmed; each step is policy forward + backward (3) + the live reference forward (1)
+    # One process: nothing trimmed; each step is policy forward + backward (3), plus the live reference forward (1)
+    # until π_ref's pool log-probs are cached (by epoch 1's event): later steps take them from the cache
     trained = [pool_tokens[[row_of_id[i] for i in record["selected_ids"]]].sum() for record in history]
+    train_fte = np.cumsum([(4 if epoch == 0 else 3) * tokens for epoch, tokens in enumerate(trained)])
     # The aux stage (aux_max_steps=2, batch 16) trains the first two batches of the shuffle seeded `seed + refresh`
     aux_rows = [
         sum(shard_batches(torch.randperm(32, generator=torch.Generator().manual_seed(refresh)), 1, 0, 16)[:2], [])
@@ -117,7 +119,7 @@ def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool
     ]
     for epoch in (1, 2):
         m = {k.removeprefix("selection/compute/"): v for k, v in probe.by_epoch[epoch].items() if "compute/" in k}
-        assert m["train"] == pytest.approx(4 * sum(trained[:epoch]))
+        assert m["train"] == pytest.approx(train_fte[epoch - 1])
         # π_ref once over the validation pairs, and over the pool unless the warm-up steps' forwards are reused (the
         # warm-up trained every pool pair: one process trims nothing)
         reference = validation_tokens.sum() + (pool_tokens.sum() if scoring_reuse == "none" else 0)
@@ -130,8 +132,8 @@ def test_logged_compute_equals_hand_counts(tmp_path, tokenizer, tiny_model, pool
         assert m["selection_total"] == pytest.approx(selection)
         assert 0 < m["selection_share"] < 1
         assert m["selection_share"] == pytest.approx(selection / (selection + m["train"]))
-    assert trainer.selection_engine.compute.fte["train"] == pytest.approx(4 * sum(trained))
-    assert trainer.selection_engine.compute.fte["train"] == pytest.approx(4 * probe.num_tokens)  # TRL agrees
+    assert trainer.selection_engine.compute.fte["train"] == pytest.approx(train_fte[-1])
+    assert sum(trained) == pytest.approx(probe.num_tokens)  # TRL agrees on the tokens trained
     summary = [r.getMessage() for r in caplog.records if "Compute: training" in r.getMessage()]
     assert len(summary) == 1 and "% of the run): reference" in summary[0]
     print(summary[0])  # noqa: T201 - shown with -s, for the docs

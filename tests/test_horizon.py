@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import DefaultFlowCallback, ProgressCallback
 
 from trl_select import read_history
+from trl_select.callback import SelectionOutOfMemoryError
 
 from .recording import RecordingTrainer
 from .testing_utils import fast_config
@@ -153,6 +154,34 @@ def test_oom_retry_restarts_from_the_full_pool_at_the_smaller_batch(
     assert trainer.selection_sampler.max_batch_size == reduced
     assert trainer.steps_per_epoch[0] == math.ceil(POOL_SIZE / reduced)
     assert history[0]["global_step"] == 0 and history[1]["global_step"] == math.ceil(POOL_SIZE / reduced)
+
+
+def test_an_oom_inside_a_selection_event_stops_the_run_naming_the_event_batch_sizes(
+    tmp_path, tokenizer, tiny_model, pool, validation
+):
+    # accelerate would retry the whole loop from step 0 on the trained weights, with the event's batch sizes unchanged.
+    trainer = _trainer(
+        OOMOnceTrainer,
+        tmp_path,
+        tokenizer,
+        tiny_model,
+        pool,
+        validation,
+        auto_find_batch_size=True,
+        scoring_batch_size=24,
+        extra={"fail_at_step": -1},
+    )
+
+    def compute_scores(*args, **kwargs):
+        raise _fake_oom()
+
+    trainer.selection_engine.compute_scores = compute_scores
+    with pytest.raises(SelectionOutOfMemoryError, match="scoring_batch_size`=24") as raised:
+        trainer.train()
+    assert not should_reduce_batch_size(raised.value)
+    assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+    assert trainer.loop_batch_sizes == [BATCH]  # one training loop: no retry on trained weights
+    assert trainer.state.global_step == FULL_STEPS_PER_EPOCH  # stopped at the first event
 
 
 def test_final_step_saves_and_evaluates(tmp_path, tokenizer, tiny_model, pool, validation):

@@ -136,9 +136,10 @@ def test_lora_aux_is_seeded_the_same_on_every_refresh_of_the_same_index(tmp_path
     trainer.train()
     engine = trainer.selection_engine
     auxiliary = engine.auxiliary()
+    index = auxiliary.num_refreshes  # the run's in-epoch events have refreshed it already
     first = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     second = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
-    auxiliary.num_refreshes = 0
+    auxiliary.num_refreshes = index
     again = auxiliary.refresh(engine.pool_loader(), trainer.selection_sampler.pool_size)
     assert torch.equal(again.pool_log_probs.chosen, first.pool_log_probs.chosen)
     assert not torch.equal(second.pool_log_probs.chosen, first.pool_log_probs.chosen)

@@ -112,6 +112,22 @@ def test_a_tensor_parallel_model_is_refused(tmp_path, tokenizer, tiny_model, poo
         )
 
 
+def test_dispatched_batches_are_refused_before_trl_runs(
+    tmp_path, tokenizer, tiny_model, pool, validation, no_parent_init
+):
+    # The main process would read each training batch and split it over the ranks, but each rank's batch is its own
+    with pytest.raises(
+        ValueError, match=r"`accelerator_config=\{'dispatch_batches': True\}`.*Leave `dispatch_batches` unset"
+    ):
+        SelectiveDPOTrainer(
+            tiny_model,
+            args=fast_config(tmp_path, accelerator_config={"dispatch_batches": True}),
+            train_dataset=pool,
+            eval_dataset=validation,
+            processing_class=tokenizer,
+        )
+
+
 def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(
     tmp_path, monkeypatch, tokenizer, tiny_model, pool, validation
 ):

@@ -8,8 +8,8 @@ then discarded: LossDiff only needs its pool log-probabilities, which are cached
   third model is held in memory; the policy adapter is frozen while it trains.
 - Without PEFT, `aux_mode="lora"`: θ_aux = θ_t + a low-rank update, LoRA layers injected into the policy module in place
   for the stage (the policy's weights frozen meanwhile) and removed after it. No second copy of the weights and no
-  second full optimizer state: the extra memory is the adapter, its gradients and its AdamW moments,
-  r·(d_in + d_out) parameters per adapted matrix.
+  second full optimizer state: the extra memory is the adapter, its gradients, its fp32 masters (bf16/fp16 only) and
+  its AdamW moments, r·(d_in + d_out) parameters per adapted matrix.
 - Without PEFT, `aux_mode="full"`: θ_aux is a full copy of the policy (a DeepSpeed engine of its own under DeepSpeed),
   with its own full AdamW state: about 16 more bytes per policy parameter at the refresh peak (`memory.py`).
 
@@ -19,10 +19,15 @@ rank.
 
 Precision follows the policy: the aux adapter is created in the policy adapter's dtype (so θ_aux = θ_t exactly before
 alignment, and LossDiff carries no dtype offset), the injected LoRA update takes the dtype of the weights it adapts
-(B = 0, so θ_aux = θ_t exactly before alignment in any dtype), an fp16 run scales the aux loss (a `GradScaler`, or the
-full-copy engine's DeepSpeed loss scaler; the adapters under DeepSpeed fp16 are not scaled) and skips steps whose
-gradients overflow, and a DeepSpeed config that offloads the optimizer gives the full-copy engine DeepSpeed's CPU Adam,
-as accelerate gives the policy (the adapters, a few MB to a few hundred MB, keep a torch AdamW on the device).
+(B = 0, so θ_aux = θ_t exactly before alignment in any dtype). Either adapter computes in that dtype but is stepped
+through fp32 master weights when it is bf16/fp16 (`_MasterWeights`), as DeepSpeed steps the policy. The aux loss is
+scaled and steps whose gradients overflow are skipped (a `GradScaler`) under fp16 autocast and whenever an adapter
+computes in fp16 (DeepSpeed fp16: the engine's loss scaler serves only the policy); the full-copy engine under
+DeepSpeed fp16 uses its own DeepSpeed loss scaler. Gradients are averaged over ranks in a few bucketed all-reduces
+(`average_in_buckets`). Under DeepSpeed the full copy is rebuilt from the policy's class and config, so a policy that
+rebuild would not reproduce (compiled, kernels patched on the instance) is refused (`rebuild_mismatches`). A DeepSpeed
+config that offloads the optimizer gives the full-copy engine DeepSpeed's CPU Adam, as accelerate gives the policy (the
+adapters, a few MB to a few hundred MB, keep a torch AdamW on the device).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import copy
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +88,8 @@ class AlignmentSettings:
     lora_r: int = 16
     lora_alpha: float = 32.0
     lora_target_modules: str | tuple[str, ...] = "all-linear"
-    # fp16 without DeepSpeed: scale the aux loss and skip non-finite steps (DeepSpeed fp16 has its own loss scaler)
+    # fp16 autocast without DeepSpeed: scale the aux loss and skip non-finite steps. An adapter that computes in fp16
+    # (DeepSpeed fp16) is scaled whatever this says; the full-copy engine under DeepSpeed fp16 has its own scaler.
     loss_scaling: bool = False
     # The trainer's whole loss (every `loss_type` with its options); `None` means `loss_type` alone with `beta`
     loss: PreferenceLoss | None = None
@@ -130,14 +136,103 @@ def _gathered(parameters: list[torch.nn.Parameter]) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+# The largest flat buffer one gradient all-reduce sends, in elements (DDP's default bucket is 25 MiB; this is 25M
+# elements, 100 MB of fp32): a handful of collectives per aux step instead of one per adapter tensor (1,120 at 70B
+# with all-linear targets), each large enough to run at bus bandwidth, with a bounded extra buffer.
+AVERAGING_BUCKET_NUMEL = 25_000_000
+
+
+def bucket_ranges(numels: Sequence[int], max_numel: int) -> list[tuple[int, int]]:
+    """Split consecutive tensors of `numels` elements into `[start, stop)` index ranges of at most `max_numel` elements.
+
+    Greedy in order: a bucket is closed when the next tensor would take it over `max_numel`; a tensor larger than
+    `max_numel` gets a bucket of its own.
+    """
+    ranges: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for index, numel in enumerate(numels):
+        if index > start and size + numel > max_numel:
+            ranges.append((start, index))
+            start, size = index, 0
+        size += numel
+    if start < len(numels):
+        ranges.append((start, len(numels)))
+    return ranges
+
+
+def average_in_buckets(
+    tensors: list[torch.Tensor],
+    world_size: int,
+    all_reduce: Callable[[torch.Tensor], None],
+    max_numel: int = AVERAGING_BUCKET_NUMEL,
+) -> int:
+    """Replace each tensor by its average over `world_size` ranks, one `all_reduce` (a sum, in place) per bucket.
+
+    Tensors are grouped by dtype and device (a flat buffer has one of each), kept in order, flattened into buckets of
+    at most `max_numel` elements, summed, divided and copied back. Every rank must pass tensors of the same shapes in
+    the same order, so that the buckets line up. Returns the number of `all_reduce` calls.
+    """
+    # torch's own flat-buffer helpers (those DDP's and DeepSpeed's bucketing use): one `cat`, and views to copy back
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.dtype, tensor.device), []).append(tensor)
+    calls = 0
+    for group in groups.values():
+        for start, stop in bucket_ranges([t.numel() for t in group], max_numel):
+            bucket = group[start:stop]
+            flat = _flatten_dense_tensors(bucket)
+            all_reduce(flat)
+            flat.div_(world_size)
+            for tensor, averaged in zip(bucket, _unflatten_dense_tensors(flat, bucket), strict=True):
+                tensor.copy_(averaged)
+            calls += 1
+    return calls
+
+
 def _average_gradients_across_ranks(parameters: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Average `parameters`' gradients over the ranks in a few bucketed all-reduces (missing gradients count as 0)."""
     if accelerator.num_processes == 1:
         return
     for parameter in parameters:
-        if parameter.grad is None:
+        if parameter.grad is None:  # every rank must send the same buckets
             parameter.grad = torch.zeros_like(parameter)
-        torch.distributed.all_reduce(parameter.grad, op=torch.distributed.ReduceOp.SUM)
-        parameter.grad.div_(accelerator.num_processes)
+    average_in_buckets(
+        [parameter.grad for parameter in parameters],
+        accelerator.num_processes,
+        lambda flat: torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM),
+    )
+
+
+class _MasterWeights:
+    """fp32 master copies of low-precision trainable parameters: the optimizer steps the masters, the module computes
+    with their rounding in its own dtype (mixed precision as DeepSpeed and AMP O2 train the policy itself).
+
+    A pure fp16/bf16 AdamW cannot train at DPO learning rates: an update of 1e-6 is below half an ulp of most bf16
+    weights (A barely moves), and in fp16 `eps = 1e-8` rounds to 0, so a zero second moment divides by zero. fp32
+    parameters are their own masters (no copy).
+    """
+
+    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
+        self.parameters = parameters
+        self.masters = [
+            p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone()) for p in parameters
+        ]
+
+    def pull_gradients(self) -> None:
+        """Move the module's gradients onto the masters in fp32 (still scaled, if the loss was), freeing the half ones."""
+        for parameter, master in zip(self.parameters, self.masters, strict=True):
+            if master is not parameter:
+                master.grad = None if parameter.grad is None else parameter.grad.float()
+                parameter.grad = None
+
+    @torch.no_grad()
+    def push_weights(self) -> None:
+        """Round the stepped masters into the module's parameters."""
+        for parameter, master in zip(self.parameters, self.masters, strict=True):
+            if master is not parameter:
+                parameter.copy_(master)
 
 
 def _offloads_optimizer(config: dict) -> bool:
@@ -228,6 +323,80 @@ def _check_same_parameters(policy: torch.nn.Module, aux: torch.nn.Module) -> dic
         if tuple(getattr(target[name], "ds_shape", target[name].shape)) != tuple(shape):
             raise RuntimeError(f"The aux model's {name} has shape {target[name].shape}, the policy's {shape}.")
     return source
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module` is a `torch.compile` wrapper (`OptimizedModule`, holding `_orig_mod`) or was compiled in place
+    (`module.compile()`, as DeepSpeed's `engine.compile()` does)."""
+    return "_orig_mod" in module._modules or getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _call_identity(function, depth: int = 3) -> tuple:
+    """What a (bound) function runs: its code and, recursively, the code of the functions it closes over.
+
+    TRL's fused LM head is an instance-level forward that closes over the forward it wraps; two of them run the same
+    thing exactly when they wrap forwards with the same code.
+    """
+    function = getattr(function, "__func__", function)
+    code = getattr(function, "__code__", None)
+    if code is None or depth == 0:
+        return (code if code is not None else type(function),)
+    cells = []
+    for cell in function.__closure__ or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(content) and not isinstance(content, (type, torch.nn.Module)):
+            cells.append(_call_identity(content, depth - 1))
+    return (code, tuple(cells))
+
+
+def rebuild_mismatches(policy: torch.nn.Module, aux: torch.nn.Module) -> list[str]:
+    """Where an aux rebuilt as `type(policy)(policy.config)` (and given TRL's fused head, as the policy was) would not
+    compute what `policy` computes; empty when it would.
+
+    Construction from the class drops what was done to the policy's instance after it was built: `torch.compile`
+    wrappers or in-place compilation, forwards patched on the instance (Liger kernels bind theirs to each norm and MLP
+    module), module classes swapped on the instance or in the modeling module since. Then θ_aux ≠ θ_t before alignment,
+    a LossDiff offset on every pair that no alignment step explains.
+    """
+    mismatches: list[str] = []
+    aux_modules = dict(aux.named_modules())
+    for name, module in policy.named_modules():
+        label = name or type(policy).__name__
+        if _is_compiled(module):
+            mismatches.append(f"{label} is compiled (torch.compile)")
+            continue
+        twin = aux_modules.get(name)
+        if twin is None:
+            mismatches.append(f"{label} has no counterpart in the rebuilt model")
+            continue
+        if type(twin) is not type(module):
+            mismatches.append(f"{label} is a {type(module).__name__}, the rebuilt one a {type(twin).__name__}")
+        forwards = [vars(m).get("forward") for m in (module, twin)]
+        if forwards[0] is not None and (
+            forwards[1] is None or _call_identity(forwards[0]) != _call_identity(forwards[1])
+        ):
+            function = getattr(forwards[0], "__func__", forwards[0])
+            mismatches.append(
+                f"{label}.forward is patched on the instance ({getattr(function, '__qualname__', function)})"
+            )
+    return mismatches
+
+
+def _refuse_unfaithful_rebuild(policy: torch.nn.Module, aux: torch.nn.Module) -> None:
+    """Raise when the rebuilt aux would not equal the policy before alignment (see `rebuild_mismatches`)."""
+    mismatches = rebuild_mismatches(policy, aux)
+    if mismatches:
+        shown = "; ".join(mismatches[:5]) + (f"; and {len(mismatches) - 5} more" if len(mismatches) > 5 else "")
+        raise ValueError(
+            "`aux_mode='full'` under DeepSpeed rebuilds θ_aux from the policy's class and config, which would not "
+            f"compute what the policy computes: {shown}. θ_aux would differ from θ_t before any alignment step, an "
+            "offset in every pair's LossDiff. Set `aux_mode='lora'` (the default: LoRA layers injected into the policy "
+            "module itself, so its compiled or patched modules stay), or train without torch.compile / instance-level "
+            "kernel patches."
+        )
 
 
 def _copy_buffers(policy: torch.nn.Module, aux: torch.nn.Module) -> None:
@@ -447,7 +616,7 @@ class AuxiliaryModel:
         parameters = [p for n, p in policy.named_parameters() if f".{AUX_ADAPTER}." in n]
         try:
             # `use_adapter` makes the aux adapter the only trainable one, and restores the policy adapter after
-            yield self._torch_handle(policy, parameters, lambda: use_adapter(policy, AUX_ADAPTER))
+            yield self._torch_handle(policy, parameters, lambda: use_adapter(policy, AUX_ADAPTER), fp32_masters=True)
         finally:
             policy.delete_adapter(AUX_ADAPTER)
 
@@ -521,7 +690,7 @@ class AuxiliaryModel:
                             adapter.data = adapter.data.to(dtype=dtype)
                         adapter.requires_grad_(True)
                         parameters.append(adapter)
-            yield self._torch_handle(policy, parameters, contextlib.nullcontext)
+            yield self._torch_handle(policy, parameters, contextlib.nullcontext, fp32_masters=True)
         finally:
             # Every LoraLayer back to the module it wraps (also those of an injection that failed half-way), outermost
             # first: a nested wrapper goes with its outer one, which `get_base_layer` unwraps all the way.
@@ -540,39 +709,47 @@ class AuxiliaryModel:
         module: torch.nn.Module,
         parameters: list[torch.nn.Parameter],
         activate: Callable[[], contextlib.AbstractContextManager],
+        fp32_masters: bool = False,
     ) -> _AuxHandle:
-        optimizer = torch.optim.AdamW(
-            parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay
-        )
+        """θ_aux stepped by a torch AdamW: over fp32 masters of `parameters` when `fp32_masters` (the adapters), else
+        over `parameters` themselves (the full copy without DeepSpeed, stepped as the policy is)."""
+        masters = _MasterWeights(parameters if fp32_masters else [])
+        trained = masters.masters if fp32_masters else parameters
+        optimizer = torch.optim.AdamW(trained, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay)
         # fp16 gradients underflow without a loss scale and overflow now and then with one; the scaler finds the
         # overflows and skips those steps. The scale is a power of two, so a finite step is exactly the unscaled one.
-        # Gradients are averaged over ranks before the inf check, so every rank skips the same steps.
+        # Gradients are averaged over ranks before the inf check, so every rank skips the same steps. An adapter that
+        # computes in fp16 needs it whatever launched the run: under DeepSpeed fp16 the settings ask for none (the
+        # policy's engine scales its own loss, not this one).
         scaler = None
-        if self.settings.loss_scaling:
+        computes_in_fp16 = fp32_masters and any(p.dtype == torch.float16 for p in parameters)
+        if self.settings.loss_scaling or computes_in_fp16:
             scaler = torch.amp.GradScaler(self.accelerator.device.type)
             if self.grad_scaler_state is not None:
                 scaler.load_state_dict(self.grad_scaler_state)
 
         def step(loss: torch.Tensor) -> bool:
-            if scaler is None:
-                loss.backward()
-                _average_gradients_across_ranks(parameters, self.accelerator)
-                if self.settings.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return False
-            scaler.scale(loss).backward()
-            _average_gradients_across_ranks(parameters, self.accelerator)
-            scaler.unscale_(optimizer)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            masters.pull_gradients()
+            # Averaged in fp32 when there are masters: a bf16 sum over many ranks loses the small gradients
+            _average_gradients_across_ranks(trained, self.accelerator)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
             if self.settings.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(parameters, self.settings.max_grad_norm)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)  # skipped when the unscaled gradients hold an inf or a NaN
-            scaler.update()  # ... and then the scale is lowered
+                torch.nn.utils.clip_grad_norm_(trained, self.settings.max_grad_norm)
+            if scaler is None:
+                optimizer.step()
+                skipped = False
+            else:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped when the unscaled gradients hold an inf or a NaN
+                scaler.update()  # ... and then the scale is lowered
+                skipped = scaler.get_scale() < scale
+                self.grad_scaler_state = scaler.state_dict()
             optimizer.zero_grad(set_to_none=True)
-            self.grad_scaler_state = scaler.state_dict()
-            return scaler.get_scale() < scale
+            if not skipped:
+                masters.push_weights()
+            return skipped
 
         return _AuxHandle(module, activate, step)
 
@@ -600,6 +777,7 @@ class AuxiliaryModel:
         disable_dropout_in_model(aux)
         if is_activation_checkpointing(policy):
             enable_activation_checkpointing(aux, self.gradient_checkpointing_kwargs)
+        _refuse_unfaithful_rebuild(policy, aux)
         parameters = [p for p in aux.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             parameters, lr=self.settings.learning_rate, weight_decay=self.settings.weight_decay

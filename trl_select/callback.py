@@ -3,9 +3,11 @@ its pairs, record it all."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -41,6 +43,44 @@ logger = get_logger(__name__)  # logs on the main process only
 # One line per selection event, at INFO, on a logger of its own that the trainer makes visible by default
 # (`trainer.show_selection_events`); silence it with `logging.getLogger("trl_select.events").setLevel("WARNING")`.
 event_logger = logging.getLogger(EVENT_LOGGER)  # plain: the line is logged by the main process only
+
+
+class SelectionOutOfMemoryError(RuntimeError):
+    """A selection event ran out of accelerator memory. Not an out-of-memory error in accelerate's eyes, on purpose.
+
+    `auto_find_batch_size` retries the whole training loop on any out-of-memory error raised inside it, from step 0
+    and at a smaller *training* batch, on the weights trained so far, and the event would rerun with the same
+    scoring and aux batch sizes: silent over-training, then "No executable batch size found". So an event's OOM stops
+    the run instead, naming the two batch sizes an event uses.
+    """
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(error, torch.OutOfMemoryError) or should_reduce_batch_size(error)
+
+
+@contextlib.contextmanager
+def event_memory_guard(where: str, scoring_batch_size: int, aux_batch_size: int) -> Iterator[None]:
+    """Turn an out-of-memory error inside a selection event into a `SelectionOutOfMemoryError` naming the fix.
+
+    On several ranks the rank that ran out stops here; the others wait in the pass's next collective until
+    `ddp_timeout` and then stop too (the launcher ends the job): no rank trains on.
+    """
+    try:
+        yield
+    except Exception as error:
+        if not _is_out_of_memory(error):
+            raise
+        raise SelectionOutOfMemoryError(
+            f"The selection event at {where} ran out of accelerator memory (the error above). An event runs no-grad "
+            f"passes over the pool in batches of `scoring_batch_size`={scoring_batch_size} per device and aligns the "
+            f"aux model in batches of `aux_batch_size`={aux_batch_size}: lower them (`--scoring_batch_size "
+            f"{max(1, scoring_batch_size // 2)}`, `--aux_batch_size {max(1, aux_batch_size // 2)}`) and resume from "
+            "the last checkpoint. It is not retried by `auto_find_batch_size`: a retry would restart training from "
+            "step 0 on the weights already trained."
+        ) from error
 
 
 class SelectionCallback(TrainerCallback):
@@ -135,10 +175,7 @@ class SelectionCallback(TrainerCallback):
         epoch = math.floor(state.epoch + 1e-6)
         if epoch == self._last_epoch_handled:
             # Resumed mid-epoch: the Trainer skips the micro-batches the checkpoint had trained.
-            skipped = 0 if args.ignore_data_skip else (state.global_step - self._epoch_start_step)
-            self.engine.record_training_log_probs(
-                epoch, skipped * args.gradient_accumulation_steps, state.num_train_epochs
-            )
+            self.engine.record_training_log_probs(epoch, state.num_train_epochs)
             return
         self._last_epoch_handled = epoch
         self._epoch_start_step = state.global_step
@@ -147,7 +184,7 @@ class SelectionCallback(TrainerCallback):
         else:
             self._select(epoch, state, train_dataloader)
         self.engine.training_log_probs.clear(POLICY)  # the event has used the previous epoch's
-        self.engine.record_training_log_probs(epoch, 0, state.num_train_epochs)
+        self.engine.record_training_log_probs(epoch, state.num_train_epochs)
 
     # ----- the event -----
 
@@ -187,7 +224,8 @@ class SelectionCallback(TrainerCallback):
         args = self.trainer.args
         start = time.perf_counter()
         metrics: dict[str, float] = {}
-        scores = self.engine.compute_scores(epoch, metrics, reuse_training=True)
+        with self._memory_guard(f"epoch {epoch}"):
+            scores = self.engine.compute_scores(epoch, metrics, reuse_training=True)
         keep, bands = apply_rule(args.selection_rule, scores, self.selection_context(epoch))
         selected = np.flatnonzero(keep).tolist()
         pool_size = self.sampler.pool_size
@@ -259,6 +297,12 @@ class SelectionCallback(TrainerCallback):
             state,
         )
 
+    def _memory_guard(self, where: str) -> contextlib.AbstractContextManager:
+        args = self.trainer.args
+        return event_memory_guard(
+            where, self.trainer.scoring_batch_size, args.aux_batch_size or args.per_device_train_batch_size
+        )
+
     def selection_context(self, epoch: int) -> SelectionContext:
         """What the rule sees besides the scores (the same on every rank)."""
         return self.engine.selection_context(epoch)
@@ -309,9 +353,9 @@ class SelectionCallback(TrainerCallback):
             self._record_segment(state, "warmup", trained, left_out)
             # π_ref of the pairs these steps train, for the events that will score them (`scoring_reuse`)
             kinds = self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE}
-            self.engine.training_log_probs.begin_epoch(self.sampler.rank_batches() if kinds else [], 0, kinds)
+            self.engine.training_log_probs.begin_epoch(kinds)
             return bool(trained)
-        self.engine.training_log_probs.begin_epoch([], 0, set())
+        self.engine.training_log_probs.begin_epoch(set())
         return self._segment_event(state, remaining, needed, pairs_per_step)
 
     def _begin_pass(self, args: TrainingArguments, state: TrainerState) -> None:
@@ -320,8 +364,7 @@ class SelectionCallback(TrainerCallback):
             self._resumed_pass = False
             if state.global_step < self.warmup_steps:
                 kinds = self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE}
-                skipped = (state.global_step - self._segment_start_step) * args.gradient_accumulation_steps
-                self.engine.training_log_probs.begin_epoch(self.sampler.rank_batches(), skipped, kinds)
+                self.engine.training_log_probs.begin_epoch(kinds)
             return
         # Its segments are chosen as the Trainer asks for batches (`next_segment`).
         self._last_epoch_handled = 0 if self._last_epoch_handled is None else self._last_epoch_handled + 1
@@ -342,7 +385,8 @@ class SelectionCallback(TrainerCallback):
         start = time.perf_counter()
         chunk = remaining[: chunk_size(needed, self._keep_estimate, len(remaining))].tolist()
         metrics: dict[str, float] = {}
-        scores = self.engine.compute_scores(epoch, metrics, reuse_training=True, rows=chunk)
+        with self._memory_guard(f"step {state.global_step}"):
+            scores = self.engine.compute_scores(epoch, metrics, reuse_training=True, rows=chunk)
         keep, bands = apply_rule(args.selection_rule, scores, self.engine.selection_context(epoch, chunk))
         check_same_on_all_ranks(
             np.flatnonzero(keep).tolist(), self.trainer.accelerator, f"The selection at step {state.global_step}"
@@ -431,6 +475,7 @@ class SelectionCallback(TrainerCallback):
         """Mark the segment's pairs consumed, and move the horizon and the LR to what the pass and the run have left."""
         self._consumed[np.asarray(trained + left_out, dtype=np.int64)] = True
         self._segment_start_step, self._segment_counted = state.global_step, False
+        self.engine.plan_training(trained)  # the steps take π_ref from the cache if it holds all these pairs
         self._previous_selection = trained
         if self.fixed_horizon is not None:
             return
@@ -536,13 +581,14 @@ class SelectionCallback(TrainerCallback):
             self._consumed = tensors.pop("pass.consumed").numpy().astype(bool)
             accumulation = self.trainer.args.gradient_accumulation_steps
             skip = (state.global_step - state.segment_start_step) * accumulation
-            self.sampler.set_segment(tensors.pop("segment.rows").tolist(), accumulation, skip_batches=skip)
+            trained = self.sampler.set_segment(tensors.pop("segment.rows").tolist(), accumulation, skip_batches=skip)
             self._segment_start_step, self._segment_counted = state.segment_start_step, False
             self._keep_estimate = state.keep_estimate
             self._last_epoch_handled = state.epoch
             self._epoch_start_step = state.epoch_start_step
             self._resumed_pass = True
             self.engine.restore(tensors, state.aux_num_refreshes)
+            self.engine.plan_training(trained)  # as the uninterrupted run's steps: π_ref from the cache or not
             return
         self.sampler.set_selection(state.selected_rows)
         self.sampler.set_epoch(state.epoch)

@@ -4,8 +4,8 @@ Every `checkpoint-N/` a selective trainer writes holds, next to the HF Trainer's
 
 - `trl_select_state.json`: the selection now trained (pool rows), the previous one, where the current epoch began,
   how many batches it has, the aux model's refresh count (it seeds the aux shuffle), and two fingerprints: of the
-  training pool (pair ids + a SHA-256 of the tokenized pairs) and of the config fields that decide the selection or
-  the batch order.
+  training pool (a SHA-256 of the pair ids and of the token columns' Arrow values, with the hashing scheme) and of
+  the config fields that decide the selection or the batch order.
 - `trl_select_log_probs.safetensors`: the cached π_ref and θ_aux log-probs of the pool (θ_aux's come from an earlier
   policy when `aux_refresh_epochs > 1`, so they cannot be rebuilt from the checkpoint's weights).
 - `selection_history.jsonl`: the history file as it was at this step; a resume rewrites the output directory's copy
@@ -79,14 +79,61 @@ SELECTION_CONFIG_FIELDS = (
 _CONTENT_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
+# How `pool_fingerprint` hashes the tokens; recorded with the fingerprint, so that a checkpoint whose pool was hashed
+# another way (the JSON encoding of every token, before this scheme) is refused with the reason, not as another pool.
+POOL_FINGERPRINT_SCHEME = "arrow-int64-v2"
+# Rows hashed per slice: bounds the int64 copy of a slice's token values (a few tens of MB at most).
+_FINGERPRINT_SLICE_ROWS = 16_384
+
+
+def _hash_list_column(digest: Any, column: Any) -> None:
+    """Feed a list column (a pyarrow `ChunkedArray` of lists of integers) into `digest`: first every row's length,
+    then every value, each as little-endian int64 in row order.
+
+    The bytes depend only on the rows' contents, not on how the column is chunked, sliced, stored (int32 or int64,
+    list or large_list) or mapped through a dataset's indices: the lengths mark where each row ends, so moving a token
+    from one row into the next changes the hash too.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    slices = [
+        chunk.slice(start, _FINGERPRINT_SLICE_ROWS)
+        for chunk in column.chunks
+        for start in range(0, len(chunk), _FINGERPRINT_SLICE_ROWS)
+    ]
+    for part in slices:
+        lengths = pc.list_value_length(part).fill_null(-1)  # a null row is not an empty one
+        digest.update(lengths.cast(pa.int64()).to_numpy(zero_copy_only=False).astype("<i8", copy=False).tobytes())
+    for part in slices:
+        values = pc.list_flatten(part)  # the sliced rows' values only, whatever the offsets' base
+        if values.null_count:
+            values = values.fill_null(-1)
+        digest.update(values.cast(pa.int64()).to_numpy(zero_copy_only=False).astype("<i8", copy=False).tobytes())
+
+
 def pool_fingerprint(pair_ids: list[Any], dataset) -> dict[str, Any]:
-    """`{"num_pairs", "sha256"}` of the pool: a SHA-256 over the pair ids and each pair's tokens, in row order."""
+    """`{"num_pairs", "sha256", "scheme"}` of the pool: a SHA-256 over the pair ids and the token columns, in row order.
+
+    The tokens are hashed from the dataset's Arrow buffers (`_hash_list_column`), about a second per million pairs;
+    any changed, added, removed or moved token changes the hash. Columns that are not lists of integers (none in TRL's
+    tokenization) are hashed through their JSON encoding.
+    """
+    import pyarrow as pa
+
     digest = hashlib.sha256()
     digest.update(json.dumps(pair_ids, default=str).encode())
     columns = [name for name in _CONTENT_COLUMNS if name in dataset.column_names]
-    for batch in dataset.select_columns(columns).iter(batch_size=1024):
-        digest.update(json.dumps([batch[name] for name in columns], default=str).encode())
-    return {"num_pairs": len(pair_ids), "sha256": digest.hexdigest()}
+    table = dataset.select_columns(columns).with_format("arrow")
+    for name in columns:
+        column = table[name]
+        digest.update(f"\0{name}\0".encode())
+        kind = column.type
+        if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_integer(kind.value_type):
+            _hash_list_column(digest, column)
+        else:
+            digest.update(json.dumps(column.to_pylist(), default=str).encode())
+    return {"num_pairs": len(pair_ids), "sha256": digest.hexdigest(), "scheme": POOL_FINGERPRINT_SCHEME}
 
 
 def config_fingerprint(args, world_size: int) -> dict[str, Any]:
@@ -165,6 +212,14 @@ def load_selection_state(checkpoint_dir: str | os.PathLike) -> tuple[SelectionSt
 
 def check_resumable(state: SelectionState, pool: dict[str, Any], config: dict[str, Any], checkpoint_dir) -> None:
     """Refuse (`ValueError`) a checkpoint whose pool or selection-relevant config differs from this run's."""
+    if state.pool.get("scheme") != pool.get("scheme"):
+        raise ValueError(
+            f"Cannot resume from {checkpoint_dir}: its training pool was fingerprinted by an earlier trl_select "
+            f"(hashing scheme {state.pool.get('scheme', 'json-v1')!r}; this version uses {pool.get('scheme')!r}), so "
+            "whether this trainer's pool is the one it was trained on cannot be checked. Resume with the trl_select "
+            "version that wrote the checkpoint, or start a new run from its weights (`model=<checkpoint dir>`) "
+            "without `resume_from_checkpoint`."
+        )
     if state.pool != pool:
         raise ValueError(
             f"Cannot resume from {checkpoint_dir}: it was trained on a different training pool ({state.pool['num_pairs']}"

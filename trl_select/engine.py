@@ -4,7 +4,8 @@
 
 - the pool's scoring loader and the tokens per pair of the pool and of the validation pairs;
 - the log-prob caches: π_ref over the pool and over the validation pairs (computed once), θ_aux over the pool (at each
-  refresh), and the `TrainingLogProbs` recorder of the training steps' own log-probs (`scoring_reuse`);
+  refresh), and the `TrainingLogProbs` recorder of the training steps' own log-probs (`scoring_reuse`); once π_ref's
+  pool log-probs are cached, the training steps take theirs from the cache (`cached_reference`) instead of a forward;
 - the auxiliary model θ_aux (docs/design.md §6), built on first use;
 - the `ComputeLedger` of forward-token equivalents (§7.1).
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,6 +106,11 @@ class ScoringEngine:
         self.pair_ids: list[Any] = trainer.pair_ids
         self._pool_loader = None
         self._reference: PairLogProbs | None = None
+        # π_ref's pool log-probs as a (pool, 2) fp32 tensor on the device (NaN where unknown), for the training steps,
+        # and whether it holds every pair the steps train now (the whole pool, or the rows of `plan_training`)
+        self._device_reference: torch.Tensor | None = None
+        self._reference_complete = False
+        self._plan_covered = False
         self._validation_reference: PairLogProbs | None = None
         self._auxiliary_log_probs: PairLogProbs | None = None
         self._auxiliary: AuxiliaryModel | None = None
@@ -115,6 +121,8 @@ class ScoringEngine:
         self._token_counts: dict[str, np.ndarray] = {}
         self._completion_lengths: dict[str, CompletionLengths] = {}
         self._precompute_pass_counted = False
+        # This epoch's training micro-batches by how π_ref's log-probs were had: a live forward or the cache
+        self._reference_forwards = {"live": 0, "cached": 0}
         # The log-probs the training steps compute, kept for the next event (`scoring_reuse`).
         self.training_log_probs = TrainingLogProbs(self.pool_size, trainer.accelerator.device)
         self._checkpoint_training_log_probs: dict[str, torch.Tensor] = {}
@@ -284,7 +292,7 @@ class ScoringEngine:
         training steps' records where this call reuses them (`scoring_reuse`), `run_pass(dataset, loader)` over the
         other rows of `wanted` (default: the whole pool), counted under `category`."""
         if reuse_training and kind in REUSABLE_KINDS[self.trainer.args.scoring_reuse]:
-            recorded = self.training_log_probs.gathered(kind, self.trainer.accelerator)
+            recorded = self.training_log_probs.combined(kind, self.trainer.accelerator)
             if known is not None:
                 recorded = fill_rows(recorded, missing_rows(recorded), _take(known, missing_rows(recorded)))
         else:
@@ -336,15 +344,44 @@ class ScoringEngine:
         in-epoch event never runs π_ref over pairs it does not score."""
         trainer, pool = self.trainer, self.trainer.train_dataset
         if self._reference is None and trainer.reads_precomputed_reference(pool):
-            self._reference = trainer.reference_log_probs(pool, None)  # TRL's columns: no forward
+            self._set_reference(trainer.reference_log_probs(pool, None))  # TRL's columns: no forward
         wanted = list(range(self.pool_size)) if rows is None else rows
         if self._reference is None or missing_rows(_take(self._reference, wanted)):
-            self._reference, _ = self._pool_pass(
-                REFERENCE, reuse_training, "reference", trainer.reference_log_probs, self._reference, wanted
+            self._set_reference(
+                self._pool_pass(
+                    REFERENCE, reuse_training, "reference", trainer.reference_log_probs, self._reference, wanted
+                )[0]
             )
             if rows is None:
                 self.training_log_probs.clear(REFERENCE)
         return self._reference if rows is None else _take(self._reference, rows)
+
+    def _set_reference(self, log_probs: PairLogProbs | None) -> None:
+        self._reference = log_probs
+        self._device_reference, self._reference_complete, self._plan_covered = None, False, False
+        if log_probs is not None:
+            stacked = torch.stack([log_probs.chosen, log_probs.rejected], dim=1).float()
+            self._device_reference = stacked.to(self.trainer.accelerator.device)
+            self._reference_complete = bool(torch.isfinite(stacked).all())
+
+    def plan_training(self, rows: Sequence[int]) -> None:
+        """Say which pool rows, over all ranks, the training steps train until the next call (an epoch's selection, an
+        in-epoch segment): `cached_reference` serves them if the cache holds every one.
+
+        The answer depends on the cache and on these rows only, both the same on every rank, never on the rank's own
+        batch: every rank skips the same reference forwards, which under ZeRO-3 (and DDP's forward) are collectives.
+        """
+        rows = list(rows)
+        self._plan_covered = self._reference is not None and not missing_rows(_take(self._reference, rows))
+
+    def cached_reference(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """π_ref's cached log-probs `(chosen, rejected)` of the pool rows `rows` (a training micro-batch's, within
+        the planned rows), fp32 on `rows`' device; `None` unless the cache holds the whole pool or every planned row.
+        The same answer on every rank, whatever its rows."""
+        if self._device_reference is None or not (self._reference_complete or self._plan_covered):
+            return None
+        values = self._device_reference[rows.to(self._device_reference.device)].to(rows.device)
+        return values[:, 0], values[:, 1]
 
     def validation_reference_log_probs(self) -> PairLogProbs:
         """π_ref's log-probs over the validation pairs: computed once and cached.
@@ -428,13 +465,26 @@ class ScoringEngine:
             self.compute.add("train", self.token_counts("pool").sum(), FORWARD)
             self._precompute_pass_counted = True
 
+    def note_reference_forward(self, live: bool) -> None:
+        """Note how a training micro-batch had π_ref's log-probs: a `live` forward, or the cache (`count_training`)."""
+        self._reference_forwards["live" if live else "cached"] += 1
+
     def count_training(self, micro_batches: int) -> None:
         """Count an epoch's first `micro_batches` training micro-batches: 3 FTE per token for the policy's forward and
-        backward, plus 1 for π_ref's forward inside the step unless precomputed."""
-        factor = TRAIN_STEP + (0.0 if self.trainer.args.precompute_ref_log_probs else FORWARD)
-        self.compute.add(
-            "train", rows_tokens(self.token_counts("pool"), self.sampler.trained_rows(micro_batches)), factor
-        )
+        backward, plus 1 for π_ref's forward inside the step unless precomputed or taken from the cache.
+
+        The rows are the sampler's (every rank's, without a collective); whether the steps ran π_ref is what
+        `note_reference_forward` noted since the last call. That is decided alike on every rank and stays the same
+        between two calls (an epoch, or a segment of the in-epoch strategy: the cache changes only at events, the
+        models' dropout not at all), so the share of live micro-batches is 0 or 1.
+        """
+        tokens = rows_tokens(self.token_counts("pool"), self.sampler.trained_rows(micro_batches))
+        self.compute.add("train", tokens, TRAIN_STEP)
+        live, cached = self._reference_forwards["live"], self._reference_forwards["cached"]
+        self._reference_forwards = {"live": 0, "cached": 0}
+        if not self.trainer.args.precompute_ref_log_probs:
+            # An epoch whose steps were not noted (counted without running them) ran TRL's live reference forward
+            self.compute.add("train", tokens * (live / (live + cached) if live + cached else 1.0), FORWARD)
 
     def reused_kinds(self, epoch: int, num_train_epochs: float) -> set[str]:
         """Which log-probs epoch `epoch`'s training steps record for a later event (`scoring_reuse`).
@@ -458,10 +508,11 @@ class ScoringEngine:
             kinds.add(POLICY)
         return kinds
 
-    def record_training_log_probs(self, epoch: int, first_batch: int, num_train_epochs: float) -> None:
-        """Record the log-probs of epoch `epoch`'s training steps from its micro-batch `first_batch` on."""
-        kinds = self.reused_kinds(epoch, num_train_epochs)
-        self.training_log_probs.begin_epoch(self.sampler.rank_batches() if kinds else [], first_batch, kinds)
+    def record_training_log_probs(self, epoch: int, num_train_epochs: float) -> None:
+        """Record the log-probs of epoch `epoch`'s training steps (each at its pairs' pool rows), whose pairs are the
+        sampler's selection."""
+        self.training_log_probs.begin_epoch(self.reused_kinds(epoch, num_train_epochs))
+        self.plan_training(self.sampler.rows)
 
     # ----- checkpoint state -----
 
@@ -480,7 +531,7 @@ class ScoringEngine:
         if self.trainer.args.scoring_reuse == "none":
             return
         for kind in (REFERENCE, POLICY):
-            recorded = self.training_log_probs.gathered(kind, self.trainer.accelerator)
+            recorded = self.training_log_probs.combined(kind, self.trainer.accelerator)
             if not bool(torch.isnan(recorded.chosen).all()):
                 self._checkpoint_training_log_probs[f"training_{kind}.chosen"] = recorded.chosen
                 self._checkpoint_training_log_probs[f"training_{kind}.rejected"] = recorded.rejected
@@ -501,18 +552,20 @@ class ScoringEngine:
         if self._auxiliary is not None:  # built by an earlier `train()` of this trainer
             self._auxiliary.num_refreshes = aux_num_refreshes
         if "reference.chosen" in tensors:
-            self._reference = PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"])
+            self._set_reference(PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"]))
         if "auxiliary.chosen" in tensors:
             self._auxiliary_log_probs = PairLogProbs(tensors["auxiliary.chosen"], tensors["auxiliary.rejected"])
         for kind in (REFERENCE, POLICY):
             if f"training_{kind}.chosen" in tensors:
                 recorded = PairLogProbs(tensors[f"training_{kind}.chosen"], tensors[f"training_{kind}.rejected"])
-                self.training_log_probs.restore(kind, recorded)
+                # on one rank only: the combine then gives each value back exactly
+                self.training_log_probs.restore(kind, recorded, keep=self.trainer.accelerator.is_main_process)
 
     def forget_cached_log_probs(self) -> None:
         """Drop every cached pool and validation log-prob, so the next `compute_scores` runs every pass again (for
         timing a cold event)."""
-        self._reference = self._validation_reference = self._auxiliary_log_probs = None
+        self._set_reference(None)
+        self._validation_reference = self._auxiliary_log_probs = None
 
 
 def _nan_log_probs(size: int) -> PairLogProbs:

@@ -72,9 +72,10 @@ BF16_MIXED = Precision(weight=2, grad=2, master=4, optimizer=8)
 FP32 = Precision(weight=4, grad=4, master=0, optimizer=8)
 # PEFT creates LoRA adapters in fp32 (`autocast_adapter_dtype`); torch AdamW keeps its moments in the same dtype.
 FP32_ADAPTER = FP32
-# `aux_mode="lora"` creates its adapter in the dtype of the weight it adapts, and trains it with torch AdamW, whose
-# moments take that dtype: bf16 weights give 2 + 2 + 4 bytes per adapter parameter.
-BF16_ADAPTER = Precision(weight=2, grad=2, master=0, optimizer=4)
+# `aux_mode="lora"` creates its adapter in the dtype of the weight it adapts and computes in it; a bf16/fp16 adapter is
+# stepped through fp32 masters (torch AdamW over them, fp32 moments), its gradients moved onto the masters in fp32
+# (the half ones freed): 2 + 4 + 4 + 8 = 18 bytes per adapter parameter.
+BF16_ADAPTER = Precision(weight=2, grad=4, master=4, optimizer=8)
 
 
 @dataclass(frozen=True)
@@ -403,13 +404,14 @@ def warn_if_aux_memory_costly(
     if full.ratio - 1 <= fraction:
         return full
     lora_r = getattr(args, "aux_lora_r", None) or DEFAULT_AUX_LORA_R
-    weight = precision.weight  # the injected adapter takes the adapted weight's dtype, its AdamW moments too
+    # The injected adapter takes the adapted weight's dtype; a half-precision one is stepped through fp32 masters
+    half = precision.weight < 4
     lora = memory_breakdown(
         shape,
         aux="lora",
         aux_lora_r=lora_r,
         aux_lora_target_modules=getattr(args, "aux_lora_target_modules", None),
-        aux_adapter_precision=Precision(weight=weight, grad=weight, master=0, optimizer=2 * weight),
+        aux_adapter_precision=BF16_ADAPTER if half else FP32_ADAPTER,
         **settings,
     )
     logger.warning(

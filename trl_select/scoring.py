@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -65,7 +66,13 @@ class _RowTaggingCollator:
 
 
 class _TokenizedRows(torch.utils.data.Dataset):
-    """The token columns of a tokenized preference dataset, each row tagged with its index."""
+    """The token columns of a tokenized preference dataset, each row tagged with its index.
+
+    Rows are read lazily from the dataset's Arrow table (its indices mapping applied), a batch at a time through
+    `__getitems__`, which the `DataLoader` calls with a whole batch of rows: the columns are never turned into Python
+    lists of the whole pool (tens of GB at a million pairs), and a batch costs one Arrow gather instead of one
+    `datasets` row lookup per row and column.
+    """
 
     def __init__(self, dataset: Dataset) -> None:
         missing = [c for c in TOKEN_COLUMNS if c not in dataset.column_names]
@@ -73,24 +80,46 @@ class _TokenizedRows(torch.utils.data.Dataset):
             raise ValueError(
                 f"The dataset has no {missing} column(s); pass it through DPOTrainer's preprocessing first."
             )
-        self.columns = {name: dataset[name] for name in TOKEN_COLUMNS}
+        self.table = dataset.select_columns(list(TOKEN_COLUMNS)).with_format("arrow")
         self.size = len(dataset)
 
     def __len__(self) -> int:
         return self.size
 
     def __getitem__(self, row: int) -> dict[str, Any]:
-        return {**{name: column[row] for name, column in self.columns.items()}, ROW_KEY: row}
+        return self.__getitems__([row])[0]
 
-    def total_length(self, row: int) -> int:
-        return len(self.columns["prompt_ids"][row]) + max(
-            len(self.columns["chosen_ids"][row]), len(self.columns["rejected_ids"][row])
-        )
+    def __getitems__(self, rows: list[int]) -> list[dict[str, Any]]:
+        rows = [int(row) for row in rows]
+        columns = self.table[rows].to_pydict()
+        return [
+            {**{name: columns[name][index] for name in TOKEN_COLUMNS}, ROW_KEY: row} for index, row in enumerate(rows)
+        ]
+
+    def total_lengths(self) -> np.ndarray:
+        """Each row's padded pair length, `len(prompt) + max(len(chosen), len(rejected))`, as int64, in row order.
+
+        Read from the list columns' offsets (`list_value_length`), never from the token values.
+        """
+        import pyarrow.compute as pc
+
+        def lengths(name: str) -> np.ndarray:
+            return pc.list_value_length(self.table[name]).fill_null(0).to_numpy().astype(np.int64)
+
+        return lengths("prompt_ids") + np.maximum(lengths("chosen_ids"), lengths("rejected_ids"))
 
 
 def length_sorted_rows(rows: _TokenizedRows) -> list[int]:
-    """Rows ordered by padded pair length, longest first, so batches hold similar lengths and OOM shows up early."""
-    return sorted(range(len(rows)), key=lambda row: (-rows.total_length(row), row))
+    """Rows ordered by padded pair length, longest first (ties by row), so batches hold similar lengths and OOM shows
+    up early."""
+    # A stable sort of the negated lengths keeps equal lengths in row order
+    return np.argsort(-rows.total_lengths(), kind="stable").tolist()
+
+
+def pass_batch_size(num_rows: int, num_processes: int, batch_size: int) -> int:
+    """The batch size of a sharded pass over `num_rows` rows: `batch_size`, or fewer when the rows do not fill one batch
+    per rank (a pass over the few rows no training step covered would otherwise pad every rank to a full batch)."""
+    return max(1, min(batch_size, math.ceil(num_rows / num_processes)))
 
 
 def build_pass_loader(
@@ -104,7 +133,8 @@ def build_pass_loader(
     """A loader over `dataset` (tokenized) whose batches carry their rows under `ROW_KEY`, on the accelerator's device.
 
     By default: all rows, length-sorted, sharded by accelerate with equal batch counts on every rank (the last shard
-    padded with repeated rows). With `batches`: exactly these batches of rows, on this rank only (already sharded).
+    padded with repeated rows), in batches of `batch_size` rows or fewer when the rows do not fill one per rank
+    (`pass_batch_size`). With `batches`: exactly these batches of rows, on this rank only (already sharded).
     """
     rows = _TokenizedRows(dataset)
     collate = _RowTaggingCollator(collator)
@@ -113,6 +143,7 @@ def build_pass_loader(
         return prepare_data_loader(
             loader, device=accelerator.device, num_processes=1, process_index=0, put_on_device=True
         )
+    batch_size = pass_batch_size(len(rows), accelerator.num_processes, batch_size)
     loader = DataLoader(rows, batch_size=batch_size, sampler=length_sorted_rows(rows), collate_fn=collate)
     # The module-level helper, not `accelerator.prepare`, so a loader built per pass is not registered forever.
     return prepare_data_loader(

@@ -10,6 +10,7 @@ reference log-probs. The selection event is in `callback.py`, the scores and the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import textwrap
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
@@ -54,9 +56,11 @@ from .sampler import SegmentedLoader, SelectionSampler
 from .schedule import RetimedLR, selective_horizon, update_steps_per_epoch
 from .scores import PairLogProbs
 from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
+from .training_log_probs import POLICY, POOL_ROWS_KEY, REFERENCE, TrainingRowsCollator, active_dropout
 from .validation import (
     FRACTION_RULES,
     check_bands_can_fill_a_batch,
+    check_batches_not_dispatched,
     check_distributed_setup_supported,
     check_enough_validation_pairs,
     check_fraction_can_fill_a_batch,
@@ -137,6 +141,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         raw_train_dataset = train_dataset  # as the user passed it: what `trl-select suspects` shows the text of
         if args.selection_enabled:
             args.check_loss_is_scorable()  # again: the rule's scorers may have been registered after the config
+            check_batches_not_dispatched(getattr(args.accelerator_config, "dispatch_batches", None))
             train_dataset = self._check_train_dataset(train_dataset)
             if validation_dataset is None:
                 validation_dataset = eval_dataset
@@ -169,10 +174,12 @@ class SelectiveDPOTrainer(DPOTrainer):
         self._pairs_trained = 0.0  # pairs the current training loop trained, for `train()`'s speed metrics
         self._pending_selection_metrics: dict[str, float] = {}  # `log_selection_metrics`, merged into the next log
         self._pending_selection_step = -1
+        self._forward_noise_cache: tuple[tuple[int, frozenset[str]], dict[str, list[str]]] | None = None
         if not args.selection_enabled:
             return
         # A pre-configured accelerate state can turn FSDP or a parallelism config on with no argument showing it.
         check_distributed_setup_supported(args, self.model, accelerator=self.accelerator)
+        check_batches_not_dispatched(self.accelerator.dataloader_config.dispatch_batches)
         if "influence" in args.required_scores and self.accelerator.num_processes > 1:
             # Fail now rather than after the warm-up epochs, at the first selection event.
             raise NotImplementedError(
@@ -381,15 +388,80 @@ class SelectiveDPOTrainer(DPOTrainer):
         super().log(logs, start_time)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        recorder = self.selection_engine.training_log_probs if self.selection_engine is not None else None
-        if recorder is None or not recorder.recording or not self.model.training:
+        if self.selection_engine is None or POOL_ROWS_KEY not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        rows = inputs.pop(POOL_ROWS_KEY)  # TRL's loss would hand it to the model
+        if not self.model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        engine, recorder = self.selection_engine, self.selection_engine.training_log_probs
+        # π_ref's cached log-probs stand in for the step's reference forward when that forward would compute the same
+        # values: a fixed reference, summed as TRL sums it, without dropout noise. TRL's precompute path then reads
+        # them from the batch, as the float32 a precomputed column gives.
+        reference = None
+        if not (self.precompute_ref_logps or self.args.sync_ref_model or self.ld_alpha is not None):
+            reference = engine.cached_reference(rows)
+        noise = self._forward_noise({*recorder.recording, *([REFERENCE] if reference is not None else [])})
+        for kind in recorder.recording & set(noise):
+            recorder.give_up(kind, f"dropout is active in its training forward ({', '.join(noise[kind][:3])}, ...)")
+        if REFERENCE in noise:
+            reference = None  # TRL's live forward, noise and all, as without selection
+        if not self.precompute_ref_logps:
+            engine.note_reference_forward(live=reference is None)
         # The step's own θ and π_ref forwards, summed per pair for the next selection event (`scoring_reuse`).
         modules = [self.accelerator.unwrap_model(self.model)]
         if self.ref_model is not None:
             modules.append(self.accelerator.unwrap_model(self.ref_model))
-        with recorder.record(modules, inputs["completion_mask"]):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with recorder.record(modules, inputs["completion_mask"], rows):
+            if reference is None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = reference
+            precomputed, self.precompute_ref_logps = self.precompute_ref_logps, True  # TRL's loss reads the flag
+            try:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self.precompute_ref_logps = precomputed
+
+    def _forward_noise(self, kinds: set[str]) -> dict[str, list[str]]:
+        """The training forwards of `kinds` (θ's; π_ref's: the `ref_model`, or the policy with its adapters off) that
+        dropout would perturb, each with the parts that would (`active_dropout`); a kind without any is left out.
+
+        Checked once per epoch and set of kinds (a walk over every module, too slow for every step of a PEFT model):
+        the Trainer puts the models in the same mode at every step.
+        """
+        key = (math.floor(self.state.epoch + 1e-6), frozenset(kinds))
+        if self._forward_noise_cache is not None and self._forward_noise_cache[0] == key:
+            return self._forward_noise_cache[1]
+        policy = self.accelerator.unwrap_model(self.model)
+        modules = {POLICY: (policy, False)}
+        if self.ref_model is not None:
+            modules[REFERENCE] = (self.accelerator.unwrap_model(self.ref_model), False)
+        else:  # TRL's reference forward: the PEFT policy with its adapters off, or a "ref" adapter on
+            modules[REFERENCE] = (policy, "ref" not in getattr(policy, "peft_config", {}))
+        noise = {kind: parts for kind in kinds if (parts := active_dropout(*modules[kind]))}
+        self._forward_noise_cache = (key, noise)
+        return noise
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
+        if not (is_training and self.selection_engine is not None):
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        # Training batches carry their pairs' pool rows, so the training steps' log-probs are recorded at the right
+        # rows whatever order the batches come in. Only the training loader's collator is wrapped.
+        indices = np.asarray(self.train_dataset[ROW_INDEX_COLUMN], dtype=np.int64)
+        pool_row_of_index = np.full(int(indices.max()) + 1, -1, dtype=np.int64)
+        pool_row_of_index[indices] = np.arange(len(indices))
+        collator = self.data_collator
+        self.data_collator = TrainingRowsCollator(collator, ROW_INDEX_COLUMN, pool_row_of_index)
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
+        finally:
+            self.data_collator = collator
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        # `remove_unused_columns` keeps the row index the training collator turns into pool rows
+        if getattr(self, "selection_engine", None) is not None and ROW_INDEX_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, ROW_INDEX_COLUMN]
 
     def _get_train_sampler(self, train_dataset=None):
         if self.selection_sampler is None:

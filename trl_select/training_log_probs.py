@@ -1,22 +1,32 @@
 """Per-pair log-probs that the training steps compute anyway, kept by pool row so a selection event can reuse them.
 
-Every DPO training step runs θ (and, unless precomputed, π_ref) over its pairs and sums their completion log-probs.
-A selection event needs exactly those sums over the pool: π_ref's never change, so the warm-up epochs (which train
-every pair) give them all for free; θ's are those of the step that trained the pair, at most one epoch old by the next
-event. This module records them, by pool row, without a single extra forward.
+Every DPO training step runs θ (and, unless precomputed or injected, π_ref) over its pairs and sums their completion
+log-probs. A selection event needs exactly those sums over the pool: π_ref's never change, so the warm-up epochs
+(which train every pair) give them all for free; θ's are those of the step that trained the pair, at most one epoch
+old by the next event. This module records them, by pool row, without a single extra forward.
+
+Each training batch carries its pairs' pool rows (`TrainingRowsCollator`), so a value is written at its own row
+whatever order the dataloader hands the batches in (worker processes, `dataloader_in_order=False`, a resume).
+A forward that dropout perturbs is never recorded (`active_dropout`): the event scores those pairs with a pass of its
+own, in eval mode.
 
 Memory: two `(pool_size, 2)` fp32 buffers on the device (16 bytes per pair: 1.6 MB for 100k pairs), whatever the
-model size. Compute: one sum per sequence inside the step, and one gather of the buffers per event.
+model size. Compute: one sum per sequence inside the step. Collectives: combining the ranks' records is one all-reduce
+of a flag, and, if any rank recorded anything, one all-reduce of a `(pool_size, 4)` fp32 tensor (16 bytes per pair,
+whatever the world size).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from torch.nn.modules.dropout import _DropoutNd
 
 from .scores import PairLogProbs
 
@@ -26,16 +36,92 @@ logger = logging.getLogger(__name__)
 POLICY = "policy"
 REFERENCE = "reference"
 KINDS = (POLICY, REFERENCE)
+# The key under which a training batch carries its pairs' pool rows; the trainer removes it before TRL's loss, which
+# would otherwise pass it to the model.
+POOL_ROWS_KEY = "trl_select_pool_rows"
+
+
+class TrainingRowsCollator:
+    """Wraps the training collator so every batch also carries the pool rows of its pairs, under `POOL_ROWS_KEY`.
+
+    Args:
+        collator (`Callable`):
+            The trainer's collator (TRL's preference collator), called on the examples without `index_key`.
+        index_key (`str`):
+            The column of each example that identifies its pair (the trainer's row index before TRL's filtering).
+        pool_row_of_index (`np.ndarray`):
+            The pool row (row of the tokenized training dataset) of each value of `index_key`.
+    """
+
+    def __init__(
+        self, collator: Callable[[list[dict[str, Any]]], dict[str, Any]], index_key: str, pool_row_of_index: np.ndarray
+    ) -> None:
+        self.collator = collator
+        self.index_key = index_key
+        self.pool_row_of_index = np.asarray(pool_row_of_index, dtype=np.int64)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        indices = [example.pop(self.index_key) for example in examples]
+        batch = self.collator(examples)
+        batch[POOL_ROWS_KEY] = torch.as_tensor(self.pool_row_of_index[indices], dtype=torch.long)
+        return batch
+
+
+def active_dropout(module: torch.nn.Module, adapters_off: bool = False) -> list[str]:
+    """The parts of `module` that would perturb its next forward at random: names of modules in training mode that are
+    dropout layers with `p > 0`, or that hold a positive float attribute named like a dropout or jitter rate.
+
+    The attribute check covers the models that drop activations functionally (`attention_dropout`, `dropout_p`,
+    `activation_dropout`, `layerdrop`, `jitter_noise`, ... used only when `self.training`), which TRL's
+    `disable_dropout` (it zeroes `nn.Dropout` layers only) leaves on. One walk over the modules: about 10 µs per module
+    on a CPU core, so the trainer checks once per epoch. With `adapters_off`, the forward runs with PEFT adapters disabled, so the
+    adapters' own layers (a LoRA layer's `lora_dropout`) are left out: only each tuner layer's `base_layer` runs.
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # without PEFT there are no adapters to leave out
+        BaseTunerLayer = ()  # noqa: N806
+    skipped: set[int] = set()  # ids of the adapters' modules (`named_modules` visits a layer before its children)
+    found = []
+    for name, sub in module.named_modules():
+        if id(sub) in skipped:
+            continue
+        if adapters_off and isinstance(sub, BaseTunerLayer):
+            for child_name, child in sub.named_children():
+                if child_name != "base_layer":
+                    skipped.update(id(part) for part in child.modules())
+        if not sub.training:
+            continue
+        if isinstance(sub, _DropoutNd):
+            if sub.p > 0:
+                found.append(name)
+            continue
+        for attribute, value in sub.__dict__.items():
+            if type(value) is float and value > 0 and ("drop" in attribute or "jitter" in attribute):
+                found.append(f"{name}.{attribute}" if name else attribute)
+    return found
+
+
+def record_terms(buffer: torch.Tensor) -> torch.Tensor:
+    """One rank's share of the cross-rank combine: `(pool, 4)` = [chosen, rejected with NaN as 0, their counts]."""
+    recorded = ~torch.isnan(buffer)
+    return torch.cat([torch.where(recorded, buffer, torch.zeros_like(buffer)), recorded.to(buffer.dtype)], dim=1)
+
+
+def combine_terms(terms: torch.Tensor) -> torch.Tensor:
+    """The `(pool, 2)` records from the sum over ranks of `record_terms`: the mean of the ranks that recorded a row,
+    NaN where none did."""
+    sums, counts = terms[:, :2], terms[:, 2:]
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
 
 
 class TrainingLogProbs:
     """Summed completion log-probs of θ and π_ref from the training forwards, by pool row.
 
-    The training loop hands micro-batches in the sampler's order, so the `k`-th micro-batch of an epoch on this rank
-    holds the rows of `sampler.rank_batches()[k]`; `begin_epoch` takes those batches and the index of the first
-    micro-batch still to run (non-zero when a checkpoint resumes mid-epoch). Inside each training step,
-    `record(modules, completion_mask)` hooks the forwards: the one with gradients is θ's, one without is π_ref's live
-    reference forward (TRL runs it under `no_grad`). Each rank records its own rows; `gathered(kind)` combines the ranks.
+    `begin_epoch(kinds)` says which kinds this epoch's steps record. Inside each training step,
+    `record(modules, completion_mask, rows)` hooks the forwards: the one with gradients is θ's, one without is π_ref's
+    live reference forward (TRL runs it under `no_grad`); each pair's sums go to its pool row in `rows`. Each rank
+    records its own rows; `combined(kind)` combines the ranks.
 
     Args:
         pool_size (`int`):
@@ -49,9 +135,7 @@ class TrainingLogProbs:
         self.device = torch.device(device)
         self.buffers = {kind: self._empty() for kind in KINDS}
         self.recording: set[str] = set()
-        self._batches: list[list[int]] = []
-        self._next_batch = 0
-        self._warned = False
+        self._warned: set[str] = set()
 
     def _empty(self) -> torch.Tensor:
         return torch.full((self.pool_size, 2), float("nan"), dtype=torch.float32, device=self.device)
@@ -60,28 +144,39 @@ class TrainingLogProbs:
         """Forget every recorded row of `kind`."""
         self.buffers[kind] = self._empty()
 
-    def begin_epoch(self, batches: Sequence[Sequence[int]], first_batch: int, kinds: set[str]) -> None:
-        """Record `kinds` over this rank's `batches` of the epoch, starting at micro-batch `first_batch`."""
-        self._batches = [list(batch) for batch in batches]
-        self._next_batch = first_batch
+    def begin_epoch(self, kinds: set[str]) -> None:
+        """Record `kinds` in this epoch's training steps."""
         self.recording = set(kinds)
 
     def stop(self) -> None:
         self.recording = set()
 
+    def give_up(self, kind: str, why: str) -> None:
+        """Stop recording `kind` and forget its records: the next event scores those pairs with a pass of its own."""
+        if kind not in self.recording:
+            return
+        if kind not in self._warned:
+            logger.warning(
+                "Not reusing the training steps' %s log-probs: %s. The next selection event runs a pass.", kind, why
+            )
+            self._warned.add(kind)
+        self.clear(kind)
+        self.recording.discard(kind)
+
     @contextlib.contextmanager
-    def record(self, modules: Sequence[torch.nn.Module], completion_mask: torch.Tensor) -> Iterator[None]:
-        """Record the log-probs of one training micro-batch computed by the forwards of `modules` in this block.
+    def record(
+        self, modules: Sequence[torch.nn.Module], completion_mask: torch.Tensor, rows: torch.Tensor
+    ) -> Iterator[None]:
+        """Record the log-probs of one training micro-batch, whose pairs are the pool rows `rows`, computed by the
+        forwards of `modules` in this block.
 
         `modules` are the unwrapped policy and, if any, the reference model; a forward hook on each sums the fused LM
         head's per-token log-probs over the completion, as TRL's loss does (positions outside the completion carry
-        zero log-prob). Without `recording`, or past the epoch's batches, it records nothing.
+        zero log-prob). Without `recording` it records nothing.
         """
-        if not self.recording or self._next_batch >= len(self._batches):
+        if not self.recording:
             yield
             return
-        rows = self._batches[self._next_batch]
-        self._next_batch += 1
         seq_len = completion_mask.size(1) - 1
         captured: list[tuple[bool, torch.Tensor]] = []
 
@@ -101,45 +196,44 @@ class TrainingLogProbs:
             POLICY: next((value for grad, value in captured if grad), None),
             REFERENCE: next((value for grad, value in captured if not grad), None),
         }
-        for kind in self.recording:
+        for kind in sorted(self.recording):
             value = sums[kind]
             if value is None:
                 continue
-            if value.numel() != 2 * len(rows):
-                self._give_up(f"a training batch of {value.numel() // 2} pairs where the sampler planned {len(rows)}")
-                return
+            if value.numel() != 2 * rows.numel():
+                self.give_up(kind, f"a training batch of {value.numel() // 2} pairs carried {rows.numel()} pool rows")
+                continue
             chosen, rejected = value.chunk(2)
-            index = torch.as_tensor(rows, dtype=torch.long, device=value.device)
-            self.buffers[kind][index.to(self.device)] = torch.stack([chosen, rejected], dim=1).to(self.device)
+            self.buffers[kind][rows.to(self.device)] = torch.stack([chosen, rejected], dim=1).to(self.device)
 
-    def _give_up(self, why: str) -> None:
-        # Never a wrong row: a batch that does not match the sampler's plan voids the epoch's records, and the next
-        # event scores those pairs with a pass of its own, as without reuse.
-        if not self._warned:
-            logger.warning("Not reusing the training log-probs of this epoch: %s.", why)
-            self._warned = True
-        for kind in self.recording:
-            self.clear(kind)
-        self.stop()
-
-    def gathered(self, kind: str, accelerator: Accelerator | None = None) -> PairLogProbs:
+    def combined(self, kind: str, accelerator: Accelerator | None = None) -> PairLogProbs:
         """Every rank's records of `kind` combined, on the CPU: NaN for a row no rank recorded.
 
-        Ranks record disjoint rows; a row held by several ranks (restored from a checkpoint on all of them) has the
-        same value on each, so the mean over the ranks that hold it is that value. Must run on every rank.
+        Ranks record disjoint rows within an epoch; a row recorded by several ranks (in two warm-up epochs) gets the
+        mean of their values. Must run on every rank: one all-reduce of a flag, and one of `(pool_size, 4)` fp32 unless
+        no rank recorded anything.
         """
         buffer = self.buffers[kind]
         if accelerator is not None and accelerator.num_processes > 1:
-            buffer = accelerator.gather(buffer.to(accelerator.device)).view(
-                accelerator.num_processes, self.pool_size, 2
-            )
-            buffer = buffer.nanmean(dim=0)
+            recorded = torch.tensor([float(not bool(torch.isnan(buffer).all()))], device=accelerator.device)
+            # Every rank gets the same flag, so every rank runs, or skips, the same collectives.
+            if float(accelerator.reduce(recorded, reduction="sum").item()) == 0.0:
+                buffer = torch.full_like(buffer, float("nan"))
+            else:
+                terms = accelerator.reduce(record_terms(buffer.to(accelerator.device)), reduction="sum")
+                buffer = combine_terms(terms)
         buffer = buffer.float().cpu()
         return PairLogProbs(chosen=buffer[:, 0].clone(), rejected=buffer[:, 1].clone())
 
-    def restore(self, kind: str, log_probs: PairLogProbs) -> None:
-        """Put back the records of `kind` a checkpoint saved (the same on every rank)."""
-        self.buffers[kind] = torch.stack([log_probs.chosen, log_probs.rejected], dim=1).float().to(self.device)
+    def restore(self, kind: str, log_probs: PairLogProbs, keep: bool = True) -> None:
+        """Put back the records of `kind` a checkpoint saved (already combined over the ranks).
+
+        `keep=False` on every rank but one: the combine then finds each restored value on one rank only, so it gives
+        the value back exactly (a mean over ranks holding the same value need not, in floating point).
+        """
+        self.clear(kind)
+        if keep:
+            self.buffers[kind] = torch.stack([log_probs.chosen, log_probs.rejected], dim=1).float().to(self.device)
 
 
 def missing_rows(log_probs: PairLogProbs) -> list[int]:

@@ -352,3 +352,19 @@ def event_schedule(
             "selection would happen. Lower `--selection_warmup_steps` (e.g. 0.2, a fifth of the run) or train longer."
         )
     return EventSchedule(strategy, horizon, warmup_steps, interval, steps_per_epoch)
+
+
+def check_batches_not_dispatched(dispatch_batches: bool | None) -> None:
+    """Refuse accelerate's `dispatch_batches=True` with selection.
+
+    With it the main process reads every training batch and splits it over the ranks, while the selection sampler
+    already hands each rank its own batch (docs/design.md §8): ranks would train slices of the main process's shard and
+    never the other ranks' rows.
+    """
+    if dispatch_batches:
+        raise ValueError(
+            "`accelerator_config={'dispatch_batches': True}` is not supported with selection: the main process would "
+            "read every training batch and split it over the ranks, but the selection sampler already gives each rank "
+            "its own batch of the selected pairs. Leave `dispatch_batches` unset (or set "
+            "`accelerator_config={'dispatch_batches': False}`), or set `selection_rule='none'`."
+        )
