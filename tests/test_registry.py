@@ -42,13 +42,18 @@ def scratch_registry():
     for spec in rules.values():
         register_rule(spec.name, spec.scores, overwrite=True)(spec.fn)
     for spec in scorers.values():
-        register_scorer(spec.name, spec.needs, overwrite=True)(spec.fn)
+        register_scorer(spec.name, spec.needs, uses_loss=spec.uses_loss, overwrite=True)(spec.fn)
 
 
 def test_builtins_are_registered():
     assert {"lossdiff_irm", "irm_band", "lossdiff_band", "none"} <= set(registry.registered_rules())
     assert {"irm", "lossdiff"} <= set(registry.registered_scorers())
     assert registry.get_rule("lossdiff_irm").scores == ("lossdiff", "irm")
+    # the scores that evaluate the trainer's loss (a config refuses losses with no per-pair form only for their rules)
+    assert [name for name in registry.registered_scorers() if registry.get_scorer(name).uses_loss] == [
+        "lossdiff",
+        "influence",
+    ]
 
 
 def test_custom_scorer_and_rule_drive_the_trainers_selection(tmp_path, tokenizer, tiny_model, pool, scratch_registry):

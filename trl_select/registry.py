@@ -225,13 +225,15 @@ def registered_rule(name: str, fn: RuleFn, scores: Sequence[str], *, overwrite: 
 
 
 @contextlib.contextmanager
-def registered_scorer(name: str, fn: ScorerFn, needs: Sequence[str], *, overwrite: bool = False) -> Iterator[ScorerFn]:
+def registered_scorer(
+    name: str, fn: ScorerFn, needs: Sequence[str], *, uses_loss: bool = False, overwrite: bool = False
+) -> Iterator[ScorerFn]:
     """Register `fn` as scorer `name` for the duration of a `with` block, then restore the registry as it was.
 
     With `overwrite=True` a scorer already registered under `name` is replaced inside the block and put back after it.
     """
     previous = _SCORERS.get(name)
-    register_scorer(name, needs, overwrite=overwrite)(fn)
+    register_scorer(name, needs, uses_loss=uses_loss, overwrite=overwrite)(fn)
     try:
         yield fn
     finally:
