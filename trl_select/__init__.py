@@ -39,6 +39,7 @@ _EXPORTS: dict[str, str] = {
     "Suspect": "suspects",
     "find_suspects": "suspects",
     "PairLogProbs": "scores",
+    "PreferenceLoss": "scores",
     "implicit_reward_margin": "scores",
     "loss_difference": "scores",
     "preference_loss": "scores",
@@ -48,6 +49,7 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "PairLogProbs",
+    "PreferenceLoss",
     "ScoreFile",
     "ScoringContext",
     "ScoringEngine",
@@ -113,6 +115,6 @@ if TYPE_CHECKING:
     )
     from .rules import intersection, jaccard, overlap_coefficient, percentile_band, union
     from .score_files import ScoreFile, read_score_file, read_score_files
-    from .scores import PairLogProbs, implicit_reward_margin, loss_difference, preference_loss
+    from .scores import PairLogProbs, PreferenceLoss, implicit_reward_margin, loss_difference, preference_loss
     from .suspects import Suspect, find_suspects
     from .trainer import SelectiveDPOTrainer, SelectiveSLiCTrainer
