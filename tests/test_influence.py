@@ -168,7 +168,7 @@ def test_influence_under_peft_is_over_the_lora_parameters(tmp_path, tokenizer, t
     from peft import LoraConfig
 
     args = fast_config(
-        tmp_path, num_train_epochs=1, selection_rule="tif", beta=BETA, learning_rate=5e-3, max_length=64
+        tmp_path, num_train_epochs=2, selection_rule="tif", beta=BETA, learning_rate=5e-3, max_length=64
     )
     trainer = SelectiveDPOTrainer(
         tiny_model,
@@ -178,7 +178,7 @@ def test_influence_under_peft_is_over_the_lora_parameters(tmp_path, tokenizer, t
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
-    trainer.train()  # one warm-up epoch moves the LoRA weights off zero
+    trainer.train()  # the warm-up epoch moves the LoRA weights off zero (a one-epoch run cannot select with tif)
     scores = trainer.selection_engine.compute_scores(1, {}, ("influence",))["influence"]
 
     model = trainer.accelerator.unwrap_model(trainer.model)
