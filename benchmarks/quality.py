@@ -46,7 +46,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,9 +268,13 @@ def run_arm(
     work_dir: Path,
     overrides: dict[str, Any] | None = None,
     stop_step: int | None = None,
+    before_cleanup: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
     """Train one arm from the SFT model with `SelectiveDPOTrainer`; return its metrics, per-epoch evaluation points
-    (exact-match and cumulative compute) and per-epoch kept sets."""
+    (exact-match and cumulative compute) and per-epoch kept sets.
+
+    The run's `output_dir` is deleted at the end; `before_cleanup`, if given, is called with it just before (after
+    training and the evaluation), e.g. to read its selection record with `trl_select.find_suspects`."""
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
@@ -362,6 +366,8 @@ def run_arm(
                 "flipped_in_dropped": sum(flipped[i] for i in dropped) / len(dropped) if dropped else None,
             }
         )
+    if before_cleanup is not None:
+        before_cleanup(output_dir)
     shutil.rmtree(output_dir, ignore_errors=True)
     return {
         "protocol": PROTOCOL_ID,

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from benchmarks.cleaning import labels_after_cleaning, path_compute, top_k_precision
 from benchmarks.common import fit_line, markdown_table, paired_delta
 from benchmarks.quality import (
     compute_to_reach,
@@ -183,3 +184,26 @@ def test_staleness_helpers():
     assert np.all(moved["lossdiff"] < lossdiff)  # a larger margin lowers the sigmoid loss of θ_t, not θ_aux's
     keep = band_selection(stale)
     assert keep.sum() < 0.81 * 200 and keep.sum() > 0.5 * 200  # both 10-90 bands: about 64% of independent scores
+
+
+def test_cleaning_top_k_precision_is_the_flipped_share_of_the_ids():
+    flipped = {0: True, 1: False, 2: True, 3: True}
+    assert top_k_precision([0, 1, 2, 3], flipped) == pytest.approx(0.75)
+    assert top_k_precision([1], flipped) == 0.0
+    assert math.isnan(top_k_precision([], flipped))
+
+
+def test_cleaning_labels_after_cleaning_drops_and_flips_back():
+    flipped = {0: True, 1: False, 2: True, 3: False}
+    changes = [
+        {"pair_id": 0, "decision": "drop"},
+        {"pair_id": "2", "decision": "flip"},
+        {"pair_id": 1, "decision": "flip"},
+    ]
+    # 0 dropped; 2 was wrong and is flipped back (right); 1 was right and is flipped (now wrong); 3 kept as is
+    assert labels_after_cleaning(flipped, changes) == {1: True, 2: False, 3: False}
+    assert labels_after_cleaning(flipped, []) == flipped
+
+
+def test_cleaning_path_compute_adds_the_first_run():
+    assert path_compute(first_run_total=110.0, own_training=90.0, plain_run=100.0) == pytest.approx(2.0)
