@@ -36,6 +36,21 @@ def _run(command: list[str], cwd: Path, timeout: int) -> str:
     return result.stdout + result.stderr
 
 
+def _swapped_trl_script(tmp_path: Path) -> tuple[Path, Path]:
+    """TRL's installed dpo.py with the two classes swapped (docs/recipes.md), and a tiny local model to run it on."""
+    import trl.scripts.dpo
+
+    script = tmp_path / "dpo_select.py"
+    result = subprocess.run(["sed", *SED_TO_SELECTIVE, trl.scripts.dpo.__file__], capture_output=True, text=True)
+    assert "SelectiveDPOTrainer as DPOTrainer" in result.stdout and "SelectiveDPOConfig as DPOConfig" in result.stdout
+    script.write_text(result.stdout)
+    tokenizer = build_char_tokenizer()
+    model_dir = tmp_path / "tiny-llama"
+    build_tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return script, model_dir
+
+
 def _accelerate(script: Path, *flags: str) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(script), *flags]
 
@@ -79,17 +94,7 @@ def test_slic_recipe(tmp_path):
 
 def test_trl_dpo_script_with_selective_classes(tmp_path):
     """Swap DPOTrainer/DPOConfig for the Selective classes in TRL's installed dpo.py; run it on local model + data."""
-    import trl.scripts.dpo
-
-    script = tmp_path / "dpo_select.py"
-    result = subprocess.run(["sed", *SED_TO_SELECTIVE, trl.scripts.dpo.__file__], capture_output=True, text=True)
-    script.write_text(result.stdout)
-    assert "SelectiveDPOTrainer as DPOTrainer" in result.stdout and "SelectiveDPOConfig as DPOConfig" in result.stdout
-
-    tokenizer = build_char_tokenizer()
-    model_dir = tmp_path / "tiny-llama"
-    build_tiny_llama(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    script, model_dir = _swapped_trl_script(tmp_path)
     flags = [
         "--model_name_or_path",
         str(model_dir),
@@ -133,15 +138,7 @@ def test_trl_dpo_script_with_selective_classes(tmp_path):
 )
 def test_trl_dpo_script_selects_with_other_losses(tmp_path, loss_flags):
     """TRL's dpo.py, classes swapped, with a loss other than DPO's: it trains, selects, and prints one line per event."""
-    import trl.scripts.dpo
-
-    script = tmp_path / "dpo_select.py"
-    result = subprocess.run(["sed", *SED_TO_SELECTIVE, trl.scripts.dpo.__file__], capture_output=True, text=True)
-    script.write_text(result.stdout)
-    tokenizer = build_char_tokenizer()
-    model_dir = tmp_path / "tiny-llama"
-    build_tiny_llama(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    script, model_dir = _swapped_trl_script(tmp_path)
     flags = [
         "--model_name_or_path", str(model_dir),
         "--dataset_name", str(DEMO_DATA),
@@ -168,15 +165,7 @@ def test_trl_dpo_script_selects_with_other_losses(tmp_path, loss_flags):
 
 def test_trl_dpo_script_one_epoch_with_max_steps_selects_inside_the_epoch(tmp_path):
     """TRL's documented command (one epoch, `--max_steps`), classes swapped, no selection flag: events inside it."""
-    import trl.scripts.dpo
-
-    script = tmp_path / "dpo_select.py"
-    result = subprocess.run(["sed", *SED_TO_SELECTIVE, trl.scripts.dpo.__file__], capture_output=True, text=True)
-    script.write_text(result.stdout)
-    tokenizer = build_char_tokenizer()
-    model_dir = tmp_path / "tiny-llama"
-    build_tiny_llama(tokenizer).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    script, model_dir = _swapped_trl_script(tmp_path)
     flags = [
         "--model_name_or_path", str(model_dir),
         "--dataset_name", str(DEMO_DATA),

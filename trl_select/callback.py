@@ -45,6 +45,18 @@ logger = get_logger(__name__)  # logs on the main process only
 event_logger = logging.getLogger(EVENT_LOGGER)  # plain: the line is logged by the main process only
 
 
+def score_metrics(scores: dict[str, np.ndarray], bands: dict) -> dict[str, float]:
+    """`selection/<score>/band_lo|band_hi` and the quantiles of each score, for an event's metrics."""
+    metrics: dict[str, float] = {}
+    for name, band in bands.items():
+        metrics[f"selection/{name}/band_lo"] = band.lo
+        metrics[f"selection/{name}/band_hi"] = band.hi
+    for name, values in scores.items():
+        for key, value in score_quantiles(values).items():
+            metrics[f"selection/{name}/{key}"] = value
+    return metrics
+
+
 class SelectionOutOfMemoryError(RuntimeError):
     """A selection event ran out of accelerator memory. Not an out-of-memory error in accelerate's eyes, on purpose.
 
@@ -246,12 +258,7 @@ class SelectionCallback(TrainerCallback):
                 **self.engine.compute.as_metrics(),
             }
         )
-        for name, band in bands.items():
-            metrics[f"selection/{name}/band_lo"] = band.lo
-            metrics[f"selection/{name}/band_hi"] = band.hi
-        for name, values in scores.items():
-            for key, value in score_quantiles(values).items():
-                metrics[f"selection/{name}/{key}"] = value
+        metrics.update(score_metrics(scores, bands))
         self.publish_metrics(metrics)
         self._log_event(
             "trl-select: epoch %d selection kept %d/%d (%.1f%%), %s, churn %.3f, %.1fs, selection %.1f%% of compute",
@@ -416,12 +423,7 @@ class SelectionCallback(TrainerCallback):
                 **self.engine.compute.as_metrics(),
             }
         )
-        for name, band in bands.items():
-            metrics[f"selection/{name}/band_lo"] = band.lo
-            metrics[f"selection/{name}/band_hi"] = band.hi
-        for name, values in scores.items():
-            for key, value in score_quantiles(values).items():
-                metrics[f"selection/{name}/{key}"] = value
+        metrics.update(score_metrics(scores, bands))
         self.publish_metrics(metrics)
         self._log_event(
             "trl-select: step %d (epoch %d) selection scored %d pairs, kept %d (%.1f%%), %d trained until step %d, %s, "
