@@ -353,6 +353,25 @@ def test_in_epoch_selection_on_two_ranks_matches_one_process_and_zero3(tmp_path)
         assert len(trained) == len(set(trained))
 
 
+@pytest.mark.slow
+def test_ddp_resume_between_in_epoch_events_continues_every_rank(tmp_path):
+    """One epoch on 2 ranks, resumed inside the second event's segment: the same pairs and LR on every rank."""
+    flags = ("--pool", "192", "--epochs", "1", "--aux_mode", "lora", "--per_device_batch", "8")
+    full = _launch(tmp_path / "full", 2, *flags, "--save_steps", "1")
+    history = full[0]["history"]
+    events = [r["global_step"] for r in history if r["event"] == "selection"]
+    assert len(events) >= 2
+    step = events[1] + 1  # inside the second event's segment
+    resumed = _launch(
+        tmp_path / "resumed", 2, *flags, "--resume", str(tmp_path / "full" / "run" / f"checkpoint-{step}")
+    )
+    for before, after in zip(full, resumed, strict=True):
+        expected = {s: ids for s, ids in before["step_ids"].items() if int(s) > step}
+        assert expected and after["step_ids"] == expected
+        assert after["step_lr"] == {s: lr for s, lr in before["step_lr"].items() if int(s) > step}
+    assert resumed[0]["history"] == history
+
+
 def test_a_selection_that_differs_across_ranks_fails_loudly():
     class TwoRanks(SimpleNamespace):
         num_processes = 2
