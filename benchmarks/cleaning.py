@@ -35,13 +35,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import machine_description, markdown_table, paired_delta
-from benchmarks.quality import RESULTS, build_task, counted_compute, keep_all_rule, mean_se, run_arm, sft_model
+from benchmarks.quality import (
+    RESULTS,
+    build_task,
+    counted_compute,
+    mean_se,
+    prepare_protocol_runs,
+    run_arm,
+    sft_model,
+)
 
 
 logger = logging.getLogger("benchmarks.cleaning")
@@ -285,15 +292,7 @@ def main() -> None:
     command = "OMP_NUM_THREADS=1 python -m benchmarks.cleaning"
 
     if not options.report_only:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        import datasets
-
-        from trl_select import register_rule
-        from trl_select.testing import build_char_tokenizer
-
-        datasets.disable_progress_bars()
-        tokenizer = build_char_tokenizer()
-        register_rule("benchmark_keep_all", scores=(), overwrite=True)(keep_all_rule())
+        tokenizer = prepare_protocol_runs()
         for seed in options.seeds:
             done = {run["arm"]: run for run in load() if run["seed"] == seed}
             todo = [arm for arm in options.arms if arm not in done]

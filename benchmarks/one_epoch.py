@@ -27,7 +27,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,8 @@ from benchmarks.quality import (
     RESULTS,
     build_task,
     counted_compute,
-    keep_all_rule,
     mean_se,
+    prepare_protocol_runs,
     run_arm,
     sft_model,
 )
@@ -176,15 +175,7 @@ def main() -> None:
     runs = [json.loads(line) for line in RUNS.read_text().splitlines()] if RUNS.exists() else []
     runs = [run for run in runs if run.get("protocol_id") == PROTOCOL_ID]
     if not options.report_only:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        import datasets
-
-        from trl_select import register_rule
-        from trl_select.testing import build_char_tokenizer
-
-        datasets.disable_progress_bars()
-        tokenizer = build_char_tokenizer()
-        register_rule("benchmark_keep_all", scores=(), overwrite=True)(keep_all_rule())
+        tokenizer = prepare_protocol_runs()
         for seed in options.seeds:
             done = {run["arm"]: run for run in runs if run["seed"] == seed}
             if all(arm in done for arm in ARMS):

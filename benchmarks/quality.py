@@ -194,6 +194,19 @@ def equal_compute_verdict(delta: PairedDelta, arm: str, baseline: str) -> str:
 # ----- one run -----
 
 
+def prepare_protocol_runs():
+    """Quiet progress bars, register the full arms' keep-everything rule, and return the protocol's tokenizer (the
+    set-up of every protocol script: this one, `one_epoch.py`, `cleaning.py`)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import datasets
+
+    from trl_select.testing import build_char_tokenizer
+
+    datasets.disable_progress_bars()
+    register_rule("benchmark_keep_all", scores=(), overwrite=True)(keep_all_rule())
+    return build_char_tokenizer()
+
+
 def build_task(seed: int) -> dict[str, list[dict]]:
     """The task of `seed` (`trl_select.testing.build_splits`, as `recipes/data/make_reverse_digits.py` writes it),
     with the first `VALIDATION_PAIRS` clean validation pairs."""
@@ -777,15 +790,8 @@ def main() -> None:
     runs_path = options.out_dir / "runs.jsonl"
 
     if not options.report_only:
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        import datasets
-
-        datasets.disable_progress_bars()
-        from trl_select.testing import build_char_tokenizer
-
-        tokenizer = build_char_tokenizer()
+        tokenizer = prepare_protocol_runs()
         arms = [arm for arm in ALL_ARMS if arm in options.arms]
-        register_rule("benchmark_keep_all", scores=(), overwrite=True)(keep_all_rule())
         for seed in seeds:
             done = {run["arm"]: run for run in load_runs(runs_path) if run["seed"] == seed}
             todo = [arm for arm in arms if arm not in done]

@@ -92,40 +92,36 @@ def test_slic_recipe(tmp_path):
     assert [r["event"] for r in history] == ["warmup", "selection"]
 
 
+def _swapped_trl_command(tmp_path: Path, **overrides: str | list[str]) -> list[str]:
+    """The command running TRL's swapped dpo.py on the tiny model and the demo data, 2 epochs unless `overrides` (flag
+    name -> value, or a list of values) say otherwise."""
+    script, model_dir = _swapped_trl_script(tmp_path)
+    flags: dict[str, str | list[str]] = {
+        "model_name_or_path": str(model_dir),
+        "dataset_name": str(DEMO_DATA),
+        "dataset_test_split": "validation",
+        "eval_strategy": "epoch",
+        "output_dir": str(tmp_path / "out"),
+        "num_train_epochs": "2",
+        "learning_rate": "1e-3",
+        "per_device_train_batch_size": "64",
+        "max_length": "32",
+        "gradient_checkpointing": "False",
+        "bf16": "False",
+        "report_to": "none",
+        "save_strategy": "no",
+        "aux_max_steps": "2",
+        **overrides,
+    }
+    arguments = []
+    for name, value in flags.items():
+        arguments += [f"--{name}", *([value] if isinstance(value, str) else value)]
+    return [sys.executable, str(script), *arguments]
+
+
 def test_trl_dpo_script_with_selective_classes(tmp_path):
     """Swap DPOTrainer/DPOConfig for the Selective classes in TRL's installed dpo.py; run it on local model + data."""
-    script, model_dir = _swapped_trl_script(tmp_path)
-    flags = [
-        "--model_name_or_path",
-        str(model_dir),
-        "--dataset_name",
-        str(DEMO_DATA),
-        "--dataset_test_split",
-        "validation",
-        "--eval_strategy",
-        "epoch",
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--num_train_epochs",
-        "2",
-        "--learning_rate",
-        "1e-3",
-        "--per_device_train_batch_size",
-        "64",
-        "--max_length",
-        "32",
-        "--gradient_checkpointing",
-        "False",
-        "--bf16",
-        "False",
-        "--report_to",
-        "none",
-        "--save_strategy",
-        "no",
-        "--aux_max_steps",
-        "2",
-    ]
-    _run([sys.executable, str(script), *flags], cwd=tmp_path, timeout=600)
+    _run(_swapped_trl_command(tmp_path), cwd=tmp_path, timeout=600)
     history = read_history(tmp_path / "out")
     assert [r["event"] for r in history] == ["warmup", "selection"]
     assert 0.5 <= history[1]["num_selected"] / 2000 <= 0.8
@@ -133,30 +129,12 @@ def test_trl_dpo_script_with_selective_classes(tmp_path):
 
 @pytest.mark.parametrize(
     "loss_flags",
-    [["--loss_type", "ipo"], ["--loss_type", "sigmoid", "sft", "--loss_weights", "1", "1"]],
+    [{"loss_type": "ipo"}, {"loss_type": ["sigmoid", "sft"], "loss_weights": ["1", "1"]}],
     ids=["ipo", "sigmoid+sft"],
 )
 def test_trl_dpo_script_selects_with_other_losses(tmp_path, loss_flags):
     """TRL's dpo.py, classes swapped, with a loss other than DPO's: it trains, selects, and prints one line per event."""
-    script, model_dir = _swapped_trl_script(tmp_path)
-    flags = [
-        "--model_name_or_path", str(model_dir),
-        "--dataset_name", str(DEMO_DATA),
-        "--dataset_test_split", "validation",
-        "--eval_strategy", "epoch",
-        "--output_dir", str(tmp_path / "out"),
-        "--num_train_epochs", "2",
-        "--learning_rate", "1e-3",
-        "--per_device_train_batch_size", "64",
-        "--max_length", "32",
-        "--gradient_checkpointing", "False",
-        "--bf16", "False",
-        "--report_to", "none",
-        "--save_strategy", "no",
-        "--aux_max_steps", "2",
-        *loss_flags,
-    ]  # fmt: skip
-    output = _run([sys.executable, str(script), *flags], cwd=tmp_path, timeout=600)
+    output = _run(_swapped_trl_command(tmp_path, **loss_flags), cwd=tmp_path, timeout=600)
     history = read_history(tmp_path / "out")
     assert [r["event"] for r in history] == ["warmup", "selection"]
     assert 0 < history[1]["num_selected"] < 2000
@@ -165,25 +143,8 @@ def test_trl_dpo_script_selects_with_other_losses(tmp_path, loss_flags):
 
 def test_trl_dpo_script_one_epoch_with_max_steps_selects_inside_the_epoch(tmp_path):
     """TRL's documented command (one epoch, `--max_steps`), classes swapped, no selection flag: events inside it."""
-    script, model_dir = _swapped_trl_script(tmp_path)
-    flags = [
-        "--model_name_or_path", str(model_dir),
-        "--dataset_name", str(DEMO_DATA),
-        "--dataset_test_split", "validation",
-        "--eval_strategy", "epoch",
-        "--output_dir", str(tmp_path / "out"),
-        "--num_train_epochs", "1",
-        "--max_steps", "30",
-        "--learning_rate", "1e-3",
-        "--per_device_train_batch_size", "16",
-        "--max_length", "32",
-        "--gradient_checkpointing", "False",
-        "--bf16", "False",
-        "--report_to", "none",
-        "--save_strategy", "no",
-        "--aux_max_steps", "2",
-    ]  # fmt: skip
-    output = _run([sys.executable, str(script), *flags], cwd=tmp_path, timeout=600)
+    command = _swapped_trl_command(tmp_path, num_train_epochs="1", max_steps="30", per_device_train_batch_size="16")
+    output = _run(command, cwd=tmp_path, timeout=600)
     history = read_history(tmp_path / "out")
     # warm-up 0.2 of the 30 steps, then an event every 0.2, all inside epoch 0 (2,000 pairs: 125 steps an epoch)
     assert [r["event"] for r in history] == ["warmup"] + ["selection"] * 4

@@ -57,6 +57,14 @@ def score_metrics(scores: dict[str, np.ndarray], bands: dict) -> dict[str, float
     return metrics
 
 
+def band_record(bands: dict) -> dict[str, dict]:
+    """The bands of an event as its history record keeps them: limits (`thresholds`) and `percentiles`."""
+    return {
+        "thresholds": {name: {"lo": band.lo, "hi": band.hi} for name, band in bands.items()},
+        "percentiles": {name: {"lo": band.lo_percentile, "hi": band.hi_percentile} for name, band in bands.items()},
+    }
+
+
 class SelectionOutOfMemoryError(RuntimeError):
     """A selection event ran out of accelerator memory. Not an out-of-memory error in accelerate's eyes, on purpose.
 
@@ -279,10 +287,7 @@ class SelectionCallback(TrainerCallback):
                 "pool_size": pool_size,
                 "num_selected": len(selected),
                 "rule": args.selection_rule,
-                "thresholds": {name: {"lo": band.lo, "hi": band.hi} for name, band in bands.items()},
-                "percentiles": {
-                    name: {"lo": band.lo_percentile, "hi": band.hi_percentile} for name, band in bands.items()
-                },
+                **band_record(bands),
                 "aux_refreshed": "selection/aux/refreshed" in metrics,
                 "selected_ids": [self.pair_ids[row] for row in selected],
                 "trimmed_ids": self._trimmed_ids(),
@@ -343,14 +348,12 @@ class SelectionCallback(TrainerCallback):
         chunk of the pass. Every rank takes the same decisions from the same numbers, so all run the same passes.
         """
         self._finish_segment(state)
-        args = self.trainer.args
-        accumulation = args.gradient_accumulation_steps
-        pairs_per_step = accumulation * self.sampler.max_batch_size * self.sampler.world_size
+        accumulation = self.trainer.args.gradient_accumulation_steps
         remaining = self._remaining()
         end = next_event_step(state.global_step, self.warmup_steps, self.interval)
         if self.fixed_horizon is not None:
             end = min(end, self.fixed_horizon)
-        needed = max(end - state.global_step, 1) * pairs_per_step
+        needed = max(end - state.global_step, 1) * self._pairs_per_step
         if len(remaining) == 0:
             return False
         if state.global_step < self.warmup_steps:
@@ -358,20 +361,27 @@ class SelectionCallback(TrainerCallback):
             left_out = remaining[len(trained) : needed].tolist()
             self._start_segment(state, trained, left_out)
             self._record_segment(state, "warmup", trained, left_out)
-            # π_ref of the pairs these steps train, for the events that will score them (`scoring_reuse`)
-            kinds = self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE}
-            self.engine.training_log_probs.begin_epoch(kinds)
+            self._record_warmup_reference(state)
             return bool(trained)
         self.engine.training_log_probs.begin_epoch(set())
-        return self._segment_event(state, remaining, needed, pairs_per_step)
+        return self._segment_event(state, remaining, needed)
+
+    @property
+    def _pairs_per_step(self) -> int:
+        """Pairs one optimizer step trains over all ranks."""
+        accumulation = self.trainer.args.gradient_accumulation_steps
+        return accumulation * self.sampler.max_batch_size * self.sampler.world_size
+
+    def _record_warmup_reference(self, state: TrainerState) -> None:
+        """Record π_ref of the pairs the warm-up steps train, for the events that will score them (`scoring_reuse`)."""
+        self.engine.training_log_probs.begin_epoch(self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE})
 
     def _begin_pass(self, args: TrainingArguments, state: TrainerState) -> None:
         """A new pass (the Trainer's epoch), or the resumed one going on where its checkpoint stopped."""
         if self._resumed_pass:
             self._resumed_pass = False
             if state.global_step < self.warmup_steps:
-                kinds = self.engine.reused_kinds(0, state.num_train_epochs) & {REFERENCE}
-                self.engine.training_log_probs.begin_epoch(kinds)
+                self._record_warmup_reference(state)
             return
         # Its segments are chosen as the Trainer asks for batches (`next_segment`).
         self._last_epoch_handled = 0 if self._last_epoch_handled is None else self._last_epoch_handled + 1
@@ -386,7 +396,7 @@ class SelectionCallback(TrainerCallback):
         order = pass_order(self.sampler.pool_size, args.seed, self._last_epoch_handled)
         return order[~self._consumed[order]]
 
-    def _segment_event(self, state: TrainerState, remaining: np.ndarray, needed: int, pairs_per_step: int) -> bool:
+    def _segment_event(self, state: TrainerState, remaining: np.ndarray, needed: int) -> bool:
         args = self.trainer.args
         epoch = self._last_epoch_handled
         start = time.perf_counter()
@@ -448,10 +458,7 @@ class SelectionCallback(TrainerCallback):
                 "num_scored": len(chunk),
                 "num_kept": int(keep.sum()),
                 "surplus_ids": [self.pair_ids[row] for row in surplus],
-                "thresholds": {name: {"lo": band.lo, "hi": band.hi} for name, band in bands.items()},
-                "percentiles": {
-                    name: {"lo": band.lo_percentile, "hi": band.hi_percentile} for name, band in bands.items()
-                },
+                **band_record(bands),
                 "aux_refreshed": "selection/aux/refreshed" in metrics,
             },
         )
@@ -482,9 +489,8 @@ class SelectionCallback(TrainerCallback):
         if self.fixed_horizon is not None:
             return
         args = self.trainer.args
-        accumulation = args.gradient_accumulation_steps
-        pairs_per_step = accumulation * self.sampler.max_batch_size * self.sampler.world_size
-        segment_end = state.global_step + len(self.sampler) // accumulation
+        pairs_per_step = self._pairs_per_step
+        segment_end = state.global_step + len(self.sampler) // args.gradient_accumulation_steps
         # Pairs of the run's `num_train_epochs` passes not consumed yet: this pass's rest and the later passes.
         budget = (args.num_train_epochs - self._last_epoch_handled) * self.sampler.pool_size - self._consumed.sum()
         warmup_left = max(0, self.warmup_steps - segment_end)

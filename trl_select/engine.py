@@ -294,7 +294,8 @@ class ScoringEngine:
         if reuse_training and kind in REUSABLE_KINDS[self.trainer.args.scoring_reuse]:
             recorded = self.training_log_probs.combined(kind, self.trainer.accelerator)
             if known is not None:
-                recorded = fill_rows(recorded, missing_rows(recorded), _take(known, missing_rows(recorded)))
+                unrecorded = missing_rows(recorded)
+                recorded = fill_rows(recorded, unrecorded, _take(known, unrecorded))
         else:
             recorded = known
         wanted_rows = list(range(self.pool_size)) if wanted is None else list(wanted)

@@ -131,10 +131,6 @@ class SelectionSampler(BatchRebalanceSampler):
         """The current segment's rows in training order (over all ranks)."""
         return [] if self._segment is None else self._segment.tolist()
 
-    @property
-    def in_segments(self) -> bool:
-        return self._segment is not None
-
     def _segment_sizes(self) -> list[int]:
         return whole_step_batch_sizes(
             len(self._segment) // self.world_size, self.max_batch_size, self._segment_accumulation

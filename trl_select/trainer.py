@@ -542,7 +542,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             return values
         # A step budget with selection: epochs are as short as their selections, so the Trainer's epoch count from the
         # full pool would stop too early; `global_step >= max_steps` ends the run, as for a dataset of unknown length.
-        num_train_epochs, *rest = values
+        _, *rest = values
         return (sys.maxsize, *rest)
 
     def _run_epoch(self, *args: Any, **kwargs: Any):
@@ -584,12 +584,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         kwargs["steps_trained_in_current_epoch"] = 0
         start_step = self.state.global_step
         result = super()._run_epoch(*args, **kwargs)
-        self._pairs_trained += (
-            (self.state.global_step - start_step)
-            * accumulation
-            * self._train_batch_size
-            * (self.selection_sampler.world_size)
-        )
+        steps = self.state.global_step - start_step
+        self._pairs_trained += steps * accumulation * self._train_batch_size * self.selection_sampler.world_size
         return result
 
     def _finalize_training(self, trial: Any, num_train_samples: int, start_time: float):
@@ -650,9 +646,7 @@ class SelectiveDPOTrainer(DPOTrainer):
             epochs_trained, batches_trained = resume_position(
                 state, self.state.global_step, self.args.gradient_accumulation_steps
             )
-            if self.args.max_steps > 0:
-                self.set_horizon(self.args.max_steps)
-            else:
+            if self.args.max_steps <= 0:  # a step budget is the horizon already
                 # The Trainer has just reset `state.max_steps` to the full-pool horizon; the run being resumed had
                 # moved it.
                 self.set_horizon(
