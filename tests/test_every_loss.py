@@ -20,7 +20,7 @@ from datasets import Dataset
 from trl_select import SelectiveDPOTrainer
 from trl_select.scores import SUPPORTED_LOSS_TYPES
 
-from .testing_utils import fast_config
+from .testing_utils import fast_config, with_unequal_rejected
 
 
 CASES = [
@@ -50,14 +50,8 @@ def equal_chosen_pool(reverse_rows) -> Dataset:
 
 @pytest.fixture(scope="module")
 def unequal_pool(equal_chosen_pool) -> Dataset:
-    """`equal_chosen_pool` with each rejected completion 2 characters shorter, as long, or 1-3 longer than the chosen
-    one (a rotation of its own digits), so LD-DPO's shared prefix and tail differ from pair to pair."""
-    rows = []
-    for index, row in enumerate(equal_chosen_pool):
-        rejected, change = row["rejected"], index % 5 - 1  # -1 .. 3
-        rejected = rejected[:-2] if change < 0 else rejected + (rejected * 2)[1 : 1 + change]
-        rows.append({**row, "rejected": rejected})
-    return Dataset.from_list(rows)
+    """`equal_chosen_pool` with rejected completions shorter or longer than the chosen ones."""
+    return with_unequal_rejected(equal_chosen_pool)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(f"{k}={v}" for k, v in case.items()))

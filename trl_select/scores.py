@@ -59,10 +59,10 @@ def completion_sums(
     `[chosen..., rejected...]` (the preference collator's order); `shift_completion_mask` is `completion_mask[..., 1:]`
     of the same batch. Returns shape `(2B,)`:
 
-    - `ld_alpha=None`: `Σ_t log π(y_t)`, the plain sum (dpo_trainer.py:1302-1303, 1269-1270);
+    - `ld_alpha=None`: `Σ_t log π(y_t)`, the plain sum (dpo_trainer.py:1303, 1269);
     - LD-DPO: `Σ_{t ≤ s} log π(y_t) + α Σ_{t > s} log π(y_t)`, with `t` the token's position in its completion
       (1-based) and `s = min(n_w, n_l)` the pair's shared length, `n` the scored completion tokens
-      (dpo_trainer.py:1304-1315 for θ, 1271-1281 for π_ref, 1338-1343 for the live reference).
+      (dpo_trainer.py:1303-1315 for θ, 1269-1281 for π_ref, 1340-1346 for the live reference).
 
     The sum runs over the whole row like TRL's, so a batch padded to another width gives the same value per pair.
     """
