@@ -36,6 +36,10 @@ CASES = [
     {"loss_type": ["sigmoid"], "use_weighting": True},
     {"loss_type": ["sigmoid", "bco_pair"], "loss_weights": [1.0, 0.5], "use_weighting": True},
     {"loss_type": ["sigmoid", "ipo"], "loss_weights": [1.0, 1.0], "ld_alpha": 0.3, "use_weighting": True},
+    # π_ref's log-probs from TRL's precomputed columns, which `compute_ref_log_probs` LD-weights
+    {"loss_type": ["sigmoid"], "ld_alpha": 0.5, "precompute_ref_log_probs": True},
+    # events inside the epochs: chunks of the pool scored, θ_t's weights taken by row
+    {"loss_type": ["sigmoid"], "ld_alpha": 0.5, "use_weighting": True, "selection_strategy": "steps"},
 ]
 # The options whose cases run on `unequal_pool`: with equal completion lengths LD-DPO would be plain DPO.
 UNEQUAL_LENGTH_OPTIONS = ("ld_alpha", "use_weighting")

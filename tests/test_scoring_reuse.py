@@ -292,13 +292,18 @@ def test_with_a_frozen_policy_every_mode_selects_the_same_pairs(tmp_path, tokeni
     np.testing.assert_allclose(scores["none"], scores["reference_and_policy"], atol=1e-4)
 
 
-def test_resume_with_reused_policy_selects_as_the_uninterrupted_run(tmp_path, tokenizer, pool, validation):
+@pytest.mark.parametrize("options", [{}, {"ld_alpha": 0.5, "use_weighting": True}], ids=["dpo", "ld-wpo"])
+def test_resume_with_reused_policy_selects_as_the_uninterrupted_run(tmp_path, tokenizer, pool, validation, options):
     mode = "reference_and_policy"
-    full = _run(tmp_path / "full", tokenizer, pool, validation, mode, save_strategy="steps", save_steps=3)
+    if options:  # LD-DPO's tails need unequal lengths; θ's records then carry WPO's weights through the checkpoint
+        pool = with_unequal_rejected(pool)
+    full = _run(tmp_path / "full", tokenizer, pool, validation, mode, save_strategy="steps", save_steps=3, **options)
     checkpoint = tmp_path / "full" / mode / "checkpoint-15"  # mid epoch 1: 10 warm-up steps, then 5 of about 7
     state = json.loads((checkpoint / STATE_FILENAME).read_text())
     assert "training_policy.chosen" in state["log_probs"]  # epoch 1's steps so far, for epoch 2's event
-    resumed = _trainer(tmp_path / "resumed", tokenizer, pool, validation, mode)
+    assert ("training_policy.log_weight" in state["log_probs"]) == bool(options)
+    assert ("auxiliary.log_weight" in state["log_probs"]) == bool(options)
+    resumed = _trainer(tmp_path / "resumed", tokenizer, pool, validation, mode, **options)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     expected = [record["selected_ids"] for record in read_history(full.args.output_dir)]
     assert [record["selected_ids"] for record in read_history(resumed.args.output_dir)] == expected
