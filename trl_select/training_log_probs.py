@@ -17,7 +17,7 @@ LD-DPO's down-weighted tail with `ld_alpha`); with `use_weighting`, θ's records
 Memory: two `(pool_size, 2)` fp32 buffers on the device (16 bytes per pair: 1.6 MB for 100k pairs; `(pool_size, 3)`,
 24 bytes per pair, with WPO), whatever the model size. Compute: one sum per sequence inside the step. Collectives:
 combining the ranks' records is one all-reduce of a flag, and, if any rank recorded anything, one all-reduce of a
-`(pool_size, 4)` fp32 tensor (16 bytes per pair, 24 with WPO, whatever the world size).
+`(pool_size, 4)` fp32 tensor (`(pool_size, 6)` with WPO: 16 or 24 bytes per pair, whatever the world size).
 """
 
 from __future__ import annotations
