@@ -293,11 +293,16 @@ def test_zero2_offload_aux_engine_uses_deepspeed_cpu_adam(deepspeed_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reuse", ["reference", "reference_and_policy"])
-def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse):
+@pytest.mark.parametrize(
+    "reuse, flags",
+    [("reference", ()), ("reference_and_policy", ()), ("reference_and_policy", ("--ld_wpo",))],
+    ids=["reference", "reference_and_policy", "reference_and_policy-ld-wpo"],
+)
+def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse, flags):
     # 96 pairs: 2 ranks x 16 per step sees exactly the rows of 1 process x 32 per step (fp32, same seed). The log-probs
-    # each rank's training steps recorded are gathered into the same pool-wide ones as the single process's.
-    reuse_args = ("--pool", "96", "--scoring_reuse", reuse)
+    # each rank's training steps recorded are gathered into the same pool-wide ones as the single process's; with
+    # `--ld_wpo`, LD-weighted sums and θ's WPO weights, gathered and all-reduced as a third column.
+    reuse_args = ("--pool", "96", "--scoring_reuse", reuse, *flags)
     two = _launch(tmp_path / "two", 2, *reuse_args)[0]["history"]
     one = _launch(tmp_path / "one", 1, *reuse_args, "--per_device_batch", "32")[0]["history"]
     assert two[1]["selected_ids"] == one[1]["selected_ids"]
