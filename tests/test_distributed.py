@@ -294,17 +294,23 @@ def test_zero2_offload_aux_engine_uses_deepspeed_cpu_adam(deepspeed_runs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "reuse, rule",
-    [("reference", "lossdiff_irm"), ("reference_and_policy", "lossdiff_irm"), ("reference", "lossdiff_irm_auto")],
+    "reuse, flags",
+    [
+        ("reference", ()),
+        ("reference_and_policy", ()),
+        ("reference_and_policy", ("--ld_wpo", "--rule", "lossdiff_irm_auto")),
+    ],
+    ids=["reference", "reference_and_policy", "reference_and_policy-ld-wpo-auto"],
 )
-def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse, rule):
+def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse, flags):
     # 96 pairs: 2 ranks x 16 per step sees exactly the rows of 1 process x 32 per step (fp32, same seed). The log-probs
-    # each rank's training steps recorded are gathered into the same pool-wide ones as the single process's.
-    reuse_args = ("--pool", "96", "--scoring_reuse", reuse, "--rule", rule)
+    # each rank's training steps recorded are gathered into the same pool-wide ones as the single process's; with
+    # `--ld_wpo`, LD-weighted sums and θ's WPO weights, gathered and all-reduced as a third column.
+    reuse_args = ("--pool", "96", "--scoring_reuse", reuse, *flags)
     two = _launch(tmp_path / "two", 2, *reuse_args)[0]["history"]
     one = _launch(tmp_path / "one", 1, *reuse_args, "--per_device_batch", "32")[0]["history"]
     assert two[1]["selected_ids"] == one[1]["selected_ids"]
-    if rule == "lossdiff_irm_auto":  # the cuts and their evidence, from the same gathered scores on every rank
+    if "lossdiff_irm_auto" in flags:  # the cuts and their evidence, from the same gathered scores on every rank
         assert two[1]["percentiles"] == one[1]["percentiles"]
         for key, value in one[1]["band_evidence"]["irm"].items():
             assert two[1]["band_evidence"]["irm"][key] == pytest.approx(value, rel=1e-3, abs=1e-6)

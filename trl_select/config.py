@@ -27,16 +27,6 @@ SELECTION_STRATEGIES = ("auto", "epoch", "steps")
 
 # `DPOConfig` fields that selection refuses away from their default, with the reason (docs/configuration.md's table).
 UNSUPPORTED_WITH_SELECTION: dict[str, tuple[object, str]] = {
-    "ld_alpha": (
-        None,
-        "LD-DPO weights each completion's tokens past the pair's shared length, which the scoring passes' per-pair "
-        "summed log-probs do not split, so every score would read other log-probs than the loss",
-    ),
-    "use_weighting": (
-        False,
-        "WPO weights each pair's loss by its per-token probabilities (`log_sum_sq_probs`), which per-pair summed "
-        "log-probs cannot give",
-    ),
     "sync_ref_model": (
         False,
         "TR-DPO moves the reference during training, while selection caches π_ref's log-probs once per run",
@@ -351,6 +341,15 @@ class SelectiveDPOConfig(DPOConfig):
                 f"{UNSUPPORTED_LOSS_TYPES[unscorable[0]]}. `selection_rule={self.selection_rule!r}` "
                 f"(`--selection_rule`) scores pairs with the trainer's loss ({list(self.required_scores)}); use a rule "
                 "that reads no loss (`irm_band`, `reward_gap`, `davir`), or `selection_rule='none'`."
+            )
+        if self.ld_alpha is not None and "sft" in self.loss_type:
+            # Every summed log-prob selection keeps is LD-weighted (`scores.completion_sums`), while TRL's `sft` term
+            # reads the unweighted per-token log-probs of the chosen completion (dpo_trainer.py:1495-1502).
+            raise ValueError(
+                f"`ld_alpha={self.ld_alpha}` with `loss_type` 'sft' (`--loss_type`) cannot be scored per pair: "
+                "selection keeps each completion's LD-weighted summed log-prob, while TRL's SFT term reads the "
+                f"unweighted one. `selection_rule={self.selection_rule!r}` scores pairs with the trainer's loss; drop "
+                "'sft', use a rule that reads no loss (`irm_band`, `reward_gap`, `davir`), or leave `ld_alpha` unset."
             )
         self.preference_loss()  # a ValueError naming the option when the loss is misconfigured
 
