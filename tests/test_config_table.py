@@ -21,7 +21,6 @@ REFUSED_VALUES = {
     "sync_ref_model": (True, "sync_ref_model"),
     "train_sampling_strategy": ("sequential", "train_sampling_strategy"),
     "dataloader_drop_last": (True, "dataloader_drop_last"),
-    "fsdp": (True, "fsdp"),
     "parallelism_config": (ParallelismConfig(tp_size=2), "tp_size"),
 }
 

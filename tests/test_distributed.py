@@ -321,6 +321,115 @@ def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse, flags):
     assert overlap_coefficient(two[2]["selected_ids"], one[2]["selected_ids"]) >= 0.9
 
 
+# ----- FSDP2 (`fully_shard`) -----
+# accelerate 1.15 turns FSDP on only for GPU-like worlds: on a CPU (gloo) world an FSDP config is silently ignored
+# and the run is plain DDP. `selection_run.py --fsdp2` configures the accelerate state as an FSDP2 launch does on GPUs
+# (`force_fsdp2`); torch's `fully_shard` itself runs on CPU tensors over gloo. Each decoder layer and the root are
+# sharded over the 2 ranks (every parameter a `DTensor`), so a forward one rank skipped would hang.
+FSDP2_RUNS = {
+    # a PEFT policy: θ_aux is a second adapter added to the already sharded model
+    "fsdp2-peft": ["--peft", "--pool", "96", "--check_aux_identity"],
+    # a fully fine-tuned policy: `aux_mode="lora"` injects LoRA layers around the sharded linear layers
+    "fsdp2-loraaux": ["--aux_mode", "lora", "--pool", "96", "--check_aux_identity"],
+    # bf16 (FSDP2's MixedPrecisionPolicy) with the Trainer's activation checkpointing
+    "fsdp2-peft-bf16-checkpointing": [
+        "--peft",
+        "--pool",
+        "96",
+        "--bf16",
+        "--gradient_checkpointing",
+        "--check_aux_identity",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def fsdp2_runs(tmp_path_factory):
+    cache: dict[str, list[dict]] = {}
+
+    def run(name: str, nproc: int = 2) -> list[dict]:
+        key = f"{name}-{nproc}"
+        if key not in cache:
+            out = tmp_path_factory.mktemp(key)
+            flags = FSDP2_RUNS[name]
+            # the single-process twin: 1 process × 32 per step sees exactly the rows of 2 ranks × 16
+            cache[key] = (
+                _launch(out, 2, "--fsdp2", *flags)
+                if nproc == 2
+                else _launch(out, 1, *flags, "--per_device_batch", "32")
+            )
+        return cache[key]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(FSDP2_RUNS))
+def test_fsdp2_ranks_agree_and_select_what_one_process_selects(fsdp2_runs, name):
+    ranks = fsdp2_runs(name)
+    assert [(r["distributed_type"], r["fsdp_version"], r["world_size"]) for r in ranks] == [
+        ("DistributedType.FSDP", 2, 2)
+    ] * 2
+    for r in ranks:
+        sharded, total = r["sharded_parameters"]
+        assert sharded == total > 0  # the policy really is sharded, every parameter
+    _check_disjoint_shards_of_one_selection(ranks)
+    refreshes = 2 + ("--check_aux_identity" in FSDP2_RUNS[name])
+    assert len(ranks[0]["aux_hashes"]) == refreshes and ranks[0]["aux_hashes"] == ranks[1]["aux_hashes"]
+    assert ranks[0]["aux_losses"] == ranks[1]["aux_losses"]
+    for r in ranks:
+        # the aux stage leaves this rank's policy shards, gradients, optimizer state and LR schedule alone
+        assert r["policy_untouched_by_aux"] == [True] * refreshes
+        for before, after in r["aux_losses"][:2]:
+            assert after < before  # alignment lowers the validation loss
+        if "--check_aux_identity" in FSDP2_RUNS[name]:
+            assert r["aux_identity_gap"] == 0.0  # θ_aux = θ_t before any aux step, bit for bit
+        if "--peft" not in FSDP2_RUNS[name]:
+            assert r["lora_left"] == [False] * refreshes  # every injected layer removed
+    if "--bf16" in FSDP2_RUNS[name]:
+        # FSDP2's MixedPrecisionPolicy computes with bf16 copies of the parameters, one process's bf16 autocast
+        # with fp32 ones: not the same numerics, so no comparison with one process (ranks agree, above).
+        return
+    # Same seed, same rows per step, fp32: sharding changes nothing the first selection's scores can see
+    history, one = ranks[0]["history"], fsdp2_runs(name, nproc=1)[0]["history"]
+    assert history[1]["selected_ids"] == one[1]["selected_ids"]
+    for score, band in one[1]["thresholds"].items():
+        assert history[1]["thresholds"][score]["lo"] == pytest.approx(band["lo"], abs=1e-4)
+        assert history[1]["thresholds"][score]["hi"] == pytest.approx(band["hi"], abs=1e-4)
+    # Float summation order differs across 2 ranks, so later epochs may drift at the band edges, a little
+    assert overlap_coefficient(history[2]["selected_ids"], one[2]["selected_ids"]) >= 0.9
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_mid_epoch_continues_every_rank(tmp_path):
+    """An FSDP2 checkpoint (the policy adapter saved from its DTensor shards; the aux adapter never exists at a save)
+    resumed inside the second epoch: every rank trains the same pairs at the same LR and selects the same."""
+    flags = ("--fsdp2", "--peft", "--pool", "96", "--save_steps", "4")
+    full = _launch(tmp_path / "full", 2, *flags)
+    checkpoint = tmp_path / "full" / "run" / "checkpoint-4"
+    assert (checkpoint / "adapter_model.safetensors").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint / "adapter_model.safetensors"), "pt") as saved:
+        keys = list(saved.keys())
+    assert keys and not [key for key in keys if ".aux." in key]
+    resumed = _launch(tmp_path / "resumed", 2, *flags, "--resume", str(checkpoint))
+    for before, after in zip(full, resumed, strict=True):
+        assert after["step_ids"] and all(before["step_ids"][step] == ids for step, ids in after["step_ids"].items())
+        assert all(before["step_lr"][step] == lr for step, lr in after["step_lr"].items())
+    assert [r["selected_ids"] for r in resumed[0]["history"]] == [r["selected_ids"] for r in full[0]["history"]]
+
+
+@pytest.mark.slow
+def test_fsdp2_full_copy_aux_is_refused_before_training(tmp_path):
+    """`aux_mode="full"` on a fully fine-tuned FSDP2 policy: torch cannot deep-copy a `fully_shard`-ed module, so the
+    trainer refuses it when built, naming the error, instead of failing at the first selection event."""
+    result = _run(tmp_path, 2, "--fsdp2", "--aux_mode", "full")
+    assert result.returncode != 0
+    assert "`aux_mode='full'` under FSDP2" in result.stderr and "FSDP does not support deepcopy" in result.stderr
+    assert "Scoring" not in result.stderr + result.stdout  # refused before any pass
+
+
 @pytest.mark.slow
 def test_ddp_resume_mid_epoch_continues_every_rank(tmp_path):
     """Resume 2 ranks inside the second shortened epoch: every rank trains the same pairs at the same LR as before."""

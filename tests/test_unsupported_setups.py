@@ -32,14 +32,19 @@ def no_parent_init(monkeypatch):
 
 # ----- FSDP and tensor / context / sequence parallelism -----
 
-SUPPORTED = "DDP.*DeepSpeed ZeRO-2 or ZeRO-3"
+SUPPORTED = "DDP.*DeepSpeed ZeRO-2 or ZeRO-3.*FSDP2"
 
 
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"fsdp": True}, r"`fsdp=True`"),
-        ({"fsdp": "full_shard auto_wrap"}, r"`fsdp=True`"),  # transformers turns the legacy string into True
+        ({"fsdp": True, "fsdp_config": {"version": 1}}, r"`fsdp=True`: FSDP version 1 .*only FSDP2"),
+        (  # transformers turns the legacy string into True
+            {"fsdp": "full_shard auto_wrap", "fsdp_config": {"version": 1}},
+            r"`fsdp=True`: FSDP version 1",
+        ),
+        ({"fsdp": True, "fsdp_config": {"cpu_offload": True}}, r"FSDP2 with CPU parameter offload"),
+        ({"fsdp": True, "fsdp_config": {"activation_checkpointing": True}}, r"FSDP's own activation checkpointing"),
         ({"parallelism_config": ParallelismConfig(tp_size=2)}, r"`parallelism_config.tp_size=2`.*tensor parallelism"),
         ({"parallelism_config": ParallelismConfig(cp_size=2)}, r"`parallelism_config.cp_size=2`.*context parallelism"),
         ({"parallelism_config": ParallelismConfig(sp_size=2)}, r"`parallelism_config.sp_size=2`.*sequence paral"),
@@ -56,7 +61,17 @@ SUPPORTED = "DDP.*DeepSpeed ZeRO-2 or ZeRO-3"
             r"`tensor_parallel.autotp_size=2`",
         ),
     ],
-    ids=["fsdp", "fsdp_legacy_string", "tp", "cp", "sp", "dp_shard", "deepspeed_autotp"],
+    ids=[
+        "fsdp1",
+        "fsdp1_legacy_string",
+        "fsdp2_offload",
+        "fsdp2_own_checkpointing",
+        "tp",
+        "cp",
+        "sp",
+        "dp_shard",
+        "deepspeed_autotp",
+    ],
 )
 def test_sharded_and_model_parallel_setups_are_refused_by_the_config(tmp_path, settings, message):
     with pytest.raises(
@@ -72,15 +87,62 @@ def test_plain_data_parallel_settings_pass(tmp_path):
     assert config.parallelism_config.tp_size == 1 and not config.fsdp
 
 
-def test_fsdp_from_accelerate_launch_is_refused(tmp_path, monkeypatch):
-    # `accelerate launch --use_fsdp` (or an FSDP accelerate config) reaches the trainer only as this variable
+def test_fsdp2_passes(tmp_path):
+    # transformers 5.23 builds an FSDP2 plugin for `fsdp=True` unless `fsdp_config['version'] = 1`
+    assert fast_config(tmp_path, fsdp=True).fsdp
+    assert fast_config(tmp_path, fsdp=True, fsdp_config={"version": 2, "reshard_after_forward": False}).fsdp
+
+
+def test_fsdp1_from_accelerate_launch_is_refused(tmp_path, monkeypatch):
+    # `accelerate launch --use_fsdp` (or an FSDP accelerate config) reaches the trainer only as these variables;
+    # accelerate 1.15 reads a missing `FSDP_VERSION` as FSDP1
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match=f"`ACCELERATE_USE_FSDP=true`.*{SUPPORTED}"):
+    with pytest.raises(ValueError, match=f"`ACCELERATE_USE_FSDP=true`.*FSDP version 1.*{SUPPORTED}"):
+        fast_config(tmp_path)
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP version 1"):
         fast_config(tmp_path)
     fast_config(tmp_path, selection_rule="none")
 
 
-def test_fsdp_switched_on_after_the_config_is_refused_by_the_trainer(
+def test_fsdp2_from_accelerate_launch_passes_without_offload(tmp_path, monkeypatch):
+    # what `accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml` sets
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "false")
+    fast_config(tmp_path)
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
+    with pytest.raises(ValueError, match="FSDP2 with CPU parameter offload"):
+        fast_config(tmp_path)
+
+
+def test_full_copy_aux_under_fsdp2_is_refused_before_trl_runs(
+    tmp_path, tokenizer, tiny_model, pool, validation, no_parent_init
+):
+    # torch cannot deep-copy a `fully_shard`-ed module (tests/test_distributed.py runs it: refused at construction)
+    with pytest.raises(
+        ValueError, match=r"`aux_mode='full'` under FSDP2.*FSDP does not support deepcopy.*aux_mode='lora'"
+    ):
+        SelectiveDPOTrainer(
+            tiny_model,
+            args=fast_config(tmp_path, fsdp=True, aux_mode="full"),
+            train_dataset=pool,
+            eval_dataset=validation,
+            processing_class=tokenizer,
+        )
+
+
+def test_full_copy_aux_under_fsdp2_is_fine_for_a_peft_policy_or_a_rule_without_aux(tmp_path):
+    from trl_select.validation import check_fsdp_aux_supported
+
+    args = fast_config(tmp_path, fsdp=True, aux_mode="full")
+    check_fsdp_aux_supported(args, peft_policy=True)  # θ_aux is a second adapter
+    check_fsdp_aux_supported(fast_config(tmp_path, fsdp=True, aux_mode="lora"), peft_policy=False)
+    check_fsdp_aux_supported(fast_config(tmp_path, fsdp=True, aux_mode="full", selection_rule="none"), False)
+    check_fsdp_aux_supported(fast_config(tmp_path, aux_mode="full"), peft_policy=False)  # no FSDP
+
+
+def test_fsdp1_switched_on_after_the_config_is_refused_by_the_trainer(
     tmp_path, monkeypatch, tokenizer, tiny_model, pool, validation, no_parent_init
 ):
     args = fast_config(tmp_path)
@@ -128,7 +190,7 @@ def test_dispatched_batches_are_refused_before_trl_runs(
         )
 
 
-def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(
+def test_fsdp_of_unknown_version_in_a_preconfigured_accelerate_state_is_refused(
     tmp_path, monkeypatch, tokenizer, tiny_model, pool, validation
 ):
     # `use_configured_state=True` reuses an AcceleratorState whose FSDP plugin no argument shows; stand one in
@@ -139,7 +201,7 @@ def test_fsdp_in_a_preconfigured_accelerate_state_is_refused(
         monkeypatch.setattr(type(self.accelerator.state), "fsdp_plugin", object(), raising=False)
 
     monkeypatch.setattr(DPOTrainer, "__init__", with_fsdp_plugin)
-    with pytest.raises(ValueError, match=f"Accelerator's FSDP plugin.*{SUPPORTED}"):
+    with pytest.raises(ValueError, match=f"Accelerator's FSDP plugin: FSDP of unknown version.*{SUPPORTED}"):
         SelectiveDPOTrainer(
             tiny_model,
             ref_model=copy.deepcopy(tiny_model),
@@ -226,3 +288,29 @@ def test_the_vision_dataset_that_crashed_after_warm_up_now_fails_at_construction
         )
         trainer.train()  # the old code got here, trained the warm-up epoch, then failed
     assert not (tmp_path / "selection_history.jsonl").exists()  # nothing trained
+
+
+@pytest.mark.parametrize(
+    "plugin_kwargs, message",
+    [
+        ({"fsdp_version": 2}, None),
+        ({"fsdp_version": 2, "cpu_offload": True}, "FSDP2 with CPU parameter offload"),
+        ({"fsdp_version": 2, "activation_checkpointing": True}, "FSDP's own activation checkpointing"),
+        ({"fsdp_version": 1}, "FSDP version 1"),
+    ],
+    ids=["fsdp2", "fsdp2_offload", "fsdp2_own_checkpointing", "fsdp1"],
+)
+def test_an_accelerate_fsdp_plugin_is_read_by_version_and_options(tmp_path, plugin_kwargs, message):
+    """The plugin a trainer's accelerator carries (from `fsdp=True`, an accelerate config, or a configured state)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from trl_select.validation import unsupported_distributed_settings
+
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=FullyShardedDataParallelPlugin(**plugin_kwargs)))
+    found = unsupported_distributed_settings(fast_config(tmp_path), environ={}, accelerator=accelerator)
+    if message is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and message in found[0] and "the Accelerator's FSDP plugin" in found[0]

@@ -56,6 +56,7 @@ from .scoring import (
     inference_mode,
     is_activation_checkpointing,
     progress_disabled,
+    reshard_fsdp,
     run_log_prob_pass,
     sequence_log_probs,
 )
@@ -146,6 +147,14 @@ def _gathered(parameters: list[torch.nn.Parameter]) -> contextlib.AbstractContex
 
         return deepspeed.zero.GatheredParameters(parameters, modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def _whole(parameter: torch.Tensor) -> torch.Tensor:
+    """`parameter`'s whole value as a plain tensor: an FSDP2 `DTensor` shard is all-gathered (a collective: every rank
+    must call it for the same parameters in the same order); anything else (also a ZeRO-3 parameter inside
+    `_gathered`) is returned detached as it is."""
+    full_tensor = getattr(parameter, "full_tensor", None)
+    return parameter.detach() if full_tensor is None else full_tensor().detach()
 
 
 # The largest flat buffer one gradient all-reduce sends, in elements (DDP's default bucket is 25 MiB; this is 25M
@@ -568,6 +577,9 @@ class AuxiliaryModel:
 
     def refresh(self, pool_loader, pool_size: int) -> AlignmentResult:
         """Rebuild θ_aux from the policy, align it, and return its log-probs over the pool. Call on every rank."""
+        # FSDP2: the policy's sharded parameters registered (not the root's transient whole ones), so that the build
+        # freezes and restores the parameters the trainer steps; and again after, freeing the whole copies.
+        reshard_fsdp(self.policy)
         with self._build() as aux:
             validation_loader = build_pass_loader(
                 self.validation, self.collator, self.accelerator, self.settings.batch_size
@@ -584,6 +596,7 @@ class AuxiliaryModel:
                         pool_size,
                         desc="Scoring pool with aux model",
                     )
+        reshard_fsdp(self.policy)
         self.num_refreshes += 1
         if skipped_steps:
             logger.warning(
@@ -624,7 +637,7 @@ class AuxiliaryModel:
         with _gathered(list(policy_adapter.values())), torch.no_grad():
             for name, parameter in policy_adapter.items():
                 twin = policy.get_parameter(name.replace(source, f".{AUX_ADAPTER}."))
-                twin.data = parameter.detach().to(device=twin.device, dtype=parameter.dtype, copy=True)
+                twin.data = _whole(parameter).to(device=twin.device, dtype=parameter.dtype, copy=True)
         parameters = [p for n, p in policy.named_parameters() if f".{AUX_ADAPTER}." in n]
         try:
             # `use_adapter` makes the aux adapter the only trainable one, and restores the policy adapter after

@@ -263,6 +263,28 @@ def disable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_disable()
 
 
+def reshard_fsdp(model: torch.nn.Module) -> int:
+    """FSDP2: put every `fully_shard`-ed module of `model` back on its sharded parameters; returns how many there were.
+
+    FSDP2 registers a module's whole (all-gathered) parameters while it computes and its `DTensor` shards otherwise,
+    but the root module keeps its whole ones after a forward until the next backward (it would gather them again at
+    once): after a no-grad scoring pass the root's embeddings and LM head stay whole, and `requires_grad` flags set then
+    would be set on those transient tensors, not on the parameters the trainer's optimizer steps. Resharding first
+    makes the registered parameters the sharded ones again (no communication; frees the whole copies). A no-op
+    without FSDP2.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+            count += 1
+    return count
+
+
 @contextlib.contextmanager
 def activation_checkpointing_off(
     model: torch.nn.Module, checkpointing_kwargs: dict[str, Any] | None = None

@@ -64,6 +64,7 @@ from .validation import (
     check_distributed_setup_supported,
     check_enough_validation_pairs,
     check_fraction_can_fill_a_batch,
+    check_fsdp_aux_supported,
     check_not_vision,
     check_preference_rows,
     event_schedule,
@@ -134,6 +135,8 @@ class SelectiveDPOTrainer(DPOTrainer):
         # Again here: the environment (`accelerate launch --use_fsdp`) or the model (`tp_plan`) may say what the
         # config could not.
         check_distributed_setup_supported(args, model)
+        # FSDP2 cannot deep-copy the policy for a full-copy aux (a PEFT policy's aux is an adapter instead)
+        check_fsdp_aux_supported(args, peft_config is not None or is_peft_model(model))
         _check_precomputed_reference_is_shared(
             args,
             {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "validation_dataset": validation_dataset},
@@ -179,6 +182,9 @@ class SelectiveDPOTrainer(DPOTrainer):
             return
         # A pre-configured accelerate state can turn FSDP or a parallelism config on with no argument showing it.
         check_distributed_setup_supported(args, self.model, accelerator=self.accelerator)
+        check_fsdp_aux_supported(
+            args, is_peft_model(self.accelerator.unwrap_model(self.model)), accelerator=self.accelerator
+        )
         check_batches_not_dispatched(self.accelerator.dataloader_config.dispatch_batches)
         if "influence" in args.required_scores and self.accelerator.num_processes > 1:
             # Fail now rather than after the warm-up epochs, at the first selection event.

@@ -9,7 +9,7 @@ already tokenized (`prompt_ids`, `chosen_ids`, `rejected_ids`) is not checked he
 preference between two unconditioned completions is valid data); empty completions are not. Vision-language datasets
 (an `images`/`image` column) are refused: TRL does not tokenize them, and selection scores tokenized text pairs.
 
-Also here: `check_distributed_setup_supported`, which refuses FSDP and tensor/context/sequence parallelism with
+Also here: `check_distributed_setup_supported`, which refuses FSDP1 and tensor/context/sequence parallelism with
 selection, from the config and again when the trainer is built.
 """
 
@@ -204,7 +204,8 @@ def check_fraction_can_fill_a_batch(pool_size: int, fraction: float, minimum: in
 
 SUPPORTED_DISTRIBUTED = (
     "Supported with selection: one process, DDP (`accelerate launch --multi_gpu`, recipes/accelerate_configs/"
-    "multi_gpu.yaml) or DeepSpeed ZeRO-2 or ZeRO-3 (deepspeed_zero2.yaml / deepspeed_zero3.yaml); or set "
+    "multi_gpu.yaml), DeepSpeed ZeRO-2 or ZeRO-3 (deepspeed_zero2.yaml / deepspeed_zero3.yaml), or FSDP2 without "
+    "parameter offload or FSDP's own activation checkpointing (fsdp2.yaml; `aux_mode='lora'` or a PEFT policy); or set "
     "`selection_rule='none'` to train as plain `DPOTrainer`."
 )
 _TRUE_FLAGS = ("1", "true", "yes", "y", "on")
@@ -218,37 +219,122 @@ def _as_size(value: Any) -> int:
         return 1
 
 
+def _flag(value: Any) -> bool:
+    """A boolean setting given as a bool, a string (`"true"`, `"1"`, ...) or an offload policy object (`cpu_offload`)."""
+    if isinstance(value, str):
+        return value.strip().lower() in _TRUE_FLAGS
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    # FSDP2's offload policies: `CPUOffloadPolicy` offloads, the base `OffloadPolicy` is "no offload"
+    return type(value).__name__ not in ("OffloadPolicy", "CPUOffload") or bool(getattr(value, "offload_params", False))
+
+
+@dataclass(frozen=True)
+class FsdpSetup:
+    """FSDP as a run asks for it: where it was seen, its version (`None`: not known) and the two options selection
+    refuses under it (CPU parameter offload, FSDP's own activation checkpointing)."""
+
+    source: str
+    version: int | None
+    offload: bool = False
+    activation_checkpointing: bool = False
+
+
+def fsdp_setup(args: Any, environ: Any = None, accelerator: Any = None) -> FsdpSetup | None:
+    """The FSDP this run uses, from the arguments, the environment or a built accelerator; `None` without FSDP.
+
+    - `fsdp=...` with `fsdp_config`: transformers 5.23 builds an FSDP2 plugin unless `fsdp_config['version'] = 1`.
+    - `ACCELERATE_USE_FSDP` (`accelerate launch --use_fsdp` or an FSDP config file): the version is `FSDP_VERSION`,
+      which accelerate 1.15 defaults to 1 when the launch does not set it.
+    - the accelerator's FSDP plugin (the trainer's, or a pre-configured state's): its `fsdp_version`.
+    """
+    environ = os.environ if environ is None else environ
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) if accelerator is not None else None
+    if plugin is not None:
+        version = getattr(plugin, "fsdp_version", None)
+        return FsdpSetup(
+            "the Accelerator's FSDP plugin",
+            int(version) if version is not None else None,
+            _flag(getattr(plugin, "cpu_offload", False)),
+            _flag(getattr(plugin, "activation_checkpointing", False)),
+        )
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp:
+        config = getattr(args, "fsdp_config", None) or {}
+        return FsdpSetup(
+            f"`fsdp={fsdp!r}`",
+            int(config.get("version", 2)),
+            _flag(config.get("cpu_offload", config.get("offload_params", False))),
+            _flag(config.get("activation_checkpointing", False)),
+        )
+    flag = environ.get("ACCELERATE_USE_FSDP", "")
+    if flag.strip().lower() in _TRUE_FLAGS:
+        return FsdpSetup(
+            f"`ACCELERATE_USE_FSDP={flag}` (`accelerate launch --use_fsdp` or an FSDP config)",
+            _as_size(environ.get("FSDP_VERSION", "1")),
+            _flag(environ.get("FSDP_OFFLOAD_PARAMS", "false")),
+            _flag(environ.get("FSDP_ACTIVATION_CHECKPOINTING", "false")),
+        )
+    return None
+
+
+def _fsdp_refusals(setup: FsdpSetup) -> list[str]:
+    """What of `setup` selection does not run under, each as "`setting` (why)"; empty for a supported FSDP2."""
+    if setup.version != 2:
+        version = "of unknown version" if setup.version is None else f"version {setup.version}"
+        return [
+            f"{setup.source}: FSDP {version} (only FSDP2 is supported with selection: FSDP1 flattens each wrapped "
+            "module's parameters into one FlatParameter, so the aux adapter added after wrapping and the per-rank "
+            "forwards of the scoring passes are untested there; transformers deprecates FSDP1. Set "
+            "`fsdp_config['version'] = 2` or `fsdp_version: 2` in the accelerate config)"
+        ]
+    found = []
+    if setup.offload:
+        found.append(
+            f"{setup.source}: FSDP2 with CPU parameter offload (untested with selection: the aux adapter or injected "
+            "LoRA layers are plain parameters outside FSDP's groups, placed where PEFT puts them, not where FSDP "
+            "moves the offloaded shards for compute)"
+        )
+    if setup.activation_checkpointing:
+        found.append(
+            f"{setup.source}: FSDP2 with FSDP's own activation checkpointing (untested with selection: it wraps the "
+            "layers in checkpoint wrappers that the scoring passes cannot switch off; use the Trainer's "
+            "`gradient_checkpointing=True`, which is tested under FSDP2)"
+        )
+    return found
+
+
 def unsupported_distributed_settings(
     args: Any, model: Any = None, environ: Any = None, accelerator: Any = None
 ) -> list[str]:
-    """Every setting that shards the model or splits a sequence across ranks, each as "`setting` (what it is)".
+    """Every setting that shards the model or splits a sequence across ranks in a way selection does not support,
+    each as "`setting` (what it is)".
 
     Selection scores every pair with per-rank forwards whose summed log-probs are gathered pair by pair (scoring.py),
     builds the auxiliary model as a second adapter or a plain copy with its own optimizer (auxiliary.py), and gives
-    each data-parallel rank an equal share of the selected pairs (sampler.py). Under FSDP the parameters are sharded
-    flat tensors that the copy and the adapter swap do not handle; under tensor, context or sequence parallelism a
-    rank sees only part of a layer or of a sequence, so its log-probs are partial and ranks are not data-parallel
-    replicas. None of that is implemented or tested, so these setups are refused rather than left to fail mid-run.
+    each data-parallel rank an equal share of the selected pairs (sampler.py). FSDP2 (`fully_shard`) is supported:
+    every rank runs the same forwards, the aux adapter is added after sharding as plain whole parameters, and the
+    policy's sharded parameters are registered again before each aux build (`reshard_fsdp`). FSDP1, FSDP2 with CPU
+    offload or with FSDP's own activation checkpointing are not tested and refused (`_fsdp_refusals`); a full-copy
+    aux under FSDP2 is refused by the trainer (`check_fsdp_aux_supported`: FSDP2 modules cannot be deep-copied).
+    Under tensor, context or sequence parallelism a rank sees only part of a layer or of a sequence, so its log-probs
+    are partial and ranks are not data-parallel replicas: refused. `parallelism_config.dp_shard_size > 1` (FSDP2
+    over an accelerate device mesh) is not tested and refused too.
 
     `accelerator`, once the Trainer has built it, is checked too: an `AcceleratorState` configured before the trainer
     (`use_configured_state`) can carry an FSDP plugin or a parallelism config that no argument shows.
     """
     environ = os.environ if environ is None else environ
     found: list[str] = []
-    fsdp = getattr(args, "fsdp", None)
-    if fsdp:
-        found.append(f"`fsdp={fsdp!r}` (Fully Sharded Data Parallel)")
-    flag = environ.get("ACCELERATE_USE_FSDP", "")
-    if flag.strip().lower() in _TRUE_FLAGS:
-        found.append(f"`ACCELERATE_USE_FSDP={flag}` (FSDP from `accelerate launch --use_fsdp` or an FSDP config)")
-    if accelerator is not None and getattr(accelerator.state, "fsdp_plugin", None) is not None and not found:
-        found.append("the Accelerator's FSDP plugin (FSDP configured in the accelerate state)")
+    setup = fsdp_setup(args, environ, accelerator)
+    if setup is not None:
+        found += _fsdp_refusals(setup)
     parallelism = getattr(args, "parallelism_config", None)
     if parallelism is None and accelerator is not None:
         parallelism = getattr(accelerator, "parallelism_config", None)
     if parallelism is not None:
         for name, what in (
-            ("dp_shard_size", "FSDP sharding"),
+            ("dp_shard_size", "FSDP sharding over an accelerate device mesh, untested with selection"),
             ("tp_size", "tensor parallelism"),
             ("cp_size", "context parallelism"),
             ("sp_size", "sequence parallelism"),
@@ -273,15 +359,44 @@ def unsupported_distributed_settings(
 def check_distributed_setup_supported(
     args: Any, model: Any = None, environ: Any = None, accelerator: Any = None
 ) -> None:
-    """Raise a `ValueError` naming each FSDP / tensor / context / sequence parallel setting, when selection is on."""
+    """Raise a `ValueError` naming each unsupported FSDP / tensor / context / sequence parallel setting, when selection
+    is on."""
     if getattr(args, "selection_rule", "none") == "none":
         return  # the trainer is exactly DPOTrainer: whatever TRL supports
     found = unsupported_distributed_settings(args, model, environ, accelerator)
     if found:
         raise ValueError(
             f"{'; '.join(found)}: not supported with `selection_rule={args.selection_rule!r}`. Selection gathers "
-            "whole-sequence log-probs per pair from data-parallel replicas and copies the policy into an auxiliary "
-            "model, which sharded or split models do not provide. " + SUPPORTED_DISTRIBUTED
+            "whole-sequence log-probs per pair from data-parallel replicas and builds an auxiliary model beside the "
+            "policy, which these sharded or split setups do not provide or are not tested with. "
+            + SUPPORTED_DISTRIBUTED
+        )
+
+
+# The error torch 2.13 raises when a module `fully_shard` has wrapped is deep-copied (what the plain full-copy aux does)
+FSDP2_DEEPCOPY_ERROR = "AssertionError: FSDP does not support deepcopy. Please use state dict for serialization."
+
+
+def check_fsdp_aux_supported(args: Any, peft_policy: bool, environ: Any = None, accelerator: Any = None) -> None:
+    """Refuse `aux_mode='full'` on a fully fine-tuned policy under FSDP2, when the rule needs θ_aux.
+
+    The full-copy aux is `copy.deepcopy(policy)` outside DeepSpeed, and torch refuses to deep-copy a module that
+    `fully_shard` wrapped (`FSDP2_DEEPCOPY_ERROR`, at the first selection event). Building a second sharded model
+    from the policy's state dict (as the DeepSpeed path builds its own engine) is not implemented. A PEFT policy's aux
+    is a second adapter, and `aux_mode='lora'` injects LoRA layers into the sharded policy in place: both supported.
+    """
+    if getattr(args, "selection_rule", "none") == "none" or not getattr(args, "needs_auxiliary", False):
+        return
+    if peft_policy or getattr(args, "aux_mode", "lora") != "full":
+        return
+    setup = fsdp_setup(args, environ, accelerator)
+    if setup is not None and setup.version == 2:
+        raise ValueError(
+            f"`aux_mode='full'` under FSDP2 ({setup.source}): not supported with "
+            f"`selection_rule={args.selection_rule!r}`. The full-copy θ_aux is a deep copy of the policy, and torch "
+            f"refuses to deep-copy a module `fully_shard` wrapped ({FSDP2_DEEPCOPY_ERROR}); a sharded copy built from "
+            "the policy's state dict is not implemented. Use `aux_mode='lora'` (the default: LoRA layers injected into "
+            "the sharded policy for the aux stage), or a PEFT policy (θ_aux is then a second adapter)."
         )
 
 

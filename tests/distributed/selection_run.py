@@ -4,7 +4,7 @@ Each rank writes `OUT/rank{r}.json`: the world size it saw, the pair ids it real
 the aux model's weights after every alignment stage, what each full-copy DeepSpeed aux build handed to
 `deepspeed.initialize` (`aux_builds`), and (rank 0) the selection history. Usage:
 
-    torchrun --nproc_per_node 2 tests/distributed/selection_run.py OUT [--per_device_batch 16] [--peft]
+    torchrun --nproc_per_node 2 tests/distributed/selection_run.py OUT [--per_device_batch 16] [--peft] [--fsdp2]
 """
 
 from __future__ import annotations
@@ -34,23 +34,31 @@ import trl_select.engine  # noqa: E402
 from tests.recording import RecordingTrainer  # noqa: E402
 from tests.testing_utils import DEMO_DATA, fast_config, with_unequal_rejected  # noqa: E402
 from trl_select import read_history  # noqa: E402
-from trl_select.scoring import is_activation_checkpointing  # noqa: E402
+from trl_select.scoring import is_activation_checkpointing, reshard_fsdp  # noqa: E402
 from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
 
 
 def _bytes(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of `tensor` (numpy has no bf16, so they are read as uint8)."""
-    return tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    """The raw bytes of `tensor` (numpy has no bf16, so they are read as uint8).
+
+    Read from a clone: `.numpy()` marks the storage it shares as not resizable, and FSDP2 frees its unsharded
+    parameters by resizing their storage to 0 (the root's stay unsharded between a forward and the next backward).
+    """
+    return tensor.detach().cpu().clone().contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _policy_fingerprint(trainer) -> str:
     digest = hashlib.sha256()
+    # FSDP2: this rank's shards registered again (the root stays whole after a forward until its next backward)
+    reshard_fsdp(trainer.model)
     for name, parameter in trainer.model.named_parameters():
         local = parameter.ds_tensor if hasattr(parameter, "ds_tensor") else parameter  # ZeRO-3: this rank's shard
+        local = local.to_local() if hasattr(local, "to_local") else local  # FSDP2: this rank's DTensor shard
         digest.update(f"{name}:{parameter.requires_grad}".encode())
         digest.update(_bytes(local))
         if parameter.grad is not None:
-            digest.update(_bytes(parameter.grad))
+            grad = parameter.grad
+            digest.update(_bytes(grad.to_local() if hasattr(grad, "to_local") else grad))
     for state in (trainer.optimizer.state_dict(), trainer.lr_scheduler.state_dict()):
         buffer = io.BytesIO()
         torch.save(state, buffer)
@@ -75,6 +83,35 @@ def _same_weights(aux: torch.nn.Module, policy: torch.nn.Module) -> bool:
     return same
 
 
+def force_fsdp2(mixed_precision: str = "no") -> None:
+    """Configure the shared accelerate state for FSDP2 on this CPU (gloo) world, as `accelerate launch` with an FSDP2
+    config does on GPUs.
+
+    accelerate 1.15 only turns FSDP on for GPU-like worlds (`AcceleratorState.__init__` checks MULTI_GPU, MULTI_XPU,
+    ...; not MULTI_CPU): on the CPU an FSDP config is silently ignored and the run is plain DDP. torch's
+    `fully_shard` itself runs on CPU tensors over gloo, so the state is set up as a GPU world would have it.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=60))
+    Accelerator(cpu=True, mixed_precision=mixed_precision)
+    state = AcceleratorState()
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+        reshard_after_forward=True,
+        state_dict_type="FULL_STATE_DICT",
+    )
+    if mixed_precision != "no":  # as `AcceleratorState` does for FSDP on GPUs: a `MixedPrecisionPolicy` for FSDP2
+        plugin.set_mixed_precision(mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -82,6 +119,11 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=100)
     parser.add_argument("--peft", action="store_true")
     parser.add_argument("--deepspeed", default=None, help="A DeepSpeed JSON config.")
+    parser.add_argument(
+        "--fsdp2",
+        action="store_true",
+        help="FSDP2 (`fully_shard`) through accelerate's FSDP plugin, forced onto the CPU world (see `force_fsdp2`).",
+    )
     parser.add_argument("--rule", default="lossdiff_irm")
     parser.add_argument("--precompute_ref", action="store_true", help="TRL's precompute_ref_log_probs=True.")
     parser.add_argument(
@@ -141,8 +183,8 @@ def main() -> None:
 
             with deepspeed.zero.GatheredParameters(parameters):
                 flat = torch.cat([p.detach().reshape(-1).cpu() for p in parameters])
-        else:
-            flat = torch.cat([p.detach().reshape(-1).cpu() for p in parameters])
+        else:  # FSDP2: a sharded parameter's whole value (`full_tensor` gathers it on every rank)
+            flat = torch.cat([trl_select.auxiliary._whole(p).reshape(-1).cpu() for p in parameters])
         aux_hashes.append(hashlib.sha256(_bytes(flat)).hexdigest())
         return steps
 
@@ -241,6 +283,9 @@ def main() -> None:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         PartialState(backend="gloo", timeout=timedelta(seconds=60))
 
+    if options.fsdp2:
+        force_fsdp2("bf16" if options.bf16 else "no")
+
     tokenizer = build_char_tokenizer()
     model = build_tiny_llama(tokenizer, seed=0)
     if options.precompute_ref:  # TRL shares the precomputed log-probs through the dataset's cache files
@@ -268,7 +313,7 @@ def main() -> None:
         aux_mode=options.aux_mode,
         scoring_reuse=options.scoring_reuse,
         precompute_ref_log_probs=options.precompute_ref,
-        accelerator_config={"use_configured_state": options.deepspeed is not None},
+        accelerator_config={"use_configured_state": options.deepspeed is not None or options.fsdp2},
         bf16=options.bf16,
         gradient_checkpointing=options.gradient_checkpointing,
         **({"ld_alpha": 0.5, "use_weighting": True} if options.ld_wpo else {}),
@@ -301,6 +346,7 @@ def main() -> None:
             float((aux.chosen - policy.chosen).abs().max()), float((aux.rejected - policy.rejected).abs().max())
         )
 
+    reshard_fsdp(trainer.model)  # FSDP2: the root keeps its whole parameters registered after a forward
     id_of_prompt = dict(zip(pool["prompt"], pool["id"], strict=True))
     state = trainer.accelerator.state
     result = {
@@ -308,6 +354,12 @@ def main() -> None:
         "rank": state.process_index,
         "distributed_type": str(state.distributed_type),
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        "fsdp_version": trainer.accelerator.state.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None,
+        # FSDP2: how many of the policy's parameters are sharded `DTensor`s after training (all of them)
+        "sharded_parameters": [
+            sum(type(p).__name__ == "DTensor" for p in trainer.model.parameters()),
+            sum(1 for _ in trainer.model.parameters()),
+        ],
         "trained_ids": {epoch: [id_of_prompt[p] for p in prompts] for epoch, prompts in trainer.received.items()},
         "step_ids": {step: [id_of_prompt[p] for p in prompts] for step, prompts in trainer.step_prompts.items()},
         "step_lr": trainer.step_lr,
