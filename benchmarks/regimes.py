@@ -54,17 +54,25 @@ REGIMES = {
     "c": {"flipped": 0.1, "easy": 0.4, "tie": 0.0},
 }
 REGIME_NAMES = {"a": "30% flipped", "b": "30% easy + 30% near-ties", "c": "10% flipped + 40% easy"}
-ARMS = ("full", "default", "low_cut", "irm_band", "auto", "oracle", "oracle_strict")
+ARMS = ("full", "default", "low_cut", "irm_band", "auto", "auto_v2", "oracle", "oracle_strict")
 ARM_SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"selection_rule": "benchmark_keep_all"},
     "default": {"selection_rule": "lossdiff_irm"},
     "low_cut": {"selection_rule": "lossdiff_irm", "lossdiff_hi_percentile": 100.0, "irm_hi_percentile": 100.0},
     "irm_band": {"selection_rule": "irm_band"},
     "auto": {"selection_rule": "lossdiff_irm_auto"},
+    "auto_v2": {"selection_rule": "benchmark_auto_v2"},
     "oracle": {"selection_rule": "benchmark_oracle"},
     "oracle_strict": {"selection_rule": "benchmark_oracle_strict"},
 }
 FIXED_ARMS = ("full", "default", "low_cut", "irm_band")
+
+
+def auto_v2_rule(scores: dict[str, np.ndarray], context: SelectionContext):
+    """`lossdiff_irm_auto` with the IRM tails cut by default (the paper's 10-90) unless they show benefit."""
+    from trl_select.registry_builtins import evidence_bands
+
+    return evidence_bands(scores, context.args.lossdiff_lo_percentile, prior_cut_slices=1)
 
 
 def regime_pool(rows: list[dict[str, Any]], regime: str, seed: int) -> list[dict[str, Any]]:
@@ -240,6 +248,7 @@ def main() -> None:
     options.out_dir.mkdir(parents=True, exist_ok=True)
     if not options.report_only:
         tokenizer = prepare_protocol_runs()
+        register_rule("benchmark_auto_v2", scores=("lossdiff", "irm"), overwrite=True)(auto_v2_rule)
         for seed in options.seeds:
             base = build_task(seed)
             for regime in options.regimes:

@@ -79,6 +79,17 @@ def lossdiff_irm_rule(scores: dict[str, np.ndarray], context: SelectionContext) 
     return band_intersection(scores, _configured_bands(context, ("lossdiff", "irm")))
 
 
+def evidence_bands(
+    scores: dict[str, np.ndarray], lossdiff_lo_percentile: float, prior_cut_slices: int = 0
+) -> tuple[np.ndarray, dict[str, Band]]:
+    """LossDiff `[P_lo, max]` and the IRM band of `harm_tested_cuts(IRM, LossDiff, prior_cut_slices=...)`."""
+    lo, hi, evidence = harm_tested_cuts(scores["irm"], scores["lossdiff"], prior_cut_slices=prior_cut_slices)
+    lossdiff_keep, lossdiff_band = percentile_band(scores["lossdiff"], lossdiff_lo_percentile, 100.0)
+    irm_keep, irm_band = percentile_band(scores["irm"], lo, hi)
+    irm_band = Band(irm_band.lo, irm_band.hi, irm_band.lo_percentile, irm_band.hi_percentile, evidence)
+    return intersection(lossdiff_keep, irm_keep), {"lossdiff": lossdiff_band, "irm": irm_band}
+
+
 @register_rule("lossdiff_irm_auto", scores=("lossdiff", "irm"))
 def lossdiff_irm_auto_rule(
     scores: dict[str, np.ndarray], context: SelectionContext
@@ -91,11 +102,7 @@ def lossdiff_irm_auto_rule(
       while a slice's mean LossDiff is below zero by more than 2 standard errors.
     Reads only the two scores the event computed already: no extra forward. The same on every rank (the scores are).
     """
-    lo, hi, evidence = harm_tested_cuts(scores["irm"], scores["lossdiff"])
-    lossdiff_keep, lossdiff_band = percentile_band(scores["lossdiff"], context.args.lossdiff_lo_percentile, 100.0)
-    irm_keep, irm_band = percentile_band(scores["irm"], lo, hi)
-    irm_band = Band(irm_band.lo, irm_band.hi, irm_band.lo_percentile, irm_band.hi_percentile, evidence)
-    return intersection(lossdiff_keep, irm_keep), {"lossdiff": lossdiff_band, "irm": irm_band}
+    return evidence_bands(scores, context.args.lossdiff_lo_percentile)
 
 
 @register_rule("irm_band", scores=("irm",))

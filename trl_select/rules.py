@@ -116,13 +116,16 @@ def harm_tested_cuts(
     slice_percentiles: float = HARM_SLICE_PERCENTILES,
     max_cut_percentiles: float = HARM_MAX_CUT_PERCENTILES,
     t_threshold: float = HARM_T_THRESHOLD,
+    prior_cut_slices: int = 0,
 ) -> tuple[float, float, dict[str, float]]:
     """The percentile band of `ranking` whose tails show no evidence of harm in `effect` (docs/scores_and_rules.md).
 
     The pairs with both values finite are sorted by `ranking` and split into slices of `slice_percentiles` (equal
     counts, ties broken by pool row). Walking in from each end, a slice is cut while its effect is harmful beyond
     noise: `t = mean(effect) / (sd(effect) / √n) < -t_threshold`, for at most `max_cut_percentiles` per side. The
-    first slice that passes stops the walk, so a band stays one interval.
+    first slice that passes stops the walk, so a band stays one interval. With `prior_cut_slices = m > 0` the `m`
+    outer slices of each end are cut by default (e.g. 1: the paper's 10-90 band) and kept only with evidence of
+    benefit, `t > t_threshold` (which stops the walk); past them, cuts need evidence of harm as above.
 
     With `ranking` = IRM and `effect` = LossDiff, a slice's mean LossDiff is a first-order estimate of what one step
     on its pairs does to the validation loss per pair (positive: it lowers it), measured by a score that did not
@@ -155,12 +158,22 @@ def harm_tested_cuts(
         evidence[f"mean_{name}"], evidence[f"t_{name}"] = mean, float(t)
         t_values.append(t)
     max_slices = int(max_cut_percentiles // slice_percentiles)
-    lo_slices = 0
-    while lo_slices < max_slices and t_values[lo_slices] < -t_threshold:
-        lo_slices += 1
-    hi_slices = 0
-    while hi_slices < max_slices and t_values[num_slices - 1 - hi_slices] < -t_threshold:
-        hi_slices += 1
+    if not 0 <= prior_cut_slices <= max_slices:
+        raise ValueError(f"`prior_cut_slices` must be in [0, {max_slices}], got {prior_cut_slices}.")
+
+    def cut_from(t_from_end: list[float]) -> int:
+        cut = 0
+        while cut < max_slices:
+            t = t_from_end[cut]
+            if cut < prior_cut_slices:
+                if t > t_threshold:  # evidence of benefit: keep this slice and everything inward
+                    break
+            elif not t < -t_threshold:  # past the prior cut, only evidence of harm cuts
+                break
+            cut += 1
+        return cut
+
+    lo_slices, hi_slices = cut_from(t_values), cut_from(t_values[::-1])
     return lo_slices * slice_percentiles, 100.0 - hi_slices * slice_percentiles, evidence
 
 
