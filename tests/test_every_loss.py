@@ -27,6 +27,8 @@ CASES = [
     {"loss_type": ["robust"], "label_smoothing": 0.1},
     {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]},
     {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
+    # TR-DPO: the reference moves toward the policy after every step, so every π_ref cache goes stale at once
+    {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5},
 ]
 
 

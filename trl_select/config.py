@@ -37,10 +37,6 @@ UNSUPPORTED_WITH_SELECTION: dict[str, tuple[object, str]] = {
         "WPO weights each pair's loss by its per-token probabilities (`log_sum_sq_probs`), which per-pair summed "
         "log-probs cannot give",
     ),
-    "sync_ref_model": (
-        False,
-        "TR-DPO moves the reference during training, while selection caches π_ref's log-probs once per run",
-    ),
 }
 
 

@@ -620,6 +620,13 @@ class SelectiveDPOTrainer(DPOTrainer):
                 state, self.pool_fingerprint(), self._selection_config_fingerprint(), resume_from_checkpoint
             )
             self._resumed_selection = (state, tensors, str(resume_from_checkpoint))
+            if self.args.sync_ref_model:
+                logger.warning(
+                    "Resuming a `sync_ref_model=True` (TR-DPO) run: TRL does not save the synced reference in "
+                    "checkpoints, so the resumed run trains against the `ref_model` it was given, not the one the "
+                    "checkpointed run had synced. Selection scores with that same reference: the checkpoint carries "
+                    "no π_ref log-probs."
+                )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _init_training_state(
