@@ -20,7 +20,6 @@ HEADING = "## Every `DPOConfig` field with selection"
 REFUSED_VALUES = {
     "ld_alpha": (0.5, "ld_alpha"),
     "use_weighting": (True, "use_weighting"),
-    "train_sampling_strategy": ("sequential", "train_sampling_strategy"),
     "dataloader_drop_last": (True, "dataloader_drop_last"),
     "fsdp": (True, "fsdp"),
     "parallelism_config": (ParallelismConfig(tp_size=2), "tp_size"),
@@ -58,7 +57,7 @@ def test_refused_rows_are_refused():
             SelectiveDPOConfig(output_dir="out", use_cpu=True, bf16=False, **{name: value})
 
 
-@pytest.mark.parametrize("name", ["ld_alpha", "use_weighting", "train_sampling_strategy"])
+@pytest.mark.parametrize("name", ["ld_alpha", "use_weighting", "dataloader_drop_last"])
 def test_refused_rows_work_without_selection(name):
     value, _ = REFUSED_VALUES[name]
     SelectiveDPOConfig(output_dir="out", use_cpu=True, bf16=False, selection_rule="none", **{name: value})

@@ -28,7 +28,6 @@ from .segments import (
     estimated_steps,
     expected_keep_fraction,
     next_event_step,
-    pass_order,
     split_kept,
 )
 from .training_log_probs import POLICY, REFERENCE
@@ -397,8 +396,7 @@ class SelectionCallback(TrainerCallback):
 
     def _remaining(self) -> np.ndarray:
         """The pairs of the pass neither trained, dropped nor left out yet, in pass order."""
-        args = self.trainer.args
-        order = pass_order(self.sampler.pool_size, args.seed, self._last_epoch_handled)
+        order = self.sampler.pass_order(self._last_epoch_handled)
         return order[~self._consumed[order]]
 
     def _segment_event(self, state: TrainerState, remaining: np.ndarray, needed: int) -> bool:

@@ -66,6 +66,7 @@ SELECTION_CONFIG_FIELDS = (
     "f_alpha_divergence_coef",
     "discopop_tau",
     "seed",
+    "train_sampling_strategy",
     "num_train_epochs",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",

@@ -214,6 +214,9 @@ class SelectiveDPOTrainer(DPOTrainer):
             seed=args.seed,
             world_size=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
+            order=args.train_sampling_strategy,
+            lengths=self._pair_lengths() if args.train_sampling_strategy == "group_by_length" else None,
+            accumulation=args.gradient_accumulation_steps,
         )
         # Refuse a schedule with no event now, and say once when this run will select.
         schedule = self._event_schedule(args.per_device_train_batch_size)
@@ -313,6 +316,20 @@ class SelectiveDPOTrainer(DPOTrainer):
             self.accelerator.num_processes,
             scorer_needs(self.args.required_scores),
         )
+
+    def _pair_lengths(self) -> np.ndarray:
+        """Each pool pair's length for `train_sampling_strategy="group_by_length"`: the dataset's
+        `length_column_name` column if it has one (as transformers reads it), else the pair's padded length in a batch,
+        its longer sequence `max(min(P + C, L), min(P + R, L))` (prompt, chosen, rejected tokens, `max_length` L)."""
+        dataset = self.train_dataset
+        if self.args.length_column_name in dataset.column_names:
+            return np.asarray(dataset[self.args.length_column_name], dtype=np.int64)
+        max_length = getattr(self.data_collator, "max_length", self.args.max_length)
+        prompt = np.array([len(ids) for ids in dataset["prompt_ids"]], dtype=np.int64)
+        chosen = prompt + np.array([len(ids) for ids in dataset["chosen_ids"]], dtype=np.int64)
+        rejected = prompt + np.array([len(ids) for ids in dataset["rejected_ids"]], dtype=np.int64)
+        longer = np.maximum(chosen, rejected)
+        return longer if max_length is None else np.minimum(longer, max_length)
 
     @property
     def scoring_batch_size(self) -> int:
