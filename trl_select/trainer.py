@@ -9,6 +9,7 @@ reference log-probs. The selection event is in `callback.py`, the scores and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -55,7 +56,7 @@ from .reporting import default_reporters
 from .sampler import SegmentedLoader, SelectionSampler
 from .schedule import RetimedLR, selective_horizon, update_steps_per_epoch
 from .scores import PairLogProbs
-from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
+from .scoring import ROW_KEY, activation_checkpointing_off, inference_mode, run_log_prob_pass
 from .training_log_probs import POLICY, POOL_ROWS_KEY, REFERENCE, TrainingRowsCollator, active_dropout
 from .validation import (
     FRACTION_RULES,
@@ -378,7 +379,10 @@ class SelectiveDPOTrainer(DPOTrainer):
         def forward(batch):
             return self.compute_ref_log_probs(model, {k: v for k, v in batch.items() if k != ROW_KEY})
 
-        with inference_mode(self.accelerator.unwrap_model(model), self.args.gradient_checkpointing_kwargs):
+        with (
+            inference_mode(self.accelerator.unwrap_model(model), self.args.gradient_checkpointing_kwargs),
+            _trl_checkpointing_switch_on_current_api(),
+        ):
             return run_log_prob_pass(loader, forward, self.accelerator, len(dataset), desc="Scoring with reference")
 
     def log_selection_metrics(self, metrics: dict[str, float]) -> None:
@@ -730,6 +734,23 @@ class SelectiveSLiCTrainer(SelectiveDPOTrainer):
 
 
 __all__ = ["ROW_INDEX_COLUMN", "SelectiveDPOTrainer", "SelectiveSLiCTrainer"]
+
+
+@contextlib.contextmanager
+def _trl_checkpointing_switch_on_current_api():
+    """Inside the block, TRL's `compute_ref_log_probs` switches activation checkpointing off and back on with
+    `scoring.activation_checkpointing_off` (transformers 5.23's names) instead of `trl.models.utils.
+    disable_gradient_checkpointing`, which reads the deprecated `is_gradient_checkpointing` and so warns (a
+    FutureWarning) at every reference pass of a selection event. The same switch: off if it was on, back on with the
+    trainer's kwargs. The training steps keep TRL's own (they warn once per process, as in a plain run)."""
+    from trl.trainer import dpo_trainer
+
+    saved = dpo_trainer.disable_gradient_checkpointing
+    dpo_trainer.disable_gradient_checkpointing = activation_checkpointing_off
+    try:
+        yield
+    finally:
+        dpo_trainer.disable_gradient_checkpointing = saved
 
 
 def _has_reference_columns(dataset: Dataset) -> bool:
