@@ -207,3 +207,36 @@ def test_cleaning_labels_after_cleaning_drops_and_flips_back():
 
 def test_cleaning_path_compute_adds_the_first_run():
     assert path_compute(first_run_total=110.0, own_training=90.0, plain_run=100.0) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("regime", ["a", "b", "c"])
+def test_regime_pools_have_the_stated_kinds_on_protocol_2s_prompts(regime):
+    from collections import Counter
+
+    from benchmarks.quality import build_task
+    from benchmarks.regimes import REGIMES, regime_pool
+    from trl_select.testing.reverse_digits import reverse_answer
+
+    base = build_task(3)["train"]
+    pool = regime_pool(base, regime, 3)
+    assert pool == regime_pool(base, regime, 3)  # deterministic
+    assert [row["prompt"] for row in pool] == [row["prompt"] for row in base]
+    counts = Counter(row["kind"] for row in pool)
+    for kind, fraction in REGIMES[regime].items():
+        assert counts[kind] == round(fraction * len(base))
+    for row in pool:
+        correct = reverse_answer(row["prompt"])
+        assert row["chosen"] != row["rejected"]
+        assert row["flipped"] == (row["kind"] == "flipped")
+        if row["kind"] in ("informative", "easy"):
+            assert row["chosen"] == correct != row["rejected"]
+        if row["kind"] == "flipped":
+            assert row["rejected"] == correct
+        if row["kind"] == "easy":
+            assert row["rejected"].isalpha() and len(row["rejected"]) == len(correct)
+        if row["kind"] == "tie":  # two wrong answers, in either order
+            assert correct not in (row["chosen"], row["rejected"])
+    if regime == "b":
+        ties = [row for row in pool if row["kind"] == "tie"]
+        copy_chosen = sum(row["chosen"] == row["prompt"][:-1] for row in ties) / len(ties)
+        assert 0.4 < copy_chosen < 0.6  # the direction of a near-tie is arbitrary

@@ -54,7 +54,8 @@ def test_every_selection_field_has_help():
         ({"aux_lora_alpha": 0.0}, "aux_lora_alpha"),
         ({"aux_lora_target_modules": []}, "aux_lora_target_modules"),
         ({"loss_type": ["aot"]}, "loss_type"),
-        ({"ld_alpha": 0.5}, "ld_alpha"),
+        ({"ld_alpha": 0.5, "loss_type": ["sigmoid", "sft"]}, "ld_alpha"),  # TRL's SFT term reads unweighted sums
+        ({"use_weighting": True, "loss_type": ["sft"]}, "use_weighting"),  # TRL 1.16 cannot train it
         ({"num_train_epochs": 0.0}, "num_train_epochs"),
         ({"selection_strategy": "batch"}, "selection_strategy"),
         ({"selection_steps": 1.5}, "selection_steps"),

@@ -18,8 +18,6 @@ from .testing_utils import REPO
 HEADING = "## Every `DPOConfig` field with selection"
 # A non-default value for each refused field, and a word its error must contain.
 REFUSED_VALUES = {
-    "ld_alpha": (0.5, "ld_alpha"),
-    "use_weighting": (True, "use_weighting"),
     "dataloader_drop_last": (True, "dataloader_drop_last"),
     "fsdp": (True, "fsdp"),
     "parallelism_config": (ParallelismConfig(tp_size=2), "tp_size"),
@@ -57,7 +55,7 @@ def test_refused_rows_are_refused():
             SelectiveDPOConfig(output_dir="out", use_cpu=True, bf16=False, **{name: value})
 
 
-@pytest.mark.parametrize("name", ["ld_alpha", "use_weighting", "dataloader_drop_last"])
+@pytest.mark.parametrize("name", ["dataloader_drop_last"])
 def test_refused_rows_work_without_selection(name):
     value, _ = REFUSED_VALUES[name]
     SelectiveDPOConfig(output_dir="out", use_cpu=True, bf16=False, selection_rule="none", **{name: value})
@@ -80,3 +78,11 @@ def test_loss_rows_work_with_selection():
     )
     loss = config.preference_loss()
     assert config.evaluates_loss and loss.loss_types == ("robust", "sft") and loss.label_smoothing == 0.1
+
+
+def test_ld_and_wpo_rows_work_with_selection():
+    """`ld_alpha` and `use_weighting` (rows marked "works"): a config that evaluates the loss, which carries WPO."""
+    config = SelectiveDPOConfig(
+        output_dir="out", use_cpu=True, bf16=False, loss_type=["sigmoid", "ipo"], ld_alpha=0.5, use_weighting=True
+    )
+    assert config.evaluates_loss and config.preference_loss().use_weighting

@@ -293,14 +293,27 @@ def test_zero2_offload_aux_engine_uses_deepspeed_cpu_adam(deepspeed_runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reuse", ["reference", "reference_and_policy"])
-def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse):
+@pytest.mark.parametrize(
+    "reuse, flags",
+    [
+        ("reference", ()),
+        ("reference_and_policy", ()),
+        ("reference_and_policy", ("--ld_wpo", "--rule", "lossdiff_irm_auto")),
+    ],
+    ids=["reference", "reference_and_policy", "reference_and_policy-ld-wpo-auto"],
+)
+def test_ddp_selection_matches_the_single_process_run(tmp_path, reuse, flags):
     # 96 pairs: 2 ranks x 16 per step sees exactly the rows of 1 process x 32 per step (fp32, same seed). The log-probs
-    # each rank's training steps recorded are gathered into the same pool-wide ones as the single process's.
-    reuse_args = ("--pool", "96", "--scoring_reuse", reuse)
+    # each rank's training steps recorded are gathered into the same pool-wide ones as the single process's; with
+    # `--ld_wpo`, LD-weighted sums and θ's WPO weights, gathered and all-reduced as a third column.
+    reuse_args = ("--pool", "96", "--scoring_reuse", reuse, *flags)
     two = _launch(tmp_path / "two", 2, *reuse_args)[0]["history"]
     one = _launch(tmp_path / "one", 1, *reuse_args, "--per_device_batch", "32")[0]["history"]
     assert two[1]["selected_ids"] == one[1]["selected_ids"]
+    if "lossdiff_irm_auto" in flags:  # the cuts and their evidence, from the same gathered scores on every rank
+        assert two[1]["percentiles"] == one[1]["percentiles"]
+        for key, value in one[1]["band_evidence"]["irm"].items():
+            assert two[1]["band_evidence"]["irm"][key] == pytest.approx(value, rel=1e-3, abs=1e-3)
     for name, band in one[1]["thresholds"].items():
         assert two[1]["thresholds"][name]["lo"] == pytest.approx(band["lo"], abs=1e-4)
         assert two[1]["thresholds"][name]["hi"] == pytest.approx(band["hi"], abs=1e-4)

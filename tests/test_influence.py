@@ -199,3 +199,89 @@ def test_influence_under_peft_is_over_the_lora_parameters(tmp_path, tokenizer, t
     ]
     assert np.abs(expected).max() > 1e-4
     np.testing.assert_allclose(scores[:8], expected, rtol=2e-3, atol=1e-6)
+
+
+def _completion_token_log_probs(model, prompt_ids: list[int], completion_ids: list[int]):
+    """Per completion token: `log π(y_t)` and `log Σ_v π(v)²`, from one unbatched forward (plain logits)."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+    tokens = log_probs.gather(-1, ids[0, 1:, None]).squeeze(-1)[len(prompt_ids) - 1 :]
+    return tokens, torch.logsumexp(2 * log_probs, dim=-1)[len(prompt_ids) - 1 :]
+
+
+def _ld_wpo_pair_loss(model, reference, row: dict, alpha: float) -> torch.Tensor:
+    """DPO with LD-DPO's sums and WPO's weight, written out for one pair: the first `min(n_w, n_l)` tokens in full, the
+    rest times α; `w = exp(mean(log π - log Σπ²) over y_w) · exp(the same over y_l)`, a constant."""
+    chosen, chosen_sq = _completion_token_log_probs(model, row["prompt_ids"], row["chosen_ids"])
+    rejected, rejected_sq = _completion_token_log_probs(model, row["prompt_ids"], row["rejected_ids"])
+    shared = min(len(chosen), len(rejected))
+
+    def ld(tokens):
+        return tokens[:shared].sum() + alpha * tokens[shared:].sum()
+
+    with torch.no_grad():
+        ref_chosen, _ = _completion_token_log_probs(reference, row["prompt_ids"], row["chosen_ids"])
+        ref_rejected, _ = _completion_token_log_probs(reference, row["prompt_ids"], row["rejected_ids"])
+        weight = torch.exp((chosen - chosen_sq).mean()) * torch.exp((rejected - rejected_sq).mean())
+    margin = (ld(chosen) - ld(ref_chosen)) - (ld(rejected) - ld(ref_rejected))
+    return weight * preference_loss(margin, BETA, "sigmoid")
+
+
+def test_influence_with_ld_dpo_and_wpo_matches_autograd(tmp_path, tokenizer, reverse_rows):
+    from datasets import Dataset
+
+    from trl_select.testing import build_tiny_llama
+
+    from .testing_utils import with_unequal_rejected
+
+    alpha = 0.3
+    reference = build_tiny_llama(tokenizer, seed=0).double()
+    policy = copy.deepcopy(reference)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    pool = with_unequal_rejected(Dataset.from_list(reverse_rows["train"][:6]))
+    validation = with_unequal_rejected(Dataset.from_list(reverse_rows["validation"][:6]))
+    args = fast_config(
+        tmp_path,
+        selection_rule="tif",
+        beta=BETA,
+        max_length=64,
+        per_device_train_batch_size=2,
+        ld_alpha=alpha,
+        use_weighting=True,
+    )
+    trainer = SelectiveDPOTrainer(
+        policy, ref_model=reference, args=args, train_dataset=pool, eval_dataset=validation, processing_class=tokenizer
+    )
+    engine = trainer.selection_engine
+    context = ScoringContext(
+        pool_size=len(pool),
+        beta=BETA,
+        loss_type="sigmoid",
+        reference=engine.reference_log_probs(),  # TRL's `compute_ref_log_probs`: LD-weighted
+        model=policy,
+        pool=trainer.train_dataset,
+        collator=trainer.data_collator,
+        accelerator=trainer.accelerator,
+        batch_size=4,
+        validation=engine.validation_dataset,
+        validation_reference=engine.validation_reference_log_probs(),
+        loss=args.preference_loss(),
+        ld_alpha=alpha,
+    )
+    assert context.loss.use_weighting
+    scores = influence_scores(context)
+
+    pool_rows, validation_rows = token_rows(trainer.train_dataset), token_rows(engine.validation_dataset)
+    assert any(len(row["chosen_ids"]) != len(row["rejected_ids"]) for row in pool_rows + validation_rows)
+    validation_loss = torch.stack([_ld_wpo_pair_loss(policy, reference, row, alpha) for row in validation_rows]).mean()
+    validation_grad = torch.autograd.grad(validation_loss, _params(policy))
+    expected = []
+    for row in pool_rows:
+        grads = torch.autograd.grad(_ld_wpo_pair_loss(policy, reference, row, alpha), _params(policy))
+        expected.append(sum((a * b).sum() for a, b in zip(validation_grad, grads, strict=True)).item())
+    expected = np.array(expected)
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(scores, expected, rtol=2e-5, atol=1e-8)

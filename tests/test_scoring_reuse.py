@@ -17,6 +17,7 @@ from trl_select import SelectiveDPOTrainer, read_history
 from trl_select.checkpoint import STATE_FILENAME
 from trl_select.sampler import SelectionSampler
 from trl_select.scores import PairLogProbs
+from trl_select.scoring import inference_mode, run_log_prob_pass, sequence_log_probs
 from trl_select.testing import build_tiny_llama
 from trl_select.training_log_probs import (
     POLICY,
@@ -33,14 +34,19 @@ from trl_select.training_log_probs import (
 
 from .recording import RecordingTrainer
 from .test_model_families import build_tiny
-from .testing_utils import fast_config
+from .testing_utils import fast_config, with_unequal_rejected
 
 
 class _Scripted(torch.nn.Module):
-    """Returns per-token log-probs `row value` at every position, so a pair's sum is `value * positions`."""
+    """Returns per-token log-probs `row value` at every position, so a pair's sum is `value * positions`, and, with
+    `log_sum_sq`, that per-token `log Σ π²` (zero outside the completion, as the fused head's outputs are)."""
 
-    def forward(self, values: torch.Tensor, width: int):
-        return SimpleNamespace(log_probs=values[:, None].expand(-1, width).clone())
+    def forward(self, values: torch.Tensor, width: int, log_sum_sq: float | None = None, mask=None):
+        log_probs = values[:, None].expand(-1, width).clone()
+        outputs = SimpleNamespace(log_probs=log_probs if mask is None else log_probs * mask)
+        if log_sum_sq is not None:
+            outputs.log_sum_sq_probs = torch.full_like(log_probs, log_sum_sq) * (1 if mask is None else mask)
+        return outputs
 
 
 def _micro_batch(recorder, module, chosen, rejected, rows, *, reference=None, width=4):
@@ -104,6 +110,34 @@ def test_nothing_is_recorded_when_not_asked():
     assert missing_rows(recorder.combined(POLICY)) == [0, 1]
 
 
+def test_records_are_ld_dpo_sums_and_keep_the_policys_wpo_weight():
+    recorder = TrainingLogProbs(pool_size=3, ld_alpha=0.25, use_weighting=True)
+    module = _Scripted()
+    recorder.begin_epoch({POLICY, REFERENCE})
+    # 2 pairs, 6 positions: pair 0 has 4 vs 2 completion tokens (shared 2), pair 1 has 3 vs 3
+    mask = torch.zeros(4, 7, dtype=torch.long)
+    for row, (start, length) in enumerate([(1, 4), (2, 3), (3, 2), (2, 3)]):
+        mask[row, start : start + length] = 1
+    shift = mask[:, 1:].float()
+    with recorder.record([module], mask, torch.tensor([2, 0])):
+        module(torch.tensor([-1.0, -2.0, -3.0, -4.0], requires_grad=True), 6, log_sum_sq=-0.5, mask=shift)
+        with torch.no_grad():
+            module(torch.tensor([-0.5, -0.5, -0.5, -0.5]), 6, log_sum_sq=-0.5, mask=shift)
+    policy, reference = recorder.combined(POLICY), recorder.combined(REFERENCE)
+    # Row 2 is pair 0: chosen 2 shared tokens + 0.25 x 2 tail tokens of -1, rejected 2 tokens of -3; row 0 is pair 1
+    assert policy.chosen[2] == -2.5 and policy.rejected[2] == -6.0
+    assert policy.chosen[0] == -6.0 and policy.rejected[0] == -12.0
+    assert reference.chosen[2] == -1.25 and reference.rejected[2] == -1.0
+    # WPO: log w = mean(log π - log Σπ²) over each completion's tokens, chosen + rejected; θ's only
+    torch.testing.assert_close(policy.log_weight[[2, 0]], torch.tensor([(-1.0 + 0.5) + (-3.0 + 0.5), -1.5 + -3.5]))
+    assert bool(policy.log_weight[1].isnan()) and reference.log_weight is None
+    assert missing_rows(policy) == [1]
+    # What a checkpoint restores comes back with its weight
+    restored = TrainingLogProbs(pool_size=3, ld_alpha=0.25, use_weighting=True)
+    restored.restore(POLICY, policy)
+    torch.testing.assert_close(restored.combined(POLICY).log_weight, policy.log_weight, equal_nan=True)
+
+
 def test_the_ranks_records_combine_from_sums_and_counts():
     nan = float("nan")
     # Three ranks' (pool 5, 2) buffers: disjoint rows, row 3 held by two ranks (two warm-up epochs), row 4 by none
@@ -124,6 +158,13 @@ def test_the_ranks_records_combine_from_sums_and_counts():
     value = torch.tensor([[-0.1 / 3, -2.0 / 7]])
     alone = combine_terms(record_terms(value) + record_terms(torch.full_like(value, nan)))
     assert torch.equal(alone, value)
+    # With WPO a third column (the policy's log-weight) combines alike: 24 bytes per pair
+    weighted = torch.cat([ranks, torch.where(ranks[..., :1].isnan(), nan, -0.5)], dim=2)
+    terms = torch.stack([record_terms(buffer) for buffer in weighted])
+    assert terms.shape == (3, 5, 6)
+    combined = combine_terms(terms.sum(dim=0))
+    torch.testing.assert_close(combined[:, :2], expected, equal_nan=True)
+    torch.testing.assert_close(combined[:4, 2], torch.full((4,), -0.5))
 
 
 def test_active_dropout_finds_layers_and_functional_rates_in_training_mode_only():
@@ -251,13 +292,18 @@ def test_with_a_frozen_policy_every_mode_selects_the_same_pairs(tmp_path, tokeni
     np.testing.assert_allclose(scores["none"], scores["reference_and_policy"], atol=1e-4)
 
 
-def test_resume_with_reused_policy_selects_as_the_uninterrupted_run(tmp_path, tokenizer, pool, validation):
+@pytest.mark.parametrize("options", [{}, {"ld_alpha": 0.5, "use_weighting": True}], ids=["dpo", "ld-wpo"])
+def test_resume_with_reused_policy_selects_as_the_uninterrupted_run(tmp_path, tokenizer, pool, validation, options):
     mode = "reference_and_policy"
-    full = _run(tmp_path / "full", tokenizer, pool, validation, mode, save_strategy="steps", save_steps=3)
+    if options:  # LD-DPO's tails need unequal lengths; θ's records then carry WPO's weights through the checkpoint
+        pool = with_unequal_rejected(pool)
+    full = _run(tmp_path / "full", tokenizer, pool, validation, mode, save_strategy="steps", save_steps=3, **options)
     checkpoint = tmp_path / "full" / mode / "checkpoint-15"  # mid epoch 1: 10 warm-up steps, then 5 of about 7
     state = json.loads((checkpoint / STATE_FILENAME).read_text())
     assert "training_policy.chosen" in state["log_probs"]  # epoch 1's steps so far, for epoch 2's event
-    resumed = _trainer(tmp_path / "resumed", tokenizer, pool, validation, mode)
+    assert ("training_policy.log_weight" in state["log_probs"]) == bool(options)
+    assert ("auxiliary.log_weight" in state["log_probs"]) == bool(options)
+    resumed = _trainer(tmp_path / "resumed", tokenizer, pool, validation, mode, **options)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     expected = [record["selected_ids"] for record in read_history(full.args.output_dir)]
     assert [record["selected_ids"] for record in read_history(resumed.args.output_dir)] == expected
@@ -359,16 +405,23 @@ def test_dropout_noise_never_reaches_the_cached_reference(
         assert engine.compute.fte["train"] == pytest.approx(4 * pool_tokens + 3 * trained)
 
 
-@pytest.mark.parametrize("peft", [False, True], ids=["ref-model", "lora"])
+@pytest.mark.parametrize(
+    "peft, options",
+    [(False, {}), (True, {}), (False, {"ld_alpha": 0.5, "use_weighting": True})],
+    ids=["ref-model", "lora", "ref-model-ld-wpo"],
+)
 def test_the_cached_reference_stands_in_for_the_live_reference_forward_exactly(
-    tmp_path, tokenizer, pool, validation, peft
+    tmp_path, tokenizer, pool, validation, peft, options
 ):
+    # With LD-DPO the cache holds LD-weighted sums, what TRL's live reference forward sums too (unequal lengths)
+    if options:
+        pool = with_unequal_rejected(pool)
     model = build_tiny_llama(tokenizer, seed=0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     models = {"peft_config": lora} if peft else {"ref_model": build_tiny_llama(tokenizer, seed=1)}
     trainer = SelectiveDPOTrainer(
         model,
-        args=fast_config(tmp_path, per_device_train_batch_size=10),
+        args=fast_config(tmp_path, per_device_train_batch_size=10, **options),
         train_dataset=pool,
         eval_dataset=validation,
         processing_class=tokenizer,
@@ -393,6 +446,56 @@ def test_the_cached_reference_stands_in_for_the_live_reference_forward_exactly(
         handle.remove()
     torch.testing.assert_close(injected, live)
     assert engine._reference_forwards == {"live": 0, "cached": 1}
+
+
+@pytest.mark.parametrize(
+    "options", [{"ld_alpha": 0.5}, {"ld_alpha": 0.5, "use_weighting": True}], ids=["ld", "ld-wpo"]
+)
+def test_training_step_records_equal_the_exact_passes_with_ld_dpo_and_wpo(
+    tmp_path, tokenizer, pool, validation, options
+):
+    # Unequal completion lengths, so LD-DPO's tails matter; θ's records keep WPO's weight (the recorder does not give
+    # up with WPO: it reads the step's `log_sum_sq_probs`).
+    trainer = SelectiveDPOTrainer(
+        build_tiny_llama(tokenizer, seed=0),
+        ref_model=build_tiny_llama(tokenizer, seed=1),
+        args=fast_config(tmp_path, per_device_train_batch_size=10, **options),
+        train_dataset=with_unequal_rejected(pool),
+        eval_dataset=validation,
+        processing_class=tokenizer,
+    )
+    engine = trainer.selection_engine
+    recorder = engine.training_log_probs
+    recorder.begin_epoch({POLICY, REFERENCE})
+    trainer.model.train()
+    for batch in trainer.get_train_dataloader():  # the training steps' forwards, with TRL's loss (no optimizer step)
+        trainer.compute_loss(trainer.model, batch)
+    assert recorder.recording == {POLICY, REFERENCE}  # nothing given up
+    recorded = {kind: recorder.combined(kind) for kind in (POLICY, REFERENCE)}
+    exact = {
+        POLICY: engine.policy_log_probs(),  # a pass of its own, in eval mode
+        REFERENCE: trainer.reference_log_probs(trainer.train_dataset, engine.pool_loader()),
+    }
+    for kind in (POLICY, REFERENCE):
+        assert missing_rows(recorded[kind]) == []
+        torch.testing.assert_close(recorded[kind].chosen, exact[kind].chosen, atol=1e-5, rtol=0)
+        torch.testing.assert_close(recorded[kind].rejected, exact[kind].rejected, atol=1e-5, rtol=0)
+    assert recorded[REFERENCE].log_weight is None and exact[REFERENCE].log_weight is None
+    if options.get("use_weighting"):
+        torch.testing.assert_close(recorded[POLICY].log_weight, exact[POLICY].log_weight, atol=1e-5, rtol=0)
+    else:
+        assert recorded[POLICY].log_weight is None and exact[POLICY].log_weight is None
+    # The LD weighting changed the sums: the plain ones differ wherever a pair's completions differ in length
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    with inference_mode(model):
+        plain = run_log_prob_pass(
+            engine.pool_loader(),
+            lambda batch: sequence_log_probs(model, batch),
+            trainer.accelerator,
+            100,
+            desc="plain",
+        )
+    assert (recorded[POLICY].rejected - plain.rejected).abs().max() > 1e-2
 
 
 def test_in_epoch_segments_take_the_reference_of_their_scored_pairs_from_the_cache(

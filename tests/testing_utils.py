@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from datasets import Dataset
+
 from trl_select import SelectiveDPOConfig
 
 
@@ -40,3 +42,15 @@ def fast_config(output_dir: str | Path, config_class=SelectiveDPOConfig, **overr
 
 def reference_copy(model):
     return copy.deepcopy(model)
+
+
+def with_unequal_rejected(dataset: Dataset) -> Dataset:
+    """`dataset` (reverse-digits pairs, whose completions all have equal lengths) with each rejected completion 2
+    characters shorter, as long, or 1-3 longer than the chosen one (a rotation of its own digits), so LD-DPO's shared
+    prefix and down-weighted tail differ from pair to pair."""
+    rows = []
+    for index, row in enumerate(dataset):
+        rejected, change = row["rejected"], index % 5 - 1  # -1 .. 3
+        rejected = rejected[:-2] if change < 0 else rejected + (rejected * 2)[1 : 1 + change]
+        rows.append({**row, "rejected": rejected})
+    return Dataset.from_list(rows)

@@ -92,6 +92,18 @@ class AlignmentSettings:
     loss_scaling: bool = False
     # The trainer's whole loss (every `loss_type` with its options); `None` means `loss_type` alone with `beta`
     loss: PreferenceLoss | None = None
+    # TRL's `ld_alpha`: θ_aux's summed log-probs (pool, validation loss, alignment steps) are LD-DPO's, as θ_t's
+    ld_alpha: float | None = None
+
+    @property
+    def use_weighting(self) -> bool:
+        """Whether θ_aux's loss carries WPO's weights (TRL's `use_weighting`, read from the loss)."""
+        return self.preference_loss.use_weighting
+
+    @property
+    def fused_head_outputs(self) -> tuple[str, ...]:
+        """The fused LM head outputs θ_aux needs: log-probs, and `log_sum_sq_probs` for WPO's weights."""
+        return ("log_probs", "log_sum_sq_probs") if self.use_weighting else ("log_probs",)
 
     @property
     def preference_loss(self) -> PreferenceLoss:
@@ -776,7 +788,7 @@ class AuxiliaryModel:
         else:
             aux = _construct_on_meta(policy)
             _materialise_from(aux, policy)
-        add_fused_lm_head(aux)
+        add_fused_lm_head(aux, outputs=self.settings.fused_head_outputs)  # the policy's head, as TRL patched it
         disable_dropout_in_model(aux)
         if is_activation_checkpointing(policy):
             enable_activation_checkpointing(aux, self.gradient_checkpointing_kwargs)
@@ -818,19 +830,24 @@ class AuxiliaryModel:
         )
         return config
 
-    def _forward(self, module: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, module: torch.nn.Module, batch) -> tuple[torch.Tensor, ...]:
+        """θ_aux's `(chosen, rejected)` summed log-probs of `batch` (LD-weighted with `ld_alpha`), and with WPO its
+        own per-pair log-weight: the aux stage's loss is WPO-weighted by θ_aux, as TRL's by the model it trains."""
         with self.accelerator.autocast():
-            return sequence_log_probs(module, batch)
+            return sequence_log_probs(module, batch, self.settings.ld_alpha, self.settings.use_weighting)
 
     def _batch_loss(self, module: torch.nn.Module, batch) -> torch.Tensor:
-        chosen, rejected = self._forward(module, batch)
+        chosen, rejected, *log_weight = self._forward(module, batch)
         rows = batch[ROW_KEY].cpu()
         reference = PairLogProbs(
             chosen=self.validation_reference.chosen[rows].to(chosen.device),
             rejected=self.validation_reference.rejected[rows].to(chosen.device),
         )
         lengths = None if self.validation_lengths is None else self.validation_lengths.select(rows).to(chosen.device)
-        return self.settings.preference_loss(PairLogProbs(chosen.float(), rejected.float()), reference, lengths)
+        weight = log_weight[0].float() if log_weight else None
+        return self.settings.preference_loss(
+            PairLogProbs(chosen.float(), rejected.float(), weight), reference, lengths
+        )
 
     def _align(self, aux: _AuxHandle) -> tuple[int, int, tuple[int, ...]]:
         """Run one alignment stage; returns the number of steps, how many were skipped, and every rank's rows."""

@@ -50,6 +50,11 @@ def score_metrics(scores: dict[str, np.ndarray], bands: dict) -> dict[str, float
     for name, band in bands.items():
         metrics[f"selection/{name}/band_lo"] = band.lo
         metrics[f"selection/{name}/band_hi"] = band.hi
+        if band.evidence:  # a band chosen from evidence (`lossdiff_irm_auto`): the chosen cuts and why
+            metrics[f"selection/{name}/band_lo_percentile"] = band.lo_percentile
+            metrics[f"selection/{name}/band_hi_percentile"] = band.hi_percentile
+            for key, value in band.evidence.items():
+                metrics[f"selection/{name}/evidence/{key}"] = value
     for name, values in scores.items():
         for key, value in score_quantiles(values).items():
             metrics[f"selection/{name}/{key}"] = value
@@ -58,10 +63,12 @@ def score_metrics(scores: dict[str, np.ndarray], bands: dict) -> dict[str, float
 
 def band_record(bands: dict) -> dict[str, dict]:
     """The bands of an event as its history record keeps them: limits (`thresholds`) and `percentiles`."""
-    return {
+    record = {
         "thresholds": {name: {"lo": band.lo, "hi": band.hi} for name, band in bands.items()},
         "percentiles": {name: {"lo": band.lo_percentile, "hi": band.hi_percentile} for name, band in bands.items()},
     }
+    evidence = {name: dict(band.evidence) for name, band in bands.items() if band.evidence}
+    return record | ({"band_evidence": evidence} if evidence else {})
 
 
 class SelectionOutOfMemoryError(RuntimeError):

@@ -65,6 +65,9 @@ SELECTION_CONFIG_FIELDS = (
     "f_divergence_type",
     "f_alpha_divergence_coef",
     "discopop_tau",
+    # the cached and recorded log-probs are LD-weighted sums and carry WPO's weights
+    "ld_alpha",
+    "use_weighting",
     "seed",
     "train_sampling_strategy",
     "num_train_epochs",

@@ -26,18 +26,7 @@ SELECTION_STRATEGIES = ("auto", "epoch", "steps")
 
 
 # `DPOConfig` fields that selection refuses away from their default, with the reason (docs/configuration.md's table).
-UNSUPPORTED_WITH_SELECTION: dict[str, tuple[object, str]] = {
-    "ld_alpha": (
-        None,
-        "LD-DPO weights each completion's tokens past the pair's shared length, which the scoring passes' per-pair "
-        "summed log-probs do not split, so every score would read other log-probs than the loss",
-    ),
-    "use_weighting": (
-        False,
-        "WPO weights each pair's loss by its per-token probabilities (`log_sum_sq_probs`), which per-pair summed "
-        "log-probs cannot give",
-    ),
-}
+UNSUPPORTED_WITH_SELECTION: dict[str, tuple[object, str]] = {}
 
 
 @dataclass
@@ -57,8 +46,10 @@ class SelectiveDPOConfig(DPOConfig):
         selection_rule (`str`, *optional*, defaults to `"lossdiff_irm"`):
             A rule registered in `trl_select.registry` (built-in, or your own with `register_rule`).
             `"lossdiff_irm"`: keep a pair iff it lies in the LossDiff band and in the IRM band. `"irm_band"`: IRM band
-            only. `"lossdiff_band"`: LossDiff band only. `"tif"`: the band of the exact influence (expensive).
-            `"reward_gap"` / `"davir"`: the `selection_fraction` of pairs with the smallest implicit reward gap / the
+            only. `"lossdiff_band"`: LossDiff band only. `"lossdiff_irm_auto"`: LossDiff-IRM with the bands chosen at
+            each event from evidence: LossDiff `[lossdiff_lo_percentile, 100]`, and IRM tails cut only where their
+            LossDiff shows harm beyond noise (docs/scores_and_rules.md). `"tif"`: the band of the exact influence
+            (expensive). `"reward_gap"` / `"davir"`: the `selection_fraction` of pairs with the smallest implicit reward gap / the
             largest DavIR learnability. `"none"`: no selection; the trainer is exactly `DPOTrainer`.
         lossdiff_lo_percentile / lossdiff_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
             Percentile band of LossDiff `L(z; θ_t) - L(z; θ_aux)` over the whole pool, closed on both ends.
@@ -144,6 +135,8 @@ class SelectiveDPOConfig(DPOConfig):
         metadata={
             "help": "Which pairs each epoch after warm-up trains on. `lossdiff_irm`: the pairs in both the LossDiff "
             "and the IRM percentile bands. `irm_band`: the IRM band only. `lossdiff_band`: the LossDiff band only. "
+            "`lossdiff_irm_auto`: LossDiff-IRM with bands chosen from evidence at each event (LossDiff from "
+            "`lossdiff_lo_percentile` up; IRM tails cut only where their LossDiff shows harm). "
             "`tif`: the exact-influence band (expensive). `reward_gap` / `davir`: the `selection_fraction` of pairs "
             "with the smallest implicit reward gap / largest DavIR learnability. `none`: every pair, exactly as "
             "`DPOTrainer`. Or any rule registered with `trl_select.register_rule`.",
@@ -343,6 +336,15 @@ class SelectiveDPOConfig(DPOConfig):
                 f"{UNSUPPORTED_LOSS_TYPES[unscorable[0]]}. `selection_rule={self.selection_rule!r}` "
                 f"(`--selection_rule`) scores pairs with the trainer's loss ({list(self.required_scores)}); use a rule "
                 "that reads no loss (`irm_band`, `reward_gap`, `davir`), or `selection_rule='none'`."
+            )
+        if self.ld_alpha is not None and "sft" in self.loss_type:
+            # Every summed log-prob selection keeps is LD-weighted (`scores.completion_sums`), while TRL's `sft` term
+            # reads the unweighted per-token log-probs of the chosen completion (dpo_trainer.py:1495-1502).
+            raise ValueError(
+                f"`ld_alpha={self.ld_alpha}` with `loss_type` 'sft' (`--loss_type`) cannot be scored per pair: "
+                "selection keeps each completion's LD-weighted summed log-prob, while TRL's SFT term reads the "
+                f"unweighted one. `selection_rule={self.selection_rule!r}` scores pairs with the trainer's loss; drop "
+                "'sft', use a rule that reads no loss (`irm_band`, `reward_gap`, `davir`), or leave `ld_alpha` unset."
             )
         self.preference_loss()  # a ValueError naming the option when the loss is misconfigured
 

@@ -70,6 +70,7 @@ def alignment_settings(trainer: SelectiveDPOTrainer) -> AlignmentSettings:
         beta=args.beta,
         loss_type=args.loss_type[0],
         loss=args.preference_loss(),
+        ld_alpha=args.ld_alpha,
         learning_rate=args.aux_learning_rate or args.learning_rate,
         weight_decay=args.weight_decay,
         batch_size=args.aux_batch_size or args.per_device_train_batch_size,
@@ -128,7 +129,12 @@ class ScoringEngine:
         # This epoch's training micro-batches by how π_ref's log-probs were had: a live forward or the cache
         self._reference_forwards = {"live": 0, "cached": 0}
         # The log-probs the training steps compute, kept for the next event (`scoring_reuse`).
-        self.training_log_probs = TrainingLogProbs(self.pool_size, trainer.accelerator.device)
+        self.training_log_probs = TrainingLogProbs(
+            self.pool_size,
+            trainer.accelerator.device,
+            ld_alpha=trainer.args.ld_alpha,
+            use_weighting=bool(trainer.args.use_weighting),
+        )
         self._checkpoint_training_log_probs: dict[str, torch.Tensor] = {}
 
     @property
@@ -256,6 +262,7 @@ class ScoringEngine:
             loss_type=args.loss_type[0],
             loss=loss,
             lengths=lengths,
+            ld_alpha=args.ld_alpha,
             selection=self.selection_context(epoch, rows),
             **inputs,
         )
@@ -305,7 +312,9 @@ class ScoringEngine:
         wanted_rows = list(range(self.pool_size)) if wanted is None else list(wanted)
         if recorded is None:
             rows = wanted_rows
-            recorded = _nan_log_probs(self.pool_size)
+            recorded = _nan_log_probs(
+                self.pool_size, weighted=kind == POLICY and bool(self.trainer.args.use_weighting)
+            )
         else:
             missing = set(missing_rows(recorded))
             rows = [row for row in wanted_rows if row in missing]
@@ -324,7 +333,8 @@ class ScoringEngine:
 
         def forward(batch):
             with trainer.accelerator.autocast():
-                return sequence_log_probs(model, batch)
+                # LD-weighted sums and, with WPO, θ_t's own per-pair weight: what TRL's loss reads of this forward
+                return sequence_log_probs(model, batch, trainer.args.ld_alpha, bool(trainer.args.use_weighting))
 
         def run_pass(dataset, loader) -> PairLogProbs:
             with inference_mode(model, trainer.args.gradient_checkpointing_kwargs):
@@ -549,7 +559,8 @@ class ScoringEngine:
             if name == "reference" and self.trainer.args.sync_ref_model:
                 continue  # `restore` drops them: the resumed run's reference is not the one they were computed with
             if log_probs is not None:
-                tensors[f"{name}.chosen"], tensors[f"{name}.rejected"] = log_probs.chosen, log_probs.rejected
+                # θ_aux's WPO log-weight (`auxiliary.log_weight`) too: its loss is evaluated at the next events
+                tensors.update({f"{name}.{field}": value for field, value in log_probs.fields().items()})
         return tensors
 
     def gather_for_checkpoint(self) -> None:
@@ -563,8 +574,8 @@ class ScoringEngine:
                 continue  # `restore` drops them (see `checkpoint_tensors`)
             recorded = self.training_log_probs.combined(kind, self.trainer.accelerator)
             if not bool(torch.isnan(recorded.chosen).all()):
-                self._checkpoint_training_log_probs[f"training_{kind}.chosen"] = recorded.chosen
-                self._checkpoint_training_log_probs[f"training_{kind}.rejected"] = recorded.rejected
+                for field, value in recorded.fields().items():  # θ's WPO log-weight too
+                    self._checkpoint_training_log_probs[f"training_{kind}.{field}"] = value
 
     def start_new_loop(self) -> None:
         """Forget the previous training loop: θ_aux's log-probs are dropped and its shuffle seeds restart, the
@@ -596,10 +607,10 @@ class ScoringEngine:
         if "reference.chosen" in tensors:
             self._set_reference(PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"]))
         if "auxiliary.chosen" in tensors:
-            self._auxiliary_log_probs = PairLogProbs(tensors["auxiliary.chosen"], tensors["auxiliary.rejected"])
+            self._auxiliary_log_probs = _restored(tensors, "auxiliary")
         for kind in (REFERENCE, POLICY):
             if f"training_{kind}.chosen" in tensors:
-                recorded = PairLogProbs(tensors[f"training_{kind}.chosen"], tensors[f"training_{kind}.rejected"])
+                recorded = _restored(tensors, f"training_{kind}")
                 # on one rank only: the combine then gives each value back exactly
                 self.training_log_probs.restore(kind, recorded, keep=self.trainer.accelerator.is_main_process)
 
@@ -610,17 +621,23 @@ class ScoringEngine:
         self._validation_reference = self._auxiliary_log_probs = None
 
 
-def _nan_log_probs(size: int) -> PairLogProbs:
-    return PairLogProbs(
-        chosen=torch.full((size,), float("nan"), dtype=torch.float32),
-        rejected=torch.full((size,), float("nan"), dtype=torch.float32),
-    )
+def _nan_log_probs(size: int, weighted: bool = False) -> PairLogProbs:
+    """All-NaN log-probs of `size` rows; `weighted`: with a (NaN) WPO log-weight too."""
+
+    def nan() -> torch.Tensor:
+        return torch.full((size,), float("nan"), dtype=torch.float32)
+
+    return PairLogProbs(chosen=nan(), rejected=nan(), log_weight=nan() if weighted else None)
+
+
+def _restored(tensors: dict[str, torch.Tensor], name: str) -> PairLogProbs:
+    """The log-probs a checkpoint saved under `name` (`{name}.chosen`, `.rejected`, `.log_weight` if WPO)."""
+    return PairLogProbs(tensors[f"{name}.chosen"], tensors[f"{name}.rejected"], tensors.get(f"{name}.log_weight"))
 
 
 def _take(log_probs: PairLogProbs, rows: list[int]) -> PairLogProbs:
     """`log_probs` of `rows`, in `rows` order."""
-    index = torch.as_tensor(rows, dtype=torch.long)
-    return PairLogProbs(chosen=log_probs.chosen[index], rejected=log_probs.rejected[index])
+    return log_probs.take(rows)
 
 
 __all__ = ["REUSABLE_KINDS", "ScoringEngine", "alignment_settings", "timed"]

@@ -38,7 +38,14 @@ import torch
 from torch.func import functional_call, jvp
 from tqdm.auto import tqdm
 
-from .scores import CompletionLengths, PairLogProbs, PreferenceLoss, influence_from_directional_derivatives
+from .scores import (
+    CompletionLengths,
+    PairLogProbs,
+    PreferenceLoss,
+    completion_sums,
+    influence_from_directional_derivatives,
+    wpo_log_weights,
+)
 from .scoring import NON_MODEL_KEYS, ROW_KEY, activation_checkpointing_off, build_pass_loader, progress_disabled
 
 
@@ -47,13 +54,20 @@ if TYPE_CHECKING:
 
 
 def completion_log_probs(
-    model: torch.nn.Module, batch: dict[str, Any], params: dict[str, torch.Tensor] | None = None
-) -> torch.Tensor:
-    """Summed completion log-probs of every sequence of a collated batch (chosen rows first, then rejected), nats.
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    params: dict[str, torch.Tensor] | None = None,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed completion log-probs of every sequence of a collated batch (chosen rows first, then rejected), nats, and
+    WPO's per-pair log-weight (`None` without `use_weighting`).
 
-    With `params`, the model runs with those parameters substituted (`torch.func.functional_call`), which is what
-    `jvp` differentiates. Plain logits and `log_softmax` rather than TRL's fused LM head, whose custom kernel has no
-    forward-mode derivative.
+    The sums and the weight are TRL's (`scores.completion_sums`, LD-weighted with `ld_alpha`;
+    `scores.wpo_log_weights`, without gradient), from `log_softmax` of plain logits rather than TRL's fused LM head,
+    whose custom kernel has no forward-mode derivative: `log Σ_v π(v)²` is `logsumexp(2 log π)` over the vocabulary,
+    one more vocabulary-wide op per token. With `params`, the model runs with those parameters substituted
+    (`torch.func.functional_call`), which is what `jvp` differentiates.
     """
     model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     model_kwargs["use_cache"] = False
@@ -66,8 +80,17 @@ def completion_log_probs(
     logits = outputs.logits[:, -targets.size(1) - 1 : -1]
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    per_token = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (per_token * batch["completion_mask"][:, 1:].to(per_token.dtype)).sum(dim=1)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    shift_completion_mask = batch["completion_mask"][:, 1:]
+    mask = shift_completion_mask.to(log_probs.dtype)
+    # Zero outside the completion, as the fused head's `log_probs` (labels -100) are
+    per_token = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask
+    sums = completion_sums(per_token, shift_completion_mask, ld_alpha)
+    if not use_weighting:
+        return sums, None
+    with torch.no_grad():
+        log_sum_sq_probs = torch.logsumexp(2 * log_probs.detach(), dim=-1) * mask
+    return sums, wpo_log_weights(per_token.detach(), log_sum_sq_probs, shift_completion_mask)
 
 
 @contextlib.contextmanager
@@ -137,11 +160,13 @@ def validation_gradient(
     loss: PreferenceLoss | float,
     loss_type: str | None = None,
     lengths: CompletionLengths | None = None,
+    ld_alpha: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """`∇θ L(D_val)`, the gradient of the mean validation loss over `parameters`, one backward per batch.
 
     `loss` is the trainer's [`PreferenceLoss`] (or `beta`, with one `loss_type`); `lengths` the validation pairs'
-    completion lengths, in row order, for the losses that read them.
+    completion lengths, in row order, for the losses that read them; `ld_alpha` TRL's (LD-weighted sums). With WPO
+    (`loss.use_weighting`) each validation pair's term is weighted by θ's own weight, a constant, as in TRL.
     """
     if not isinstance(loss, PreferenceLoss):
         loss = PreferenceLoss(beta=float(loss), loss_types=(loss_type,))
@@ -155,20 +180,27 @@ def validation_gradient(
         seen[rows] = True
         if not bool(fresh.any()):
             continue
-        chosen, rejected = completion_log_probs(model, batch).chunk(2)
+        sums, log_weight = completion_log_probs(model, batch, ld_alpha=ld_alpha, use_weighting=loss.use_weighting)
+        chosen, rejected = sums.chunk(2)
         device = chosen.device
         batch_reference = PairLogProbs(
             chosen=reference.chosen[rows].to(device, chosen.dtype),
             rejected=reference.rejected[rows].to(device, rejected.dtype),
         )
         batch_lengths = None if lengths is None else lengths.select(rows).to(device)
-        losses = loss(PairLogProbs(chosen, rejected), batch_reference, batch_lengths)
+        losses = loss(PairLogProbs(chosen, rejected, log_weight), batch_reference, batch_lengths)
         total_loss = (losses * fresh.to(device, losses.dtype)).sum() / num_rows
         for name, grad in zip(names, torch.autograd.grad(total_loss, [parameters[n] for n in names]), strict=True):
             total[name] += grad
     if not bool(seen.all()):
         raise RuntimeError(f"Validation gradient: {int((~seen).sum())} of {num_rows} rows were never seen.")
     return total
+
+
+def _with_tensor_aux(result: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_log_probs`'s result with an empty tensor for a missing weight (`jvp`'s `aux` must be tensors)."""
+    sums, log_weight = result
+    return sums, sums.new_empty(0) if log_weight is None else log_weight
 
 
 def influence_scores(context: ScoringContext) -> np.ndarray:
@@ -185,7 +217,7 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
     with gradient_pass_mode(model, context.checkpointing_kwargs):
         tangent = validation_gradient(
             model, parameters, validation_loader, context.validation_reference, len(context.validation), loss,
-            lengths=context.validation_lengths,
+            lengths=context.validation_lengths, ld_alpha=context.ld_alpha,
         )  # fmt: skip
         primals = {name: p.detach() for name, p in parameters.items()}
         progress = tqdm(
@@ -196,14 +228,22 @@ def influence_scores(context: ScoringContext) -> np.ndarray:
         )
         for batch in progress:
             with torch.no_grad():  # forward-mode only: no reverse graph is needed
-                values, derivatives = jvp(
-                    lambda params, batch=batch: completion_log_probs(model, batch, params), (primals,), (tangent,)
+                # WPO's weight rides along as `aux` (not differentiated: a constant in TRL's loss)
+                values, derivatives, log_weight = jvp(
+                    lambda params, batch=batch: _with_tensor_aux(
+                        completion_log_probs(model, batch, params, context.ld_alpha, loss.use_weighting)
+                    ),
+                    (primals,),
+                    (tangent,),
+                    has_aux=True,
                 )
+            log_weight = log_weight if loss.use_weighting else None
             rows = batch[ROW_KEY].cpu()
             chosen, rejected = values.chunk(2)
             d_chosen, d_rejected = derivatives.chunk(2)
             scores[rows] = influence_from_directional_derivatives(
-                PairLogProbs(chosen=chosen.double().cpu(), rejected=rejected.double().cpu()),
+                PairLogProbs(chosen=chosen.double().cpu(), rejected=rejected.double().cpu(),
+                             log_weight=None if log_weight is None else log_weight.double().cpu()),
                 PairLogProbs(chosen=context.reference.chosen[rows].double(),
                              rejected=context.reference.rejected[rows].double()),
                 d_chosen.double().cpu(), d_rejected.double().cpu(), loss,

@@ -105,6 +105,9 @@ class ScoringContext:
     loss: PreferenceLoss | None = None
     lengths: CompletionLengths | None = None
     validation_lengths: CompletionLengths | None = None
+    # TRL's `ld_alpha`: `policy`, `reference`, `auxiliary` are LD-weighted sums already; a scorer that runs the model
+    # itself (influence) forms its sums with it (`scores.completion_sums`)
+    ld_alpha: float | None = None
 
 
 RuleFn = Callable[[dict[str, np.ndarray], SelectionContext], "np.ndarray | tuple[np.ndarray, dict[str, Band]]"]

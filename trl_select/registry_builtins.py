@@ -9,7 +9,15 @@ from __future__ import annotations
 import numpy as np
 
 from .registry import ScoringContext, SelectionContext, register_rule, register_scorer
-from .rules import Band, band_intersection, bottom_fraction, top_fraction
+from .rules import (
+    Band,
+    band_intersection,
+    bottom_fraction,
+    harm_tested_cuts,
+    intersection,
+    percentile_band,
+    top_fraction,
+)
 from .scores import PreferenceLoss, davir, implicit_reward_margin, reward_gap
 
 
@@ -69,6 +77,25 @@ def _configured_bands(context: SelectionContext, names: tuple[str, ...]) -> dict
 def lossdiff_irm_rule(scores: dict[str, np.ndarray], context: SelectionContext) -> tuple[np.ndarray, dict[str, Band]]:
     """LossDiff-IRM (eq. 9): keep a pair iff it is in the LossDiff band and in the IRM band."""
     return band_intersection(scores, _configured_bands(context, ("lossdiff", "irm")))
+
+
+@register_rule("lossdiff_irm_auto", scores=("lossdiff", "irm"))
+def lossdiff_irm_auto_rule(
+    scores: dict[str, np.ndarray], context: SelectionContext
+) -> tuple[np.ndarray, dict[str, Band]]:
+    """LossDiff-IRM with bands chosen from evidence (docs/scores_and_rules.md, "Which rule for which data").
+
+    - LossDiff band `[P_lo, max]`, `lo = lossdiff_lo_percentile`: a large LossDiff means the pair's gradient agrees
+      with the validation gradient (first order), so its upper tail is kept.
+    - IRM band: each end cut by `harm_tested_cuts(IRM, LossDiff)`, in slices of 10 percentiles (at most 40 per side),
+      while a slice's mean LossDiff is below zero by more than 2 standard errors.
+    Reads only the two scores the event computed already: no extra forward. The same on every rank (the scores are).
+    """
+    lo, hi, evidence = harm_tested_cuts(scores["irm"], scores["lossdiff"])
+    lossdiff_keep, lossdiff_band = percentile_band(scores["lossdiff"], context.args.lossdiff_lo_percentile, 100.0)
+    irm_keep, irm_band = percentile_band(scores["irm"], lo, hi)
+    irm_band = Band(irm_band.lo, irm_band.hi, irm_band.lo_percentile, irm_band.hi_percentile, evidence)
+    return intersection(lossdiff_keep, irm_keep), {"lossdiff": lossdiff_band, "irm": irm_band}
 
 
 @register_rule("irm_band", scores=("irm",))

@@ -13,7 +13,7 @@ Conventions, the same for every rule:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -43,9 +43,17 @@ class Band:
     hi: float
     lo_percentile: float
     hi_percentile: float
+    # Why a rule chose these percentiles, when it chose them from evidence (`harm_tested_cuts`); empty for fixed bands.
+    evidence: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, float]:
-        return {"lo": self.lo, "hi": self.hi, "lo_percentile": self.lo_percentile, "hi_percentile": self.hi_percentile}
+        limits = {
+            "lo": self.lo,
+            "hi": self.hi,
+            "lo_percentile": self.lo_percentile,
+            "hi_percentile": self.hi_percentile,
+        }
+        return limits | ({"evidence": dict(self.evidence)} if self.evidence else {})
 
 
 def check_percentile_band(lo_percentile: float, hi_percentile: float, name: str = "band") -> None:
@@ -92,6 +100,68 @@ def band_intersection(
         mask, limits[name] = percentile_band(scores[name], lo_percentile, hi_percentile)
         masks.append(mask)
     return intersection(*masks), limits
+
+
+# The candidate cuts of `harm_tested_cuts`: slices of 10 percentiles, at most 40 percentiles cut from either end, and
+# a slice is cut when its mean effect is below zero by more than two standard errors.
+HARM_SLICE_PERCENTILES = 10.0
+HARM_MAX_CUT_PERCENTILES = 40.0
+HARM_T_THRESHOLD = 2.0
+
+
+def harm_tested_cuts(
+    ranking: ArrayLike,
+    effect: ArrayLike,
+    *,
+    slice_percentiles: float = HARM_SLICE_PERCENTILES,
+    max_cut_percentiles: float = HARM_MAX_CUT_PERCENTILES,
+    t_threshold: float = HARM_T_THRESHOLD,
+) -> tuple[float, float, dict[str, float]]:
+    """The percentile band of `ranking` whose tails show no evidence of harm in `effect` (docs/scores_and_rules.md).
+
+    The pairs with both values finite are sorted by `ranking` and split into slices of `slice_percentiles` (equal
+    counts, ties broken by pool row). Walking in from each end, a slice is cut while its effect is harmful beyond
+    noise: `t = mean(effect) / (sd(effect) / √n) < -t_threshold`, for at most `max_cut_percentiles` per side. The
+    first slice that passes stops the walk, so a band stays one interval.
+
+    With `ranking` = IRM and `effect` = LossDiff, a slice's mean LossDiff is a first-order estimate of what one step
+    on its pairs does to the validation loss per pair (positive: it lowers it), measured by a score that did not
+    choose the slice, so there is no winner's curse in the test.
+
+    Returns:
+        `(lo_percentile, hi_percentile, evidence)` with `evidence` holding `t_{a}_{b}` and `mean_{a}_{b}` of every
+        slice from percentile `a` to `b`, and `pairs_per_slice`. With fewer than 2 pairs per slice nothing is cut.
+    """
+    values, effects = _as_float_array(ranking), _as_float_array(effect)
+    if values.shape != effects.shape:
+        raise ValueError(f"`ranking` and `effect` must have the same shape, got {values.shape} and {effects.shape}.")
+    if not 0 < slice_percentiles <= 50 or 100 % slice_percentiles:
+        raise ValueError(f"`slice_percentiles` must divide 100 and be in (0, 50], got {slice_percentiles}.")
+    if not 0 <= max_cut_percentiles < 50:
+        raise ValueError(f"`max_cut_percentiles` must be in [0, 50), got {max_cut_percentiles}.")
+    rows = np.flatnonzero(np.isfinite(values) & np.isfinite(effects))
+    num_slices = int(round(100 / slice_percentiles))
+    evidence: dict[str, float] = {"pairs_per_slice": float(len(rows) // num_slices)}
+    if len(rows) < 2 * num_slices:
+        return 0.0, 100.0, evidence
+    order = rows[np.argsort(values[rows], kind="stable")]
+    t_values = []
+    for k, members in enumerate(np.array_split(order, num_slices)):
+        slice_effect = effects[members]
+        mean = float(slice_effect.mean())
+        se = float(slice_effect.std(ddof=1)) / np.sqrt(len(slice_effect))
+        t = mean / se if se > 0 else (0.0 if mean == 0 else float(np.sign(mean)) * np.inf)
+        name = f"{k * slice_percentiles:g}_{(k + 1) * slice_percentiles:g}"
+        evidence[f"mean_{name}"], evidence[f"t_{name}"] = mean, float(t)
+        t_values.append(t)
+    max_slices = int(max_cut_percentiles // slice_percentiles)
+    lo_slices = 0
+    while lo_slices < max_slices and t_values[lo_slices] < -t_threshold:
+        lo_slices += 1
+    hi_slices = 0
+    while hi_slices < max_slices and t_values[num_slices - 1 - hi_slices] < -t_threshold:
+        hi_slices += 1
+    return lo_slices * slice_percentiles, 100.0 - hi_slices * slice_percentiles, evidence
 
 
 def union(*masks: np.ndarray) -> np.ndarray:

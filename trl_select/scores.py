@@ -2,7 +2,9 @@
 
 Every function here works on the CPU or any device, on float tensors of shape `(num_pairs,)`, and knows nothing about
 models, ranks or trainers. Log-probabilities are in nats, summed over the completion tokens exactly as TRL's
-`DPOTrainer` sums them (prompt tokens masked).
+`DPOTrainer` sums them (prompt tokens masked; with `ld_alpha`, LD-DPO's down-weighted tail, `completion_sums`), and,
+with `use_weighting`, carry WPO's per-pair weight (`wpo_log_weights`). Those two functions are the only place where
+per-token values become per-pair ones: every pass (scoring, aux, the training-step recorder, influence) calls them.
 """
 
 from __future__ import annotations
@@ -48,19 +50,73 @@ F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 LENGTH_LOSS_TYPES = ("ipo", "sigmoid_norm", "sft")
 
 
+def completion_sums(
+    per_token_logps: torch.Tensor, shift_completion_mask: torch.Tensor, ld_alpha: float | None = None
+) -> torch.Tensor:
+    """Per-sequence summed completion log-probs, exactly as TRL 1.16's `DPOTrainer` forms them, nats.
+
+    `per_token_logps` is the fused LM head's `log_probs` (zero outside the completion), shape `(2B, T-1)`, rows
+    `[chosen..., rejected...]` (the preference collator's order); `shift_completion_mask` is `completion_mask[..., 1:]`
+    of the same batch. Returns shape `(2B,)`:
+
+    - `ld_alpha=None`: `Σ_t log π(y_t)`, the plain sum (dpo_trainer.py:1303, 1269);
+    - LD-DPO: `Σ_{t ≤ s} log π(y_t) + α Σ_{t > s} log π(y_t)`, with `t` the token's position in its completion
+      (1-based) and `s = min(n_w, n_l)` the pair's shared length, `n` the scored completion tokens
+      (dpo_trainer.py:1303-1315 for θ, 1269-1281 for π_ref, 1340-1346 for the live reference).
+
+    The sum runs over the whole row like TRL's, so a batch padded to another width gives the same value per pair.
+    """
+    if ld_alpha is None:
+        return per_token_logps.sum(dim=1)
+    comp_pos = shift_completion_mask.cumsum(dim=1)
+    comp_lens = shift_completion_mask.sum(dim=1).long()
+    chosen_lens, rejected_lens = comp_lens.chunk(2, dim=0)
+    shared_lens = torch.minimum(chosen_lens, rejected_lens)
+    shared_lens = torch.cat([shared_lens, shared_lens], dim=0).to(per_token_logps.device)
+    shared_mask = (comp_pos > 0) & (comp_pos <= shared_lens.unsqueeze(1))  # shared: 1 <= pos <= shared_len
+    tail_mask = comp_pos > shared_lens.unsqueeze(1)  # tail: pos > shared_len
+    shared_logps = (per_token_logps * shared_mask).sum(dim=1)
+    tail_logps = (per_token_logps * tail_mask).sum(dim=1)
+    return shared_logps + ld_alpha * tail_logps
+
+
+def wpo_log_weights(
+    per_token_logps: torch.Tensor, log_sum_sq_probs: torch.Tensor, shift_completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """WPO's per-pair weight, as a log: `log w = ā_w + ā_l`, shape `(B,)`, nats (no gradient).
+
+    TRL 1.16 (dpo_trainer.py:1518-1526, Eq. 2 of the WPO paper) multiplies every loss term of pair `z` by
+    `w(z) = exp(ā_w) · exp(ā_l)`, where `ā = Σ_t [log π(y_t) - log Σ_v π(v)²] / n` is the mean "aligned" log-prob of a
+    completion over its `n` scored tokens (`n` clamped to ≥ 1), computed under `no_grad` from the very forward whose
+    loss it weights. The inputs are that forward's `log_probs` and `log_sum_sq_probs` (the fused LM head's outputs,
+    zero outside the completion), shape `(2B, T-1)`, `[chosen..., rejected...]`, and `completion_mask[..., 1:]`.
+    Not LD-weighted: TRL uses the raw per-token log-probs here whatever `ld_alpha`.
+    """
+    with torch.no_grad():
+        completion_lengths = shift_completion_mask.sum(dim=1).clamp_min(1)
+        aligned = (per_token_logps - log_sum_sq_probs) * shift_completion_mask
+        mean_aligned = aligned.sum(dim=1) / completion_lengths
+        chosen, rejected = mean_aligned.chunk(2, dim=0)
+        return (chosen + rejected).detach()
+
+
 @dataclass(frozen=True)
 class PairLogProbs:
     """Summed completion log-probabilities of one model over a pool of pairs.
 
     Attributes:
         chosen (`torch.Tensor`):
-            `log π(y_w|x)` per pair, shape `(num_pairs,)`, nats.
+            `log π(y_w|x)` per pair, shape `(num_pairs,)`, nats (LD-weighted with `ld_alpha`, `completion_sums`).
         rejected (`torch.Tensor`):
             `log π(y_l|x)` per pair, shape `(num_pairs,)`, nats.
+        log_weight (`torch.Tensor`, *optional*):
+            WPO's `log w(z)` per pair under this model (`wpo_log_weights`), shape `(num_pairs,)`, nats; only for a
+            model whose loss is evaluated (θ_t, θ_aux) when `use_weighting`, `None` otherwise (π_ref never has one).
     """
 
     chosen: torch.Tensor
     rejected: torch.Tensor
+    log_weight: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.chosen.shape != self.rejected.shape or self.chosen.dim() != 1:
@@ -68,9 +124,27 @@ class PairLogProbs:
                 f"`chosen` and `rejected` must be 1-D tensors of the same shape, got {tuple(self.chosen.shape)} and "
                 f"{tuple(self.rejected.shape)}."
             )
+        if self.log_weight is not None and self.log_weight.shape != self.chosen.shape:
+            raise ValueError(
+                f"`log_weight` must have the shape of `chosen` {tuple(self.chosen.shape)}, got "
+                f"{tuple(self.log_weight.shape)}."
+            )
 
     def __len__(self) -> int:
         return self.chosen.numel()
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """The tensors it holds by name (`log_weight` only when set), e.g. for a checkpoint or a gather."""
+        named = {"chosen": self.chosen, "rejected": self.rejected}
+        if self.log_weight is not None:
+            named["log_weight"] = self.log_weight
+        return named
+
+    def take(self, rows: Any) -> PairLogProbs:
+        """The values of rows `rows` (an index tensor or list), in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        weight = None if self.log_weight is None else self.log_weight[index]
+        return PairLogProbs(self.chosen[index], self.rejected[index], weight)
 
 
 @dataclass(frozen=True)
@@ -185,6 +259,12 @@ class PreferenceLoss:
     With several `loss_types`, `L = Σ_k w_k L_k` (`loss_weights`, default all 1), so the batch mean of `L` is TRL's
     loss `Σ_k w_k mean(L_k)`. Units: nats for the log-sigmoid losses, unitless for the others.
 
+    With `use_weighting` (WPO), every term is multiplied by the pair's weight under the model being scored,
+    `L = w_θ(z) Σ_k w_k L_k`, `w_θ(z) = exp(policy.log_weight)` (dpo_trainer.py:1518-1526): the policy's argument
+    must carry `log_weight` (`wpo_log_weights` of the same forward). The weight is a constant to autograd, as in TRL.
+    With `ld_alpha`, the summed log-probs passed in are already LD-weighted (`completion_sums`); the loss is the same
+    function of them, and `ipo`/`sigmoid_norm` still divide by the unweighted token counts, as TRL does.
+
     Args:
         beta (`float`): TRL's `beta`.
         loss_types (`tuple[str, ...]`): TRL's `loss_type` list, from `SUPPORTED_LOSS_TYPES`.
@@ -192,6 +272,7 @@ class PreferenceLoss:
         label_smoothing (`float`): ε of `robust` and `exo_pair`.
         f_divergence_type (`str`), f_alpha_divergence_coef (`float`): TRL's f-divergence settings.
         discopop_tau (`float`): τ of `discopop`.
+        use_weighting (`bool`): TRL's `use_weighting` (WPO).
     """
 
     beta: float
@@ -201,6 +282,7 @@ class PreferenceLoss:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     discopop_tau: float = 0.05
+    use_weighting: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "loss_types", tuple(self.loss_types))
@@ -232,6 +314,13 @@ class PreferenceLoss:
             raise ValueError(f"`exo_pair` needs 0 < `label_smoothing` < 1 (as in TRL), got {self.label_smoothing}.")
         if "robust" in self.loss_types and self.label_smoothing == 0.5:
             raise ValueError("`robust` divides by `1 - 2·label_smoothing`: `label_smoothing=0.5` is undefined.")
+        if self.use_weighting and "sft" in self.loss_types:
+            # TRL 1.16 expands the batch's scalar SFT term to a per-pair view and scales it in place by the WPO
+            # weights (dpo_trainer.py:1501, 1525), which PyTorch refuses: the trainer itself cannot train this loss.
+            raise ValueError(
+                "`use_weighting=True` with `loss_type` 'sft' cannot be trained by TRL 1.16's DPOTrainer (it multiplies "
+                "the expanded SFT term in place by the WPO weights, which PyTorch refuses), so it has no loss to score."
+            )
 
     @classmethod
     def from_args(cls, args: Any) -> PreferenceLoss:
@@ -244,6 +333,7 @@ class PreferenceLoss:
             f_divergence_type=str(getattr(args.f_divergence_type, "value", args.f_divergence_type)),
             f_alpha_divergence_coef=float(args.f_alpha_divergence_coef),
             discopop_tau=float(args.discopop_tau),
+            use_weighting=bool(getattr(args, "use_weighting", False)),
         )
 
     @property
@@ -279,15 +369,25 @@ class PreferenceLoss:
     def __call__(
         self, policy: PairLogProbs, reference: PairLogProbs, lengths: CompletionLengths | None = None
     ) -> torch.Tensor:
-        """`L(z; θ)` per pair, unreduced, shape `(num_pairs,)`; `lengths` is required by `ipo`, `sigmoid_norm`, `sft`."""
+        """`L(z; θ)` per pair, unreduced, shape `(num_pairs,)`; `lengths` is required by `ipo`, `sigmoid_norm`, `sft`,
+        `policy.log_weight` by `use_weighting`."""
         if self.needs_lengths and lengths is None:
             raise ValueError(f"`loss_type={list(self.loss_types)}` needs the completion lengths of the pairs.")
+        if self.use_weighting and policy.log_weight is None:
+            raise ValueError(
+                "`use_weighting=True` (WPO) weights each pair's loss by the scored model's own per-pair weight, but "
+                "these log-probs carry no `log_weight`: score them with `use_weighting` on."
+            )
         beta = self.beta
         chosen_ratio = policy.chosen - reference.chosen
         rejected_ratio = policy.rejected - reference.rejected
         chosen_score, rejected_score = self._f_scores(chosen_ratio), self._f_scores(rejected_ratio)
         delta = chosen_score - rejected_score
         device = delta.device
+        pair_weight = None
+        if self.use_weighting:
+            # TRL's `chosen_weights * rejected_weights`, computed without gradient (a constant to autograd)
+            pair_weight = torch.exp(policy.log_weight.detach().to(device, delta.dtype))
         total = torch.zeros_like(delta)
         for loss_type, weight in zip(self.loss_types, self.weights, strict=True):
             if loss_type in ("ipo", "sigmoid_norm"):
@@ -330,6 +430,8 @@ class PreferenceLoss:
                 loss = -policy.chosen / lengths.chosen_scored.to(device, delta.dtype).clamp(min=1.0)
             else:  # sigmoid_norm
                 loss = -F.logsigmoid(beta * per_token_delta)
+            if pair_weight is not None:
+                loss = loss * pair_weight  # each term, as TRL weights each `per_sequence_loss`
             total = total + weight * loss
         return total
 
@@ -345,7 +447,8 @@ class PreferenceLoss:
         with torch.enable_grad():
             chosen = policy.chosen.detach().clone().requires_grad_(True)
             rejected = policy.rejected.detach().clone().requires_grad_(True)
-            losses = self(PairLogProbs(chosen, rejected), reference, lengths)
+            # WPO's weight stays a constant (TRL computes it under `no_grad`): ∂(w·L)/∂log π = w·∂L/∂log π
+            losses = self(PairLogProbs(chosen, rejected, policy.log_weight), reference, lengths)
             d_chosen, d_rejected = torch.autograd.grad(losses.sum(), (chosen, rejected), allow_unused=True)
         zeros = torch.zeros_like(policy.chosen)
         return (zeros if d_chosen is None else d_chosen), (zeros if d_rejected is None else d_rejected)

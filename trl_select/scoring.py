@@ -25,7 +25,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .scores import PairLogProbs
+from .scores import PairLogProbs, completion_sums, wpo_log_weights
 
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ ROW_KEY = "pool_row"
 # Keys of a collated batch that are not model inputs
 NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", ROW_KEY}
 
-BatchForward = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+# A batch's `(chosen, rejected)` summed log-probs, or `(chosen, rejected, log_weight)` with WPO's per-pair weight
+BatchForward = Callable[[dict[str, Any]], tuple[torch.Tensor, ...]]
 # The progress bars of the selection's own passes (scoring, aux alignment, influence) show when this logger is enabled
 # for INFO: with the trainer's `log_level` at info or debug, or in the `trl-select` CLI. Inside a training run they are
 # off by default, so a script's console shows the Trainer's bar and one line per selection event, not a bar per pass.
@@ -186,10 +187,15 @@ def check_same_batch_count(num_batches: int, accelerator: Accelerator, what: str
         )
 
 
-def sequence_log_probs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(
+    model: torch.nn.Module, batch: dict[str, Any], ld_alpha: float | None = None, use_weighting: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Summed completion log-probs of the chosen and rejected halves of a collated batch, as `DPOTrainer` computes them.
 
-    Uses TRL's fused LM head (`model(..., fused_lm_head=True).log_probs`), which never materialises the logits.
+    Uses TRL's fused LM head (`model(..., fused_lm_head=True).log_probs`), which never materialises the logits. With
+    `ld_alpha`, the sums are LD-DPO's (`scores.completion_sums`); with `use_weighting`, a third tensor is WPO's
+    per-pair log-weight under `model` (`scores.wpo_log_weights`), which needs the head's `log_sum_sq_probs` output
+    (TRL adds it to the policy's head when `use_weighting`; the aux stage to θ_aux's).
     """
     model_kwargs = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     model_kwargs["use_cache"] = False
@@ -201,11 +207,21 @@ def sequence_log_probs(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[t
             f"{type(model).__name__} returned no `log_probs`: its forward was not patched with TRL's fused LM head "
             "(`trl.trainer.utils.add_fused_lm_head`)."
         )
-    seq_len = completion_mask.size(1) - 1
+    shift_completion_mask = completion_mask[..., 1:]
+    seq_len = shift_completion_mask.size(1)
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
     per_token = outputs.log_probs[:, -seq_len:]
-    chosen, rejected = per_token.sum(dim=1).chunk(2, dim=0)
-    return chosen, rejected
+    chosen, rejected = completion_sums(per_token, shift_completion_mask, ld_alpha).chunk(2, dim=0)
+    if not use_weighting:
+        return chosen, rejected
+    log_sum_sq_probs = getattr(outputs, "log_sum_sq_probs", None)
+    if log_sum_sq_probs is None:
+        raise RuntimeError(
+            f"{type(model).__name__}'s fused LM head returns no `log_sum_sq_probs`, which WPO's weights need "
+            "(`use_weighting=True`): patch it with `add_fused_lm_head(model, outputs=(..., 'log_sum_sq_probs'))`."
+        )
+    log_weight = wpo_log_weights(per_token, log_sum_sq_probs[:, -seq_len:], shift_completion_mask)
+    return chosen, rejected, log_weight
 
 
 def is_activation_checkpointing(model: torch.nn.Module) -> bool:
@@ -290,13 +306,13 @@ def run_log_prob_pass(
     *,
     desc: str,
 ) -> PairLogProbs:
-    """Run `forward` over every batch of `loader` and gather `(chosen, rejected)` log-probs into row order (fp32, CPU).
+    """Run `forward` over every batch of `loader` and gather `(chosen, rejected[, log_weight])` into row order (fp32,
+    CPU): WPO's log-weight travels with the log-probs when the forward gives it (one more float per pair).
 
     Must be called on every rank: each batch is followed by a gather. Checks first that every rank has as many batches.
     """
     check_same_batch_count(len(loader), accelerator, desc)
-    chosen = torch.full((num_rows,), float("nan"), dtype=torch.float32)
-    rejected = torch.full((num_rows,), float("nan"), dtype=torch.float32)
+    values: list[torch.Tensor] = []  # chosen, rejected and, if the forward gives it, WPO's log-weight
     seen = torch.zeros(num_rows, dtype=torch.bool)
     progress = tqdm(
         loader,
@@ -305,14 +321,16 @@ def run_log_prob_pass(
         leave=False,
     )
     for batch in progress:
-        batch_chosen, batch_rejected = forward(batch)
-        rows, batch_chosen, batch_rejected = accelerator.gather(
-            (batch[ROW_KEY], batch_chosen.float(), batch_rejected.float())
-        )
+        outputs = forward(batch)
+        if not values:
+            values = [torch.full((num_rows,), float("nan"), dtype=torch.float32) for _ in outputs]
+        rows, *gathered = accelerator.gather((batch[ROW_KEY], *(output.float() for output in outputs)))
         rows = rows.cpu()
-        chosen[rows] = batch_chosen.cpu()
-        rejected[rows] = batch_rejected.cpu()
+        for target, value in zip(values, gathered, strict=True):
+            target[rows] = value.cpu()
         seen[rows] = True
     if not bool(seen.all()):
         raise RuntimeError(f"{desc}: {int((~seen).sum())} of {num_rows} rows were never scored.")
-    return PairLogProbs(chosen=chosen, rejected=rejected)
+    if not values:  # no rows, no batches
+        values = [torch.zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.float32)]
+    return PairLogProbs(*values)

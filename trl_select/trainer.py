@@ -418,9 +418,11 @@ class SelectiveDPOTrainer(DPOTrainer):
         engine, recorder = self.selection_engine, self.selection_engine.training_log_probs
         # π_ref's cached log-probs stand in for the step's reference forward when that forward would compute the same
         # values: a fixed reference, summed as TRL sums it, without dropout noise. TRL's precompute path then reads
-        # them from the batch, as the float32 a precomputed column gives.
+        # them from the batch, as the float32 a precomputed column gives. With `ld_alpha` the cache holds LD-weighted
+        # sums (every pass and the recorder form them with `scores.completion_sums`, TRL's own masks), which is what
+        # TRL's loss reads from precomputed columns too (`compute_ref_log_probs`), so they stand in as well.
         reference = None
-        if not (self.precompute_ref_logps or self.args.sync_ref_model or self.ld_alpha is not None):
+        if not (self.precompute_ref_logps or self.args.sync_ref_model):
             reference = engine.cached_reference(rows)
         noise = self._forward_noise({*recorder.recording, *([REFERENCE] if reference is not None else [])})
         for kind in recorder.recording & set(noise):

@@ -10,10 +10,14 @@ whatever order the dataloader hands the batches in (worker processes, `dataloade
 A forward that dropout perturbs is never recorded (`active_dropout`): the event scores those pairs with a pass of its
 own, in eval mode.
 
-Memory: two `(pool_size, 2)` fp32 buffers on the device (16 bytes per pair: 1.6 MB for 100k pairs), whatever the
-model size. Compute: one sum per sequence inside the step. Collectives: combining the ranks' records is one all-reduce
-of a flag, and, if any rank recorded anything, one all-reduce of a `(pool_size, 4)` fp32 tensor (16 bytes per pair,
-whatever the world size).
+The sums are those of TRL's loss, through the same pure functions as every scoring pass (`scores.completion_sums`:
+LD-DPO's down-weighted tail with `ld_alpha`); with `use_weighting`, θ's records also keep WPO's per-pair log-weight
+(`scores.wpo_log_weights`) from the step's `log_sum_sq_probs`, the weight TRL multiplied that step's loss by.
+
+Memory: two `(pool_size, 2)` fp32 buffers on the device (16 bytes per pair: 1.6 MB for 100k pairs; `(pool_size, 3)`,
+24 bytes per pair, with WPO), whatever the model size. Compute: one sum per sequence inside the step. Collectives:
+combining the ranks' records is one all-reduce of a flag, and, if any rank recorded anything, one all-reduce of a
+`(pool_size, 4)` fp32 tensor (`(pool_size, 6)` with WPO: 16 or 24 bytes per pair, whatever the world size).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from torch.nn.modules.dropout import _DropoutNd
 
-from .scores import PairLogProbs
+from .scores import PairLogProbs, completion_sums, wpo_log_weights
 
 
 logger = logging.getLogger(__name__)
@@ -103,15 +107,17 @@ def active_dropout(module: torch.nn.Module, adapters_off: bool = False) -> list[
 
 
 def record_terms(buffer: torch.Tensor) -> torch.Tensor:
-    """One rank's share of the cross-rank combine: `(pool, 4)` = [chosen, rejected with NaN as 0, their counts]."""
+    """One rank's share of the cross-rank combine: `(pool, 2k)` = the `k` recorded columns (chosen, rejected and, with
+    WPO, the log-weight) with NaN as 0, then their counts."""
     recorded = ~torch.isnan(buffer)
     return torch.cat([torch.where(recorded, buffer, torch.zeros_like(buffer)), recorded.to(buffer.dtype)], dim=1)
 
 
 def combine_terms(terms: torch.Tensor) -> torch.Tensor:
-    """The `(pool, 2)` records from the sum over ranks of `record_terms`: the mean of the ranks that recorded a row,
+    """The `(pool, k)` records from the sum over ranks of `record_terms`: the mean of the ranks that recorded a row,
     NaN where none did."""
-    sums, counts = terms[:, :2], terms[:, 2:]
+    width = terms.size(1) // 2
+    sums, counts = terms[:, :width], terms[:, width:]
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
 
 
@@ -128,17 +134,31 @@ class TrainingLogProbs:
             Rows of the training pool.
         device (`torch.device` or `str`, *optional*, defaults to `"cpu"`):
             Where the buffers live (the accelerator's device: recording never synchronises with the host).
+        ld_alpha (`float`, *optional*):
+            TRL's `ld_alpha`: the sums are LD-DPO's (`scores.completion_sums`), as the step's loss forms them.
+        use_weighting (`bool`, *optional*, defaults to `False`):
+            TRL's `use_weighting`: θ's records also keep WPO's per-pair log-weight (a third column; π_ref's stays NaN,
+            no loss reads a reference weight).
     """
 
-    def __init__(self, pool_size: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        pool_size: int,
+        device: torch.device | str = "cpu",
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
+    ) -> None:
         self.pool_size = pool_size
         self.device = torch.device(device)
+        self.ld_alpha = ld_alpha
+        self.use_weighting = use_weighting
+        self.width = 3 if use_weighting else 2  # chosen, rejected[, log_weight]
         self.buffers = {kind: self._empty() for kind in KINDS}
         self.recording: set[str] = set()
         self._warned: set[str] = set()
 
     def _empty(self) -> torch.Tensor:
-        return torch.full((self.pool_size, 2), float("nan"), dtype=torch.float32, device=self.device)
+        return torch.full((self.pool_size, self.width), float("nan"), dtype=torch.float32, device=self.device)
 
     def clear(self, kind: str) -> None:
         """Forget every recorded row of `kind`."""
@@ -170,21 +190,30 @@ class TrainingLogProbs:
         """Record the log-probs of one training micro-batch, whose pairs are the pool rows `rows`, computed by the
         forwards of `modules` in this block.
 
-        `modules` are the unwrapped policy and, if any, the reference model; a forward hook on each sums the fused LM
-        head's per-token log-probs over the completion, as TRL's loss does (positions outside the completion carry
+        `modules` are the unwrapped policy and, if any, the reference model; a forward hook on each keeps the fused LM
+        head's per-token log-probs (and, with WPO, `log_sum_sq_probs`), which are summed over the completion after the
+        block as TRL's loss sums them (`completion_sums`, `wpo_log_weights`; positions outside the completion carry
         zero log-prob). Without `recording` it records nothing.
         """
         if not self.recording:
             yield
             return
-        seq_len = completion_mask.size(1) - 1
-        captured: list[tuple[bool, torch.Tensor]] = []
+        shift_completion_mask = completion_mask[..., 1:]
+        seq_len = shift_completion_mask.size(1)
+        captured: list[tuple[bool, Any]] = []
 
         def hook(module: torch.nn.Module, args, output) -> None:
             log_probs = getattr(output, "log_probs", None)
             if log_probs is not None:
                 # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens
-                captured.append((torch.is_grad_enabled(), log_probs[:, -seq_len:].detach().sum(dim=1).float()))
+                log_sum_sq = getattr(output, "log_sum_sq_probs", None)
+                captured.append(
+                    (
+                        torch.is_grad_enabled(),
+                        log_probs[:, -seq_len:].detach(),
+                        None if log_sum_sq is None else log_sum_sq[:, -seq_len:].detach(),
+                    )
+                )
 
         handles = [module.register_forward_hook(hook) for module in dict.fromkeys(modules)]
         try:
@@ -192,19 +221,31 @@ class TrainingLogProbs:
         finally:
             for handle in handles:
                 handle.remove()
-        sums = {
-            POLICY: next((value for grad, value in captured if grad), None),
-            REFERENCE: next((value for grad, value in captured if not grad), None),
+        forwards = {
+            POLICY: next((forward for forward in captured if forward[0]), None),
+            REFERENCE: next((forward for forward in captured if not forward[0]), None),
         }
         for kind in sorted(self.recording):
-            value = sums[kind]
-            if value is None:
+            forward = forwards[kind]
+            if forward is None:
                 continue
-            if value.numel() != 2 * rows.numel():
-                self.give_up(kind, f"a training batch of {value.numel() // 2} pairs carried {rows.numel()} pool rows")
+            _, per_token, log_sum_sq = forward
+            if per_token.size(0) != 2 * rows.numel():
+                self.give_up(
+                    kind, f"a training batch of {per_token.size(0) // 2} pairs carried {rows.numel()} pool rows"
+                )
                 continue
-            chosen, rejected = value.chunk(2)
-            self.buffers[kind][rows.to(self.device)] = torch.stack([chosen, rejected], dim=1).to(self.device)
+            mask = shift_completion_mask.to(per_token.device)
+            chosen, rejected = completion_sums(per_token, mask, self.ld_alpha).float().chunk(2)
+            columns = [chosen, rejected]
+            if self.use_weighting:
+                if kind == POLICY and log_sum_sq is None:
+                    self.give_up(kind, "the policy's fused LM head returned no `log_sum_sq_probs` for WPO's weights")
+                    continue
+                # π_ref's weight is never read (WPO weights the loss by the trained model's own weight)
+                weight = wpo_log_weights(per_token, log_sum_sq, mask).float() if kind == POLICY else None
+                columns.append(torch.full_like(chosen, float("nan")) if weight is None else weight)
+            self.buffers[kind][rows.to(self.device)] = torch.stack(columns, dim=1).to(self.device)
 
     def combined(self, kind: str, accelerator: Accelerator | None = None) -> PairLogProbs:
         """Every rank's records of `kind` combined, on the CPU: NaN for a row no rank recorded.
@@ -223,7 +264,8 @@ class TrainingLogProbs:
                 terms = accelerator.reduce(record_terms(buffer.to(accelerator.device)), reduction="sum")
                 buffer = combine_terms(terms)
         buffer = buffer.float().cpu()
-        return PairLogProbs(chosen=buffer[:, 0].clone(), rejected=buffer[:, 1].clone())
+        log_weight = buffer[:, 2].clone() if self.use_weighting and kind == POLICY else None
+        return PairLogProbs(chosen=buffer[:, 0].clone(), rejected=buffer[:, 1].clone(), log_weight=log_weight)
 
     def restore(self, kind: str, log_probs: PairLogProbs, keep: bool = True) -> None:
         """Put back the records of `kind` a checkpoint saved (already combined over the ranks).
@@ -233,19 +275,34 @@ class TrainingLogProbs:
         """
         self.clear(kind)
         if keep:
-            self.buffers[kind] = torch.stack([log_probs.chosen, log_probs.rejected], dim=1).float().to(self.device)
+            columns = [log_probs.chosen, log_probs.rejected]
+            if self.use_weighting:
+                weight = log_probs.log_weight
+                columns.append(torch.full_like(log_probs.chosen, float("nan")) if weight is None else weight)
+            self.buffers[kind] = torch.stack(columns, dim=1).float().to(self.device)
 
 
 def missing_rows(log_probs: PairLogProbs) -> list[int]:
-    """Rows with no recorded log-prob on either side (never trained in the epochs recorded)."""
+    """Rows with no recorded value on either side (never trained in the epochs recorded), or, when the log-probs carry
+    WPO's log-weight, no weight."""
     missing = torch.isnan(log_probs.chosen) | torch.isnan(log_probs.rejected)
+    if log_probs.log_weight is not None:
+        missing |= torch.isnan(log_probs.log_weight)
     return torch.nonzero(missing).flatten().tolist()
 
 
 def fill_rows(log_probs: PairLogProbs, rows: Sequence[int], values: PairLogProbs | None) -> PairLogProbs:
-    """`log_probs` with `rows` replaced by `values` (in `rows` order; `None` when `rows` is empty)."""
+    """`log_probs` with `rows` replaced by `values` (in `rows` order; `None` when `rows` is empty). WPO's log-weight
+    is kept when either carries one (NaN where neither gave it)."""
     chosen, rejected = log_probs.chosen.clone(), log_probs.rejected.clone()
+    log_weight = None if log_probs.log_weight is None else log_probs.log_weight.clone()
+    if rows and values is not None and values.log_weight is not None and log_weight is None:
+        log_weight = torch.full_like(chosen, float("nan"))
     if rows:
         index = torch.as_tensor(list(rows), dtype=torch.long)
         chosen[index], rejected[index] = values.chosen.float(), values.rejected.float()
-    return PairLogProbs(chosen=chosen, rejected=rejected)
+        if log_weight is not None:
+            log_weight[index] = (
+                values.log_weight.float() if values.log_weight is not None else torch.tensor(float("nan"))
+            )
+    return PairLogProbs(chosen=chosen, rejected=rejected, log_weight=log_weight)

@@ -32,7 +32,7 @@ from datasets import Dataset, load_dataset  # noqa: E402
 import trl_select.auxiliary  # noqa: E402
 import trl_select.engine  # noqa: E402
 from tests.recording import RecordingTrainer  # noqa: E402
-from tests.testing_utils import DEMO_DATA, fast_config  # noqa: E402
+from tests.testing_utils import DEMO_DATA, fast_config, with_unequal_rejected  # noqa: E402
 from trl_select import read_history  # noqa: E402
 from trl_select.scoring import is_activation_checkpointing  # noqa: E402
 from trl_select.testing import build_char_tokenizer, build_tiny_llama, read_jsonl  # noqa: E402
@@ -111,6 +111,12 @@ def main() -> None:
         default="reference",
         choices=["none", "reference", "reference_and_policy"],
         help="`scoring_reuse` of the config.",
+    )
+    parser.add_argument(
+        "--ld_wpo",
+        action="store_true",
+        help="LD-DPO (`ld_alpha=0.5`) and WPO (`use_weighting=True`), on a pool with rejected completions of other "
+        "lengths than the chosen ones.",
     )
     parser.add_argument(
         "--check_aux_identity",
@@ -248,6 +254,8 @@ def main() -> None:
     else:
         pool = Dataset.from_list(read_jsonl(DEMO_DATA / "train.jsonl")[: options.pool])
         validation = Dataset.from_list(read_jsonl(DEMO_DATA / "validation.jsonl")[:40])
+    if options.ld_wpo:
+        pool, validation = with_unequal_rejected(pool), with_unequal_rejected(validation)
     args = fast_config(
         out / "run",
         per_device_train_batch_size=options.per_device_batch,
@@ -263,6 +271,7 @@ def main() -> None:
         accelerator_config={"use_configured_state": options.deepspeed is not None},
         bf16=options.bf16,
         gradient_checkpointing=options.gradient_checkpointing,
+        **({"ld_alpha": 0.5, "use_weighting": True} if options.ld_wpo else {}),
         **({"save_strategy": "steps", "save_steps": options.save_steps} if options.save_steps else {}),
     )
     extra = {} if options.validation_apart else {"ref_model": copy.deepcopy(model)}
