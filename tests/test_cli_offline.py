@@ -247,3 +247,62 @@ def test_score_with_two_processes_matches_one(scored, tmp_path):
     )
     assert result.returncode != 0 and "runs on one process only; this run has 2" in result.stderr
     assert not (tmp_path / "influence.parquet").exists()
+
+
+def test_score_accepts_every_per_pair_loss_and_its_weights(tmp_path):
+    from trl_select.cli import LOSS_TYPES, OFFLINE_RULE, _score_config, build_parser
+    from trl_select.registry import registered_rule
+    from trl_select.registry_builtins import keep_everything
+    from trl_select.scores import SUPPORTED_LOSS_TYPES
+
+    assert LOSS_TYPES == SUPPORTED_LOSS_TYPES
+    base = ["score", "--model", "m", "--ref_model", "r", "--dataset", "d.jsonl", "--out", "o.parquet", "--use_cpu"]
+    for loss_type in SUPPORTED_LOSS_TYPES:
+        args = build_parser().parse_args([*base, "--loss_type", loss_type])
+        assert args.loss_type == [loss_type]
+    args = build_parser().parse_args(
+        [*base, "--loss_type", "robust", "sft", "--loss_weights", "1", "0.5", "--label_smoothing", "0.1"]
+    )
+    with registered_rule(OFFLINE_RULE, keep_everything, scores=("lossdiff",)):
+        loss = _score_config(args, str(tmp_path)).preference_loss()
+    assert loss.loss_types == ("robust", "sft") and list(loss.loss_weights) == [1.0, 0.5]
+    assert loss.label_smoothing == 0.1
+    assert build_parser().parse_args(base).loss_type == ["sigmoid"]  # the default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--loss_type", "aot"])  # no per-pair form: not a choice
+
+
+def test_score_with_a_weighted_loss_list(scored, capsys):
+    root = scored["root"]
+    argv = [
+        "score",
+        "--model",
+        str(root / "policy"),
+        "--ref_model",
+        str(root / "reference"),
+        "--dataset",
+        str(root / "train.jsonl"),
+        "--validation",
+        str(root / "validation.jsonl"),
+        "--scores",
+        "lossdiff,irm",
+        "--beta",
+        str(BETA),
+        "--max_length",
+        "64",
+        "--batch_size",
+        "16",
+        "--aux_max_steps",
+        "2",
+        "--use_cpu",
+        "--out",
+        str(root / "weighted.parquet"),
+        "--loss_type",
+        "ipo",
+        "sft",
+    ]
+    assert main([*argv, "--loss_weights", "1"]) == 2  # one weight for two losses
+    assert "loss_weights" in capsys.readouterr().err
+    assert main([*argv, "--loss_weights", "1", "0.5"]) == 0
+    event = read_score_file(root / "weighted.parquet").event
+    assert set(event.scores) == {"lossdiff", "irm"} and np.isfinite(event.scores["lossdiff"]).all()

@@ -60,12 +60,25 @@ def test_every_selection_field_has_help():
         ({"selection_strategy": "batch"}, "selection_strategy"),
         ({"selection_steps": 1.5}, "selection_steps"),
         ({"selection_warmup_steps": -0.2}, "selection_warmup_steps"),
-        ({"train_sampling_strategy": "group_by_length"}, "train_sampling_strategy"),
+        ({"train_sampling_strategy": "batch_rebalance"}, "train_sampling_strategy"),
+        ({"dataloader_drop_last": True}, "dataloader_drop_last"),
     ],
 )
 def test_invalid_fields_raise_naming_the_field(kwargs, field_name):
     with pytest.raises(ValueError, match=f"`{field_name}"):
         _config(**kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["random", "sequential", "group_by_length"])
+def test_sampling_strategies_the_selection_sampler_applies(strategy):
+    assert _config(train_sampling_strategy=strategy).train_sampling_strategy == strategy
+
+
+def test_refused_sampler_options_name_the_fix():
+    with pytest.raises(ValueError, match="Use 'random' \\(default\\), 'sequential' or 'group_by_length'"):
+        _config(train_sampling_strategy="batch_rebalance")
+    with pytest.raises(ValueError, match="never makes a partial last batch.*Leave it at False"):
+        _config(dataloader_drop_last=True)
 
 
 def test_rule_none_accepts_anything_dpo_accepts():

@@ -40,6 +40,8 @@ CASES = [
     {"loss_type": ["sigmoid"], "ld_alpha": 0.5, "precompute_ref_log_probs": True},
     # events inside the epochs: chunks of the pool scored, θ_t's weights taken by row
     {"loss_type": ["sigmoid"], "ld_alpha": 0.5, "use_weighting": True, "selection_strategy": "steps"},
+    # TR-DPO: the reference moves toward the policy after every step, so every π_ref cache goes stale at once
+    {"sync_ref_model": True, "ref_model_sync_steps": 1, "ref_model_mixup_alpha": 0.5},
 ]
 # The options whose cases run on `unequal_pool`: with equal completion lengths LD-DPO would be plain DPO.
 UNEQUAL_LENGTH_OPTIONS = ("ld_alpha", "use_weighting")

@@ -36,7 +36,6 @@ import contextlib
 import copy
 import logging
 import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -662,6 +661,7 @@ class AuxiliaryModel:
         """
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
+        from transformers.pytorch_utils import Conv1D
 
         policy = self.policy
         if any(isinstance(module, LoraLayer) for module in policy.modules()):
@@ -682,15 +682,18 @@ class AuxiliaryModel:
             lora_dropout=0.0,
             bias="none",
             target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+            # GPT-2's Conv1D stores its weight transposed: PEFT would warn and set this itself. Said here, not by
+            # silencing the warning: a `warnings.catch_warnings()` block resets Python's once-per-location memory, and
+            # every warning already shown (a deprecation inside TRL's steps, ...) would be shown again after each
+            # refresh.
+            fan_in_fan_out=any(isinstance(module, Conv1D) for module in policy.modules()),
         )
         try:
             # A's Kaiming draw happens on the CPU (PEFT builds the layers there, then moves them to the base layer's
             # device): a forked CPU generator seeded alike on every rank makes θ_aux identical across ranks.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.settings.seed + self.num_refreshes)
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: PEFT sets it
-                    inject_adapter_in_model(config, policy, adapter_name=INJECTED_AUX_ADAPTER)
+                inject_adapter_in_model(config, policy, adapter_name=INJECTED_AUX_ADAPTER)
             injected = [(name, module) for name, module in policy.named_modules() if isinstance(module, LoraLayer)]
             if not injected:
                 raise ValueError(

@@ -28,7 +28,6 @@ from .segments import (
     estimated_steps,
     expected_keep_fraction,
     next_event_step,
-    pass_order,
     split_kept,
 )
 from .training_log_probs import POLICY, REFERENCE
@@ -184,6 +183,11 @@ class SelectionCallback(TrainerCallback):
         self.engine.count_training((state.global_step - self._epoch_start_step) * args.gradient_accumulation_steps)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if getattr(args, "sync_ref_model", False) and state.global_step % args.ref_model_sync_steps == 0:
+            # TR-DPO: TRL's `SyncRefModelCallback` mixes π_ref toward θ at the end of this step (TRL's own condition).
+            # Its callback runs before this one, but the order does not matter: no forward runs between the two, and
+            # every event and training step after this one reads π_ref afresh.
+            self.engine.reference_synced()
         if self.strategy == "steps" and self._consumed is not None:
             # The Trainer's `epoch + step / steps_in_epoch` assumes full-pool epochs: an epoch here is a pass, and it
             # is as far as the pairs it has trained or dropped.
@@ -399,8 +403,7 @@ class SelectionCallback(TrainerCallback):
 
     def _remaining(self) -> np.ndarray:
         """The pairs of the pass neither trained, dropped nor left out yet, in pass order."""
-        args = self.trainer.args
-        order = pass_order(self.sampler.pool_size, args.seed, self._last_epoch_handled)
+        order = self.sampler.pass_order(self._last_epoch_handled)
         return order[~self._consumed[order]]
 
     def _segment_event(self, state: TrainerState, remaining: np.ndarray, needed: int) -> bool:
@@ -575,9 +578,9 @@ class SelectionCallback(TrainerCallback):
         The trainer calls this at the start of every training loop (each `train()`, and each retry of
         `auto_find_batch_size` after an out-of-memory error, which restarts the loop from step 0), before the Trainer
         sizes the run from the sampler's length: a sampler still holding the last selection would make `max_steps`
-        too short, and a remembered epoch would skip the new loop's warm-up event. π_ref's cached log-probs stay (π_ref
-        never changes); θ_aux's are dropped and its shuffle seeds restart, as in a new run. A resume then restores its
-        checkpoint's selection over this.
+        too short, and a remembered epoch would skip the new loop's warm-up event. π_ref's cached log-probs stay (they
+        are of π_ref as it is now: with `sync_ref_model` each sync drops them); θ_aux's are dropped and its shuffle
+        seeds restart, as in a new run. A resume then restores its checkpoint's selection over this.
         """
         self.sampler.end_segments()
         self.sampler.set_selection(range(self.sampler.pool_size))

@@ -69,6 +69,7 @@ SELECTION_CONFIG_FIELDS = (
     "ld_alpha",
     "use_weighting",
     "seed",
+    "train_sampling_strategy",
     "num_train_epochs",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",

@@ -95,6 +95,23 @@ def _add_plugin_argument(parser: argparse.ArgumentParser) -> None:
 # ----- score -----
 
 OFFLINE_RULE = "trl_select_offline_scores"
+# `scores.SUPPORTED_LOSS_TYPES`, every per-pair loss of TRL (a test keeps the two equal); spelled out here so that
+# `trl-select --help` does not import torch.
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 
 
 def _add_score_command(subparsers: argparse._SubParsersAction) -> None:
@@ -116,7 +133,29 @@ def _add_score_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--scores", default="irm", help="Comma-separated registered scores (default: irm).")
     parser.add_argument("--out", required=True, help="The parquet file to write.")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO β (default: 0.1).")
-    parser.add_argument("--loss_type", choices=("sigmoid", "hinge"), default="sigmoid", help="sigmoid (DPO) or hinge.")
+    parser.add_argument(
+        "--loss_type",
+        nargs="+",
+        choices=LOSS_TYPES,
+        default=["sigmoid"],
+        metavar="LOSS",
+        help="The trainer's loss, as TRL's `--loss_type`: one or more of " + ", ".join(LOSS_TYPES) + " (default: "
+        "sigmoid). LossDiff and influence evaluate it per pair; several are summed with --loss_weights.",
+    )
+    parser.add_argument(
+        "--loss_weights",
+        nargs="+",
+        type=float,
+        default=None,
+        metavar="WEIGHT",
+        help="One weight per --loss_type (default: 1 each), as TRL's `--loss_weights`.",
+    )
+    parser.add_argument(
+        "--label_smoothing",
+        type=float,
+        default=0.0,
+        help="TRL's `label_smoothing`, read by the robust and exo_pair losses (default: 0).",
+    )
     parser.add_argument("--max_length", type=int, default=1024, help="Truncation length of prompt+completion.")
     parser.add_argument("--batch_size", type=int, default=8, help="Per-device batch size of the passes.")
     parser.add_argument("--aux_max_steps", type=int, default=-1, help="Aux alignment steps (default: one epoch).")
@@ -134,13 +173,37 @@ def _add_score_command(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_score)
 
 
+def _score_config(args: argparse.Namespace, output_dir: str):
+    """The trainer config `score` runs its passes with (a `ValueError` naming the option when it is invalid)."""
+    from .config import SelectiveDPOConfig
+
+    return SelectiveDPOConfig(
+        output_dir=output_dir,
+        report_to="none",
+        selection_rule=OFFLINE_RULE,
+        beta=args.beta,
+        loss_type=list(args.loss_type),
+        loss_weights=args.loss_weights,
+        label_smoothing=args.label_smoothing,
+        max_length=args.max_length,
+        per_device_eval_batch_size=args.batch_size,
+        per_device_train_batch_size=args.batch_size,
+        aux_max_steps=args.aux_max_steps,
+        aux_learning_rate=args.aux_learning_rate,
+        aux_mode=args.aux_mode,
+        seed=args.seed,
+        use_cpu=args.use_cpu,
+        bf16=args.bf16,
+        disable_tqdm=False,
+    )
+
+
 def _score(args: argparse.Namespace) -> int:
     import tempfile
 
     import numpy as np
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .config import SelectiveDPOConfig
     from .event import SelectionEvent
     from .registry import registered_rule
     from .registry_builtins import keep_everything
@@ -152,23 +215,11 @@ def _score(args: argparse.Namespace) -> int:
     # The trainer prepares what its rule's scores need (the validation pairs, their reference): for the length of this
     # command, a rule that keeps everything and reads the requested scores stands for them.
     with registered_rule(OFFLINE_RULE, keep_everything, scores=names), tempfile.TemporaryDirectory() as scratch:
-        config = SelectiveDPOConfig(
-            output_dir=scratch,
-            report_to="none",
-            selection_rule=OFFLINE_RULE,
-            beta=args.beta,
-            loss_type=[args.loss_type],
-            max_length=args.max_length,
-            per_device_eval_batch_size=args.batch_size,
-            per_device_train_batch_size=args.batch_size,
-            aux_max_steps=args.aux_max_steps,
-            aux_learning_rate=args.aux_learning_rate,
-            aux_mode=args.aux_mode,
-            seed=args.seed,
-            use_cpu=args.use_cpu,
-            bf16=args.bf16,
-            disable_tqdm=False,
-        )
+        try:
+            config = _score_config(args, scratch)
+        except ValueError as error:  # e.g. --loss_weights of another length than --loss_type, or an unscorable loss
+            print(f"trl-select score: {error}", file=sys.stderr)
+            return 2
         dataset = load_pairs(args.dataset, args.split)
         validation = load_pairs(args.validation, args.split) if args.validation else None
         if config.needs_validation and validation is None:

@@ -26,12 +26,7 @@ SELECTION_STRATEGIES = ("auto", "epoch", "steps")
 
 
 # `DPOConfig` fields that selection refuses away from their default, with the reason (docs/configuration.md's table).
-UNSUPPORTED_WITH_SELECTION: dict[str, tuple[object, str]] = {
-    "sync_ref_model": (
-        False,
-        "TR-DPO moves the reference during training, while selection caches π_ref's log-probs once per run",
-    ),
-}
+UNSUPPORTED_WITH_SELECTION: dict[str, tuple[object, str]] = {}
 
 
 @dataclass
@@ -456,15 +451,21 @@ class SelectiveDPOConfig(DPOConfig):
                 "(`seed + epoch`).",
                 self.data_seed,
             )
-        if self.train_sampling_strategy != "random":
+        if self.train_sampling_strategy == "batch_rebalance":
             raise ValueError(
-                f"`train_sampling_strategy={self.train_sampling_strategy!r}` is not supported with selection: the "
-                "selection sampler decides the order. Leave it at 'random'."
+                "`train_sampling_strategy='batch_rebalance'` (`--train_sampling_strategy`) is not supported with "
+                "selection: transformers' `BatchRebalanceSampler` gives the ranks micro-batches of different sizes "
+                "(fewer long pairs, more short ones), while the selection sampler gives every rank the same batch "
+                "sizes step by step (its compute accounting, segments and resume rely on it). Use 'random' (default), "
+                "'sequential' or 'group_by_length', which the selection sampler applies to the selected pairs."
             )
         if self.dataloader_drop_last:
             raise ValueError(
-                "`dataloader_drop_last=True` is not supported with selection: every selected pair is trained (ranks "
-                "get equal shares). Leave it at False."
+                "`dataloader_drop_last=True` (`--dataloader_drop_last`) is not supported with selection: the selection "
+                "sampler never makes a partial last batch (each epoch's selected pairs, or each in-epoch segment, are "
+                "cut into balanced batches of at most `per_device_train_batch_size`, the same sizes on every rank, "
+                "segments in whole optimizer steps), and dropping pairs to make every batch full would leave up to "
+                "world_size x per_device_train_batch_size - 1 selected pairs untrained per epoch. Leave it at False."
             )
 
 

@@ -3,9 +3,10 @@
 `ScoringEngine` owns what the scores are computed from, on every rank:
 
 - the pool's scoring loader and the tokens per pair of the pool and of the validation pairs;
-- the log-prob caches: π_ref over the pool and over the validation pairs (computed once), θ_aux over the pool (at each
-  refresh), and the `TrainingLogProbs` recorder of the training steps' own log-probs (`scoring_reuse`); once π_ref's
-  pool log-probs are cached, the training steps take theirs from the cache (`cached_reference`) instead of a forward;
+- the log-prob caches: π_ref over the pool and over the validation pairs (computed once, or again after each TR-DPO
+  sync of the reference: `reference_synced`), θ_aux over the pool (at each refresh), and the `TrainingLogProbs`
+  recorder of the training steps' own log-probs (`scoring_reuse`); once π_ref's pool log-probs are cached, the
+  training steps take theirs from the cache (`cached_reference`) instead of a forward (not with `sync_ref_model`);
 - the auxiliary model θ_aux (docs/design.md §6), built on first use;
 - the `ComputeLedger` of forward-token equivalents (§7.1).
 
@@ -116,6 +117,9 @@ class ScoringEngine:
         self._auxiliary_log_probs: PairLogProbs | None = None
         self._auxiliary: AuxiliaryModel | None = None
         self._restored_aux_num_refreshes = 0
+        # TR-DPO (`sync_ref_model`): how many times the reference was mixed toward the policy in this process. Every
+        # π_ref value the caches hold is of the reference as it is now: each sync drops them (`reference_synced`).
+        self.reference_syncs = 0
         # Cumulative FTE per category (`compute.py`), counted from the tokenized datasets' lengths: exact, global
         # (every rank counts the same), and without collectives or the scoring passes' padding duplicates.
         self.compute = ComputeLedger()
@@ -395,7 +399,7 @@ class ScoringEngine:
         return values[:, 0], values[:, 1]
 
     def validation_reference_log_probs(self) -> PairLogProbs:
-        """π_ref's log-probs over the validation pairs: computed once and cached.
+        """π_ref's log-probs over the validation pairs: computed once and cached (again after a TR-DPO sync).
 
         With `precompute_ref_log_probs=True` they were computed before training began (the trainer adds the columns
         to the validation set as TRL does to `eval_dataset`): without a `ref_model`, π_ref is only available then.
@@ -413,7 +417,8 @@ class ScoringEngine:
         return self._validation_reference
 
     def auxiliary(self) -> AuxiliaryModel:
-        """θ_aux's builder (docs/design.md §6), built on first use."""
+        """θ_aux's builder (docs/design.md §6), built on first use, aligning against π_ref's validation log-probs as the
+        reference is now (a TR-DPO sync since the last call drops them: `reference_synced`)."""
         if self._auxiliary is None:
             trainer = self.trainer
             self._auxiliary = AuxiliaryModel(
@@ -428,6 +433,8 @@ class ScoringEngine:
             )
             # A resumed run continues the aux shuffle seeds (`seed + num_refreshes`) where the checkpoint left them.
             self._auxiliary.num_refreshes = self._restored_aux_num_refreshes
+        else:
+            self._auxiliary.validation_reference = self.validation_reference_log_probs()
         return self._auxiliary
 
     def auxiliary_log_probs(
@@ -525,12 +532,32 @@ class ScoringEngine:
         self.training_log_probs.begin_epoch(self.reused_kinds(epoch, num_train_epochs))
         self.plan_training(self.sampler.rows)
 
+    # ----- a moving reference (TR-DPO) -----
+
+    def reference_synced(self) -> None:
+        """TRL's `SyncRefModelCallback` has just mixed π_ref toward the policy (`sync_ref_model`): forget every π_ref
+        log-prob computed before, so the next event (and the aux stage) reads the reference the trainer trains against.
+
+        Dropped: the pool cache (and the copy the training steps could read), the validation cache the aux stage aligns
+        against, and the training steps' records of π_ref (recorded before this sync, so of the old reference; the
+        steps after it record the new one). Kept: θ_aux's pool log-probs (θ_aux is a model of its own) and θ's
+        records. Called at the end of every optimizer step where TRL syncs, on every rank alike (a function of
+        `global_step` only): no collective.
+        """
+        self.reference_syncs += 1
+        self._set_reference(None)
+        self._validation_reference = None
+        self.training_log_probs.clear(REFERENCE)
+
     # ----- checkpoint state -----
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The cached log-probs a checkpoint keeps: π_ref's, θ_aux's and the training steps' records."""
+        """The cached log-probs a checkpoint keeps: π_ref's (not with `sync_ref_model`), θ_aux's and the training
+        steps' records."""
         tensors = dict(self._checkpoint_training_log_probs)
         for name, log_probs in (("reference", self._reference), ("auxiliary", self._auxiliary_log_probs)):
+            if name == "reference" and self.trainer.args.sync_ref_model:
+                continue  # `restore` drops them: the resumed run's reference is not the one they were computed with
             if log_probs is not None:
                 # θ_aux's WPO log-weight (`auxiliary.log_weight`) too: its loss is evaluated at the next events
                 tensors.update({f"{name}.{field}": value for field, value in log_probs.fields().items()})
@@ -543,6 +570,8 @@ class ScoringEngine:
         if self.trainer.args.scoring_reuse == "none":
             return
         for kind in (REFERENCE, POLICY):
+            if kind == REFERENCE and self.trainer.args.sync_ref_model:
+                continue  # `restore` drops them (see `checkpoint_tensors`)
             recorded = self.training_log_probs.combined(kind, self.trainer.accelerator)
             if not bool(torch.isnan(recorded.chosen).all()):
                 for field, value in recorded.fields().items():  # θ's WPO log-weight too
@@ -550,7 +579,8 @@ class ScoringEngine:
 
     def start_new_loop(self) -> None:
         """Forget the previous training loop: θ_aux's log-probs are dropped and its shuffle seeds restart, the
-        training-step records are cleared; π_ref's cached log-probs stay (π_ref never changes)."""
+        training-step records are cleared; π_ref's cached log-probs stay (they are of π_ref as it is now: fixed, or
+        with `sync_ref_model` as last synced, the cache dropped at every sync)."""
         self._auxiliary_log_probs = None
         self._restored_aux_num_refreshes = 0
         if self._auxiliary is not None:
@@ -559,10 +589,21 @@ class ScoringEngine:
             self.training_log_probs.clear(kind)
 
     def restore(self, tensors: dict[str, torch.Tensor], aux_num_refreshes: int) -> None:
-        """Continue from a checkpoint's cached log-probs and aux refresh count."""
+        """Continue from a checkpoint's cached log-probs and aux refresh count.
+
+        With `sync_ref_model`, no π_ref value is restored (the checkpoint holds none): TRL does not save the synced
+        reference in checkpoints, so the resumed run trains against the `ref_model` it holds, not the one the
+        checkpointed run had; π_ref values this process cached are of the reference it holds, and stay.
+        """
         self._restored_aux_num_refreshes = aux_num_refreshes
         if self._auxiliary is not None:  # built by an earlier `train()` of this trainer
             self._auxiliary.num_refreshes = aux_num_refreshes
+        if self.trainer.args.sync_ref_model:
+            tensors = {
+                name: value
+                for name, value in tensors.items()
+                if not name.startswith(("reference.", f"training_{REFERENCE}."))
+            }
         if "reference.chosen" in tensors:
             self._set_reference(PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"]))
         if "auxiliary.chosen" in tensors:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import torch
-from transformers.trainer_pt_utils import BatchRebalanceSampler
+from transformers.trainer_pt_utils import BatchRebalanceSampler, get_length_grouped_indices
 
 from .segments import whole_step_batch_sizes
+
+
+# `train_sampling_strategy` values the sampler orders an epoch by (`SelectionSampler.ordered`).
+ORDERS = ("random", "sequential", "group_by_length")
 
 
 def balanced_sizes(total: int, num_chunks: int) -> list[int]:
@@ -45,8 +50,9 @@ def shard_batches(
 class SelectionSampler(BatchRebalanceSampler):
     """Yields this rank's batches of the current selection, reshuffled every epoch.
 
-    Each epoch, the selected pool rows are permuted with a generator seeded by `seed + epoch`, identically on every
-    rank. The permutation is cut to a multiple of the world size (the at most `world_size - 1` rows cut are
+    Each epoch, the selected pool rows are ordered identically on every rank (`ordered`): permuted with a generator
+    seeded by `seed + epoch` (`order="random"`, the default), in pool order (`"sequential"`), or permuted and then
+    grouped by length as transformers' `LengthGroupedSampler` does (`"group_by_length"`). The order is cut to a multiple of the world size (the at most `world_size - 1` rows cut are
     `trimmed_rows()`, a different few each epoch), and each micro-step hands every rank an equal, contiguous slice of
     the next rows (balanced sizes, at most `max_batch_size`; see `shard_batches`). So every rank runs the same
     number of batches with the same sizes (DDP and ZeRO collectives never wait on a missing batch, and TRL's per-pair
@@ -69,15 +75,41 @@ class SelectionSampler(BatchRebalanceSampler):
             Number of data-parallel ranks.
         rank (`int`, *optional*, defaults to `0`):
             This rank.
+        order (`str`, *optional*, defaults to `"random"`):
+            How an epoch orders its rows: `"random"`, `"sequential"` or `"group_by_length"` (`train_sampling_strategy`).
+        lengths (`Sequence[int]`, *optional*):
+            Each pool row's length, required by `order="group_by_length"`.
+        accumulation (`int`, *optional*, defaults to `1`):
+            Micro-batches per optimizer step: `"group_by_length"` groups the rows of one optimizer step over all ranks
+            (`max_batch_size * accumulation * world_size`), as transformers groups `train_batch_size *
+            gradient_accumulation_steps`.
     """
 
-    def __init__(self, pool_size: int, *, max_batch_size: int, seed: int, world_size: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        pool_size: int,
+        *,
+        max_batch_size: int,
+        seed: int,
+        world_size: int = 1,
+        rank: int = 0,
+        order: str = "random",
+        lengths: Sequence[int] | None = None,
+        accumulation: int = 1,
+    ) -> None:
         if pool_size < 1:
             raise ValueError(f"The training pool is empty (pool_size={pool_size}); selection needs at least one pair.")
         if pool_size < world_size:
             raise ValueError(f"The training pool has {pool_size} pairs, fewer than the {world_size} ranks.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must lie in [0, {world_size}), got {rank}.")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {list(ORDERS)}, got {order!r}.")
+        if order == "group_by_length" and (lengths is None or len(lengths) != pool_size):
+            raise ValueError(f"order='group_by_length' needs one length per pool row ({pool_size}).")
+        self.order = order
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+        self.accumulation = accumulation
         self.pool_size = pool_size
         self.max_batch_size = max_batch_size
         self.seed = seed
@@ -145,9 +177,28 @@ class SelectionSampler(BatchRebalanceSampler):
         """Called by the Trainer at the start of each epoch."""
         self.epoch = epoch
 
+    def ordered(self, rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        """`rows` (pool rows, ascending) in epoch `epoch`'s training order over all ranks, the same on every rank.
+
+        `"random"`: permuted by a generator seeded with `seed + epoch`. `"sequential"`: as given, in pool order, every
+        epoch. `"group_by_length"`: permuted the same way, cut into megabatches of up to 50 optimizer steps' rows, each
+        sorted by decreasing length, the longest row first (transformers' `get_length_grouped_indices`).
+        """
+        if self.order == "sequential":
+            return rows
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        if self.order == "group_by_length":
+            step_rows = self.max_batch_size * self.accumulation * self.world_size
+            indices = get_length_grouped_indices(self.lengths[rows.numpy()].tolist(), step_rows, generator=generator)
+            return rows[torch.as_tensor(indices, dtype=torch.long)]
+        return rows[torch.randperm(len(rows), generator=generator)]
+
+    def pass_order(self, pass_index: int) -> np.ndarray:
+        """The order of the whole pool in pass `pass_index` of the in-epoch strategy (`segments.py`)."""
+        return self.ordered(torch.arange(self.pool_size), pass_index).numpy()
+
     def _epoch_order(self) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return self._rows[torch.randperm(len(self._rows), generator=generator)]
+        return self.ordered(self._rows, self.epoch)
 
     def trimmed_rows(self) -> list[int]:
         """The selected rows this epoch leaves out so that every rank gets as many rows as the others."""

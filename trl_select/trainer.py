@@ -9,6 +9,7 @@ reference log-probs. The selection event is in `callback.py`, the scores and the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -55,7 +56,7 @@ from .reporting import default_reporters
 from .sampler import SegmentedLoader, SelectionSampler
 from .schedule import RetimedLR, selective_horizon, update_steps_per_epoch
 from .scores import PairLogProbs
-from .scoring import ROW_KEY, inference_mode, run_log_prob_pass
+from .scoring import ROW_KEY, activation_checkpointing_off, inference_mode, run_log_prob_pass
 from .training_log_probs import POLICY, POOL_ROWS_KEY, REFERENCE, TrainingRowsCollator, active_dropout
 from .validation import (
     FRACTION_RULES,
@@ -220,6 +221,9 @@ class SelectiveDPOTrainer(DPOTrainer):
             seed=args.seed,
             world_size=self.accelerator.num_processes,
             rank=self.accelerator.process_index,
+            order=args.train_sampling_strategy,
+            lengths=self._pair_lengths() if args.train_sampling_strategy == "group_by_length" else None,
+            accumulation=args.gradient_accumulation_steps,
         )
         # Refuse a schedule with no event now, and say once when this run will select.
         schedule = self._event_schedule(args.per_device_train_batch_size)
@@ -320,6 +324,20 @@ class SelectiveDPOTrainer(DPOTrainer):
             scorer_needs(self.args.required_scores),
         )
 
+    def _pair_lengths(self) -> np.ndarray:
+        """Each pool pair's length for `train_sampling_strategy="group_by_length"`: the dataset's
+        `length_column_name` column if it has one (as transformers reads it), else the pair's padded length in a batch,
+        its longer sequence `max(min(P + C, L), min(P + R, L))` (prompt, chosen, rejected tokens, `max_length` L)."""
+        dataset = self.train_dataset
+        if self.args.length_column_name in dataset.column_names:
+            return np.asarray(dataset[self.args.length_column_name], dtype=np.int64)
+        max_length = getattr(self.data_collator, "max_length", self.args.max_length)
+        prompt = np.array([len(ids) for ids in dataset["prompt_ids"]], dtype=np.int64)
+        chosen = prompt + np.array([len(ids) for ids in dataset["chosen_ids"]], dtype=np.int64)
+        rejected = prompt + np.array([len(ids) for ids in dataset["rejected_ids"]], dtype=np.int64)
+        longer = np.maximum(chosen, rejected)
+        return longer if max_length is None else np.minimum(longer, max_length)
+
     @property
     def scoring_batch_size(self) -> int:
         return self.args.scoring_batch_size or self.args.per_device_eval_batch_size
@@ -367,7 +385,10 @@ class SelectiveDPOTrainer(DPOTrainer):
         def forward(batch):
             return self.compute_ref_log_probs(model, {k: v for k, v in batch.items() if k != ROW_KEY})
 
-        with inference_mode(self.accelerator.unwrap_model(model), self.args.gradient_checkpointing_kwargs):
+        with (
+            inference_mode(self.accelerator.unwrap_model(model), self.args.gradient_checkpointing_kwargs),
+            _trl_checkpointing_switch_on_current_api(),
+        ):
             return run_log_prob_pass(loader, forward, self.accelerator, len(dataset), desc="Scoring with reference")
 
     def log_selection_metrics(self, metrics: dict[str, float]) -> None:
@@ -628,6 +649,13 @@ class SelectiveDPOTrainer(DPOTrainer):
                 state, self.pool_fingerprint(), self._selection_config_fingerprint(), resume_from_checkpoint
             )
             self._resumed_selection = (state, tensors, str(resume_from_checkpoint))
+            if self.args.sync_ref_model:
+                logger.warning(
+                    "Resuming a `sync_ref_model=True` (TR-DPO) run: TRL does not save the synced reference in "
+                    "checkpoints, so the resumed run trains against the `ref_model` it was given, not the one the "
+                    "checkpointed run had synced. Selection scores with that same reference: the checkpoint carries "
+                    "no π_ref log-probs."
+                )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _init_training_state(
@@ -714,6 +742,23 @@ class SelectiveSLiCTrainer(SelectiveDPOTrainer):
 
 
 __all__ = ["ROW_INDEX_COLUMN", "SelectiveDPOTrainer", "SelectiveSLiCTrainer"]
+
+
+@contextlib.contextmanager
+def _trl_checkpointing_switch_on_current_api():
+    """Inside the block, TRL's `compute_ref_log_probs` switches activation checkpointing off and back on with
+    `scoring.activation_checkpointing_off` (transformers 5.23's names) instead of `trl.models.utils.
+    disable_gradient_checkpointing`, which reads the deprecated `is_gradient_checkpointing` and so warns (a
+    FutureWarning) at every reference pass of a selection event. The same switch: off if it was on, back on with the
+    trainer's kwargs. The training steps keep TRL's own (they warn once per process, as in a plain run)."""
+    from trl.trainer import dpo_trainer
+
+    saved = dpo_trainer.disable_gradient_checkpointing
+    dpo_trainer.disable_gradient_checkpointing = activation_checkpointing_off
+    try:
+        yield
+    finally:
+        dpo_trainer.disable_gradient_checkpointing = saved
 
 
 def _has_reference_columns(dataset: Dataset) -> bool:
