@@ -92,10 +92,14 @@ def test_slic_recipe(tmp_path):
     assert [r["event"] for r in history] == ["warmup", "selection"]
 
 
-def _swapped_trl_command(tmp_path: Path, **overrides: str | list[str]) -> list[str]:
+def _swapped_trl_command(tmp_path: Path, plain: bool = False, **overrides: str | list[str]) -> list[str]:
     """The command running TRL's swapped dpo.py on the tiny model and the demo data, 2 epochs unless `overrides` (flag
-    name -> value, or a list of values) say otherwise."""
+    name -> value, or a list of values) say otherwise. `plain`: TRL's own dpo.py on the same run, no selection flag."""
     script, model_dir = _swapped_trl_script(tmp_path)
+    if plain:
+        import trl.scripts.dpo
+
+        script = Path(trl.scripts.dpo.__file__)
     flags: dict[str, str | list[str]] = {
         "model_name_or_path": str(model_dir),
         "dataset_name": str(DEMO_DATA),
@@ -113,6 +117,8 @@ def _swapped_trl_command(tmp_path: Path, **overrides: str | list[str]) -> list[s
         "aux_max_steps": "2",
         **overrides,
     }
+    if plain:
+        flags.pop("aux_max_steps")
     arguments = []
     for name, value in flags.items():
         arguments += [f"--{name}", *([value] if isinstance(value, str) else value)]
@@ -121,10 +127,16 @@ def _swapped_trl_command(tmp_path: Path, **overrides: str | list[str]) -> list[s
 
 def test_trl_dpo_script_with_selective_classes(tmp_path):
     """Swap DPOTrainer/DPOConfig for the Selective classes in TRL's installed dpo.py; run it on local model + data."""
-    _run(_swapped_trl_command(tmp_path), cwd=tmp_path, timeout=600)
+    swapped = _run(_swapped_trl_command(tmp_path), cwd=tmp_path, timeout=600)
     history = read_history(tmp_path / "out")
     assert [r["event"] for r in history] == ["warmup", "selection"]
     assert 0.5 <= history[1]["num_selected"] / 2000 <= 0.8
+    # The same run with TRL's own script: selection adds at most 30% to what the console shows
+    plain_command = _swapped_trl_command(tmp_path, plain=True, output_dir=str(tmp_path / "plain"))
+    plain = _run(plain_command, cwd=tmp_path, timeout=600)
+    assert "trl-select" not in plain
+    swapped_lines, plain_lines = len(swapped.splitlines()), len(plain.splitlines())
+    assert swapped_lines <= 1.3 * plain_lines, (swapped_lines, plain_lines, swapped)
 
 
 @pytest.mark.parametrize(
