@@ -17,7 +17,8 @@ tiny Llama, 3 epochs, bands from epoch 1). Only the 2000-pair pool changes, buil
 - (c) `mixed`: 10% flipped, 40% easy, 50% informative.
 
 Arms: `full` (every pair), `default` (`lossdiff_irm`, both bands 10-90: the paper's rule), `low_cut` (both bands
-10-100), `irm_band` (IRM 10-90 alone), `auto` (`lossdiff_irm_auto`), `oracle` (drops exactly the harmful kinds,
+10-100), `irm_band` (IRM 10-90 alone), `auto` (`lossdiff_irm_auto`), `auto_harm_only` (its first design: IRM tails
+cut only with evidence of harm, none by default), `oracle` (drops exactly the harmful kinds,
 flipped pairs and near-ties: the gate that the regime can be helped by dropping pairs) and, on (b) and (c),
 `oracle_strict` (keeps only the informative pairs: it drops the easy ones too, to measure what they are worth). Each run is appended to
 `results/regimes/runs.jsonl` and skipped on a rerun; the SFT model of a seed is cached in `--work_dir`.
@@ -54,25 +55,25 @@ REGIMES = {
     "c": {"flipped": 0.1, "easy": 0.4, "tie": 0.0},
 }
 REGIME_NAMES = {"a": "30% flipped", "b": "30% easy + 30% near-ties", "c": "10% flipped + 40% easy"}
-ARMS = ("full", "default", "low_cut", "irm_band", "auto", "auto_v2", "oracle", "oracle_strict")
+ARMS = ("full", "default", "low_cut", "irm_band", "auto", "auto_harm_only", "oracle", "oracle_strict")
 ARM_SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"selection_rule": "benchmark_keep_all"},
     "default": {"selection_rule": "lossdiff_irm"},
     "low_cut": {"selection_rule": "lossdiff_irm", "lossdiff_hi_percentile": 100.0, "irm_hi_percentile": 100.0},
     "irm_band": {"selection_rule": "irm_band"},
     "auto": {"selection_rule": "lossdiff_irm_auto"},
-    "auto_v2": {"selection_rule": "benchmark_auto_v2"},
+    "auto_harm_only": {"selection_rule": "benchmark_auto_harm_only"},
     "oracle": {"selection_rule": "benchmark_oracle"},
     "oracle_strict": {"selection_rule": "benchmark_oracle_strict"},
 }
 FIXED_ARMS = ("full", "default", "low_cut", "irm_band")
 
 
-def auto_v2_rule(scores: dict[str, np.ndarray], context: SelectionContext):
-    """`lossdiff_irm_auto` with the IRM tails cut by default (the paper's 10-90) unless they show benefit."""
+def auto_harm_only_rule(scores: dict[str, np.ndarray], context: SelectionContext):
+    """The first design of `lossdiff_irm_auto`: IRM tails cut only with evidence of harm (no prior cut)."""
     from trl_select.registry_builtins import evidence_bands
 
-    return evidence_bands(scores, context.args.lossdiff_lo_percentile, prior_cut_slices=1)
+    return evidence_bands(scores, context.args.lossdiff_lo_percentile, prior_cut_slices=0)
 
 
 def regime_pool(rows: list[dict[str, Any]], regime: str, seed: int) -> list[dict[str, Any]]:
@@ -248,7 +249,7 @@ def main() -> None:
     options.out_dir.mkdir(parents=True, exist_ok=True)
     if not options.report_only:
         tokenizer = prepare_protocol_runs()
-        register_rule("benchmark_auto_v2", scores=("lossdiff", "irm"), overwrite=True)(auto_v2_rule)
+        register_rule("benchmark_auto_harm_only", scores=("lossdiff", "irm"), overwrite=True)(auto_harm_only_rule)
         for seed in options.seeds:
             base = build_task(seed)
             for regime in options.regimes:

@@ -71,14 +71,31 @@ def test_non_finite_pairs_are_left_out_and_small_pools_cut_nothing():
         harm_tested_cuts(irm, lossdiff, slice_percentiles=30)
 
 
-def test_auto_rule_keeps_the_lossdiff_upper_tail_and_the_harm_tested_irm_band():
+def test_a_prior_cut_holds_unless_the_slice_shows_benefit():
+    irm = np.arange(1000, dtype=float)
+    noise = np.tile([-0.05, 0.05], 500)
+    neutral = noise.copy()
+    assert harm_tested_cuts(irm, neutral, prior_cut_slices=1)[:2] == (10.0, 90.0)  # the paper's band by default
+    helpful_top = neutral.copy()
+    helpful_top[900:] += 0.1
+    assert harm_tested_cuts(irm, helpful_top, prior_cut_slices=1)[:2] == (10.0, 100.0)  # kept: evidence of benefit
+    harmful_low = neutral.copy()
+    harmful_low[:300] -= 0.1
+    assert harm_tested_cuts(irm, harmful_low, prior_cut_slices=1)[:2] == (30.0, 90.0)  # cut further: harm
+    with pytest.raises(ValueError, match="prior_cut_slices"):
+        harm_tested_cuts(irm, neutral, prior_cut_slices=5)
+
+
+def test_auto_rule_keeps_the_lossdiff_upper_tail_and_the_evidence_tested_irm_band():
     lossdiff, irm = _scores(np.random.default_rng(3))
+    lossdiff[irm > np.percentile(irm, 90)] += 0.05  # a helpful top IRM slice
     keep, bands = apply_rule("lossdiff_irm_auto", {"lossdiff": lossdiff, "irm": irm}, _context(len(irm)))
     expected_lossdiff, _ = percentile_band(lossdiff, 10.0, 100.0)
     expected_irm, _ = percentile_band(irm, 20.0, 100.0)
     np.testing.assert_array_equal(keep, expected_lossdiff & expected_irm)
     assert (bands["lossdiff"].lo_percentile, bands["lossdiff"].hi_percentile) == (10.0, 100.0)
     assert (bands["irm"].lo_percentile, bands["irm"].hi_percentile) == (20.0, 100.0)
+    assert bands["irm"].evidence["t_90_100"] > 2
     assert bands["irm"].evidence["t_0_10"] < -2 and not bands["lossdiff"].evidence
     # the fixed paper rule on the same scores cuts both upper tails
     fixed_keep, _ = apply_rule(
@@ -138,6 +155,6 @@ def test_a_run_records_the_chosen_cuts_and_their_evidence(tmp_path, tokenizer, t
     assert logged[0]["selection/irm/evidence/t_0_10"] == pytest.approx(selections[0]["band_evidence"]["irm"]["t_0_10"])
     # the evidence is computed from the event's own scores: recomputing it from the score file agrees
     event = files[0].event
-    lo, hi, evidence = harm_tested_cuts(event.scores["irm"], event.scores["lossdiff"])
+    lo, hi, evidence = harm_tested_cuts(event.scores["irm"], event.scores["lossdiff"], prior_cut_slices=1)
     assert (lo, hi) == (event.bands["irm"].lo_percentile, event.bands["irm"].hi_percentile)
     assert evidence["t_0_10"] == pytest.approx(event.bands["irm"].evidence["t_0_10"], rel=1e-4)

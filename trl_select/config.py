@@ -47,8 +47,8 @@ class SelectiveDPOConfig(DPOConfig):
             A rule registered in `trl_select.registry` (built-in, or your own with `register_rule`).
             `"lossdiff_irm"`: keep a pair iff it lies in the LossDiff band and in the IRM band. `"irm_band"`: IRM band
             only. `"lossdiff_band"`: LossDiff band only. `"lossdiff_irm_auto"`: LossDiff-IRM with the bands chosen at
-            each event from evidence: LossDiff `[lossdiff_lo_percentile, 100]`, and IRM tails cut only where their
-            LossDiff shows harm beyond noise (docs/scores_and_rules.md). `"tif"`: the band of the exact influence
+            each event from evidence: LossDiff `[lossdiff_lo_percentile, 100]`; each IRM tail cut at 10 percentiles
+            unless its LossDiff shows benefit, and further while it shows harm (docs/scores_and_rules.md). `"tif"`: the band of the exact influence
             (expensive). `"reward_gap"` / `"davir"`: the `selection_fraction` of pairs with the smallest implicit reward gap / the
             largest DavIR learnability. `"none"`: no selection; the trainer is exactly `DPOTrainer`.
         lossdiff_lo_percentile / lossdiff_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
@@ -136,7 +136,8 @@ class SelectiveDPOConfig(DPOConfig):
             "help": "Which pairs each epoch after warm-up trains on. `lossdiff_irm`: the pairs in both the LossDiff "
             "and the IRM percentile bands. `irm_band`: the IRM band only. `lossdiff_band`: the LossDiff band only. "
             "`lossdiff_irm_auto`: LossDiff-IRM with bands chosen from evidence at each event (LossDiff from "
-            "`lossdiff_lo_percentile` up; IRM tails cut only where their LossDiff shows harm). "
+            "`lossdiff_lo_percentile` up; each IRM tail cut at 10 percentiles unless its LossDiff shows benefit, "
+            "and further while it shows harm). "
             "`tif`: the exact-influence band (expensive). `reward_gap` / `davir`: the `selection_fraction` of pairs "
             "with the smallest implicit reward gap / largest DavIR learnability. `none`: every pair, exactly as "
             "`DPOTrainer`. Or any rule registered with `trl_select.register_rule`.",

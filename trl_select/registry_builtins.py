@@ -90,6 +90,10 @@ def evidence_bands(
     return intersection(lossdiff_keep, irm_keep), {"lossdiff": lossdiff_band, "irm": irm_band}
 
 
+# `lossdiff_irm_auto` cuts the outer IRM slice of each end (the paper's 10-90) unless it shows benefit.
+AUTO_PRIOR_CUT_SLICES = 1
+
+
 @register_rule("lossdiff_irm_auto", scores=("lossdiff", "irm"))
 def lossdiff_irm_auto_rule(
     scores: dict[str, np.ndarray], context: SelectionContext
@@ -98,11 +102,13 @@ def lossdiff_irm_auto_rule(
 
     - LossDiff band `[P_lo, max]`, `lo = lossdiff_lo_percentile`: a large LossDiff means the pair's gradient agrees
       with the validation gradient (first order), so its upper tail is kept.
-    - IRM band: each end cut by `harm_tested_cuts(IRM, LossDiff)`, in slices of 10 percentiles (at most 40 per side),
-      while a slice's mean LossDiff is below zero by more than 2 standard errors.
+    - IRM band from `harm_tested_cuts(IRM, LossDiff, prior_cut_slices=1)`, in slices of 10 percentiles: the outer
+      slice of each end is cut (the paper's 10-90) unless its mean LossDiff is above zero by more than 2 standard
+      errors; further slices (up to 40 percentiles a side) are cut while their mean LossDiff is below zero by more
+      than 2 standard errors.
     Reads only the two scores the event computed already: no extra forward. The same on every rank (the scores are).
     """
-    return evidence_bands(scores, context.args.lossdiff_lo_percentile)
+    return evidence_bands(scores, context.args.lossdiff_lo_percentile, AUTO_PRIOR_CUT_SLICES)
 
 
 @register_rule("irm_band", scores=("irm",))

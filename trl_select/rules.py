@@ -102,8 +102,8 @@ def band_intersection(
     return intersection(*masks), limits
 
 
-# The candidate cuts of `harm_tested_cuts`: slices of 10 percentiles, at most 40 percentiles cut from either end, and
-# a slice is cut when its mean effect is below zero by more than two standard errors.
+# The candidate cuts of `harm_tested_cuts`: slices of 10 percentiles, at most 40 percentiles cut from either end; a
+# slice is harmful (beneficial) when its mean effect is below (above) zero by more than two standard errors.
 HARM_SLICE_PERCENTILES = 10.0
 HARM_MAX_CUT_PERCENTILES = 40.0
 HARM_T_THRESHOLD = 2.0

@@ -137,7 +137,9 @@ class SelectiveDPOTrainer(DPOTrainer):
         # config could not.
         check_distributed_setup_supported(args, model)
         # FSDP2 cannot deep-copy the policy for a full-copy aux (a PEFT policy's aux is an adapter instead)
-        check_fsdp_aux_supported(args, peft_config is not None or (not isinstance(model, str) and is_peft_model(model)))
+        check_fsdp_aux_supported(
+            args, peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
+        )
         _check_precomputed_reference_is_shared(
             args,
             {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "validation_dataset": validation_dataset},
