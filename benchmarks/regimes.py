@@ -277,7 +277,7 @@ def main() -> None:
                         task,
                         sft_state,
                         tokenizer,
-                        options.work_dir / regime,
+                        options.work_dir / regime / arm,  # one folder per arm: workers may share a seed
                         overrides=ARM_SETTINGS[arm],
                         before_cleanup=_record_kinds(
                             kind_by_id,
