@@ -239,10 +239,11 @@ def acceptance_lines(runs: list[dict[str, Any]]) -> list[str]:
                 table.setdefault(run["arm"], {})[run["seed"]] = run["exact_match"]
         if "auto" not in table or "default" not in table:
             continue
-        seeds = sorted(set.intersection(*(set(table.get(arm, {})) for arm in (*FIXED_ARMS, "auto"))))
+        fixed = [arm for arm in FIXED_ARMS if arm in table]
+        seeds = sorted(set.intersection(*(set(table[arm]) for arm in (*fixed, "auto"))))
         if len(seeds) < 2:
             continue
-        best = max(FIXED_ARMS, key=lambda arm: np.mean([table[arm][s] for s in seeds]))
+        best = max(fixed, key=lambda arm: np.mean([table[arm][s] for s in seeds]))
         to_best = paired_delta([table["auto"][s] for s in seeds], [table[best][s] for s in seeds])
         to_default = paired_delta([table["auto"][s] for s in seeds], [table["default"][s] for s in seeds])
         t = to_default.mean / to_default.se if to_default.se > 0 else float("nan")
@@ -300,6 +301,13 @@ def main() -> None:
     parser.add_argument("--keep_scores", action="store_true", help="copy each run's score files to work_dir/scores")
     options = parser.parse_args()
     command = "OMP_NUM_THREADS=1 python -m benchmarks.regimes"
+    if options.out_dir != RESULTS:  # a second study (e.g. held-out seeds): name what differs
+        command += f" --seeds {' '.join(map(str, options.seeds))} --arms {' '.join(options.arms)} --out_dir "
+        command += str(
+            options.out_dir.resolve().relative_to(REPO)
+            if options.out_dir.resolve().is_relative_to(REPO)
+            else options.out_dir
+        )
     runs_path = options.out_dir / "runs.jsonl"
     options.out_dir.mkdir(parents=True, exist_ok=True)
     if not options.report_only:
