@@ -159,7 +159,47 @@ def kept_composition(run: dict[str, Any]) -> str:
     return " ".join(f"{k[:4]} {np.mean([s.get(k, 0.0) for s in shares]):.2f}" for k in kinds)
 
 
-def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str:
+def pooled_lines(runs: list[dict[str, Any]], other: list[dict[str, Any]], other_name: str) -> list[str]:
+    """Δ vs full and vs the default over the seeds of both studies (this one and `other`), for the arms both ran."""
+    rows = []
+    for regime in REGIMES:
+        table: dict[str, dict[int, float]] = {}
+        for run in (*runs, *other):
+            if run["regime"] == regime:
+                table.setdefault(run["arm"], {})[run["seed"]] = run["exact_match"]
+        arms = [arm for arm in ARMS if arm in table and arm not in ("full", "oracle") and "default" in table]
+        if "full" not in table or not arms:
+            continue
+        for arm in arms:
+            seeds = sorted(set(table["full"]) & set(table["default"]) & set(table[arm]))
+            to_full = paired_delta([table[arm][s] for s in seeds], [table["full"][s] for s in seeds])
+            cells = [
+                f"({regime})",
+                arm,
+                len(seeds),
+                f"{to_full.mean:+.3f} ± {to_full.se:.3f} ({to_full.wins}/{to_full.n})",
+            ]
+            if arm == "default":
+                cells.append("")
+            else:
+                to_default = paired_delta([table[arm][s] for s in seeds], [table["default"][s] for s in seeds])
+                cells.append(f"{to_default.mean:+.3f} ± {to_default.se:.3f} ({to_default.wins}/{to_default.n})")
+            rows.append(cells)
+    if not rows:
+        return []
+    return [
+        f"## Pooled with {other_name}",
+        "",
+        "Each arm paired with full and the default over every seed where the three ran.",
+        "",
+        markdown_table(["regime", "arm", "seeds", "Δ vs full", "Δ vs default"], rows),
+        "",
+    ]
+
+
+def write_report(
+    runs: list[dict[str, Any]], out_dir: Path, command: str, pooled: tuple[list[dict[str, Any]], str] | None = None
+) -> str:
     lines = [
         "# Which band for which data: fixed rules and `lossdiff_irm_auto` on three kinds of noisy pool",
         "",
@@ -223,6 +263,8 @@ def write_report(runs: list[dict[str, Any]], out_dir: Path, command: str) -> str
         )
         lines.append("")
     lines += acceptance_lines(runs)
+    if pooled is not None:
+        lines += pooled_lines(runs, *pooled)
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "regimes.md").write_text(text + "\n")
@@ -298,6 +340,7 @@ def main() -> None:
     parser.add_argument("--out_dir", type=Path, default=RESULTS)
     parser.add_argument("--work_dir", type=Path, default=REPO / "outputs" / "benchmark-regimes")
     parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--pooled_with", type=Path, help="another study's out_dir: add a section pooled over both")
     parser.add_argument("--keep_scores", action="store_true", help="copy each run's score files to work_dir/scores")
     options = parser.parse_args()
     command = "OMP_NUM_THREADS=1 python -m benchmarks.regimes"
@@ -356,7 +399,11 @@ def main() -> None:
                         [e["num_kept"] for e in result["epochs"]],
                         time.perf_counter() - start,
                     )
-    print(write_report(load_runs(runs_path), options.out_dir, command))
+    pooled = None
+    if options.pooled_with is not None:
+        pooled = (load_runs(options.pooled_with / "runs.jsonl"), f"`{options.pooled_with}`")
+        command += f" --pooled_with {options.pooled_with}"
+    print(write_report(load_runs(runs_path), options.out_dir, command, pooled))
 
 
 _KINDS: dict[str, Any] = {}
