@@ -411,12 +411,12 @@ def run_arm(
 # ----- the report -----
 
 
-def load_runs(path: Path) -> list[dict[str, Any]]:
-    """The cached runs of this protocol (the SFT records of a seed carry the protocol id too)."""
+def load_runs(path: Path, protocol: int = PROTOCOL_ID) -> list[dict[str, Any]]:
+    """The cached runs of `protocol` (default: this one; the SFT records of a seed carry the protocol id too)."""
     if not path.exists():
         return []
     runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [run for run in runs if run.get("protocol") == PROTOCOL_ID]
+    return [run for run in runs if run.get("protocol") == protocol]
 
 
 def by_arm(runs: list[dict[str, Any]], seeds: list[int]) -> dict[str, dict[int, dict[str, Any]]]:

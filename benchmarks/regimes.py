@@ -28,7 +28,6 @@ the report leaves out.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import string
@@ -38,8 +37,9 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import quality
 from benchmarks.common import machine_description, markdown_table, paired_delta
-from benchmarks.quality import PROTOCOL, append_run, build_task, prepare_protocol_runs, run_arm, sft_model
+from benchmarks.quality import append_run, build_task, prepare_protocol_runs, run_arm, sft_model
 from trl_select import SelectionContext, register_rule
 from trl_select.testing.reverse_digits import _near_miss, reverse_answer
 
@@ -144,10 +144,8 @@ def cached_sft(seed: int, task: dict[str, list[dict]], tokenizer, work_dir: Path
 
 
 def load_runs(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [run for run in runs if run.get("protocol") == PROTOCOL_ID]
+    """The cached runs of this benchmark's protocol."""
+    return quality.load_runs(path, PROTOCOL_ID)
 
 
 def kept_composition(run: dict[str, Any]) -> str:
@@ -326,12 +324,6 @@ def acceptance_lines(runs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def total_compute(result: dict[str, Any]) -> float:
-    last = result["evals"][-1]
-    counted = last["train_fte"] + (0.0 if result["arm"] == "full" else last["selection_fte"])
-    return counted / (PROTOCOL["num_train_epochs"] * result["epoch_fte"])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
@@ -371,6 +363,8 @@ def main() -> None:
                 )
                 for arm in todo:
                     start = time.perf_counter()
+                    scores_copy = options.work_dir / "scores" / regime / f"seed{seed}" / arm
+                    recorder = KindRecorder(kind_by_id, scores_copy if options.keep_scores else None)
                     result = run_arm(
                         "full" if arm == "full" else "lossdiff_irm",  # quality.py's base settings; ours on top
                         seed,
@@ -379,15 +373,12 @@ def main() -> None:
                         tokenizer,
                         options.work_dir / regime / arm,  # one folder per arm: workers may share a seed
                         overrides=ARM_SETTINGS[arm],
-                        before_cleanup=_record_kinds(
-                            kind_by_id,
-                            options.keep_scores and options.work_dir / "scores" / regime / f"seed{seed}" / arm,
-                        ),
+                        before_cleanup=recorder,
                     )
                     result.update(regime=regime, protocol=PROTOCOL_ID, sft_exact_match=sft_exact)
                     result["arm"] = arm
-                    result["total_compute"] = total_compute(result)
-                    result["epochs"] = _KINDS.pop("epochs", result["epochs"])
+                    result["total_compute"] = quality.total_compute(result)
+                    result["epochs"] = recorder.epochs
                     append_run(runs_path, result)
                     logger.info(
                         "regime %s seed %d %-9s exact-match %s compute x%.2f kept %s (%.0fs)",
@@ -406,41 +397,40 @@ def main() -> None:
     print(write_report(load_runs(runs_path), options.out_dir, command, pooled))
 
 
-_KINDS: dict[str, Any] = {}
+class KindRecorder:
+    """A `run_arm` hook: after each run, `epochs` holds every event's kept count, the share of each pair kind among
+    the kept pairs, and the rule's chosen percentiles and their evidence; with `keep_scores`, the run's score files
+    are copied there."""
 
+    def __init__(self, kind_by_id: dict[Any, str], keep_scores: Path | None = None) -> None:
+        self.kind_by_id = kind_by_id
+        self.keep_scores = keep_scores
+        self.epochs: list[dict[str, Any]] = []
 
-def _record_kinds(kind_by_id: dict[Any, str], keep_scores: Path | None = None):
-    """A `run_arm` hook: the share of each pair kind among each event's kept pairs, and the rule's record."""
-
-    def hook(output_dir: Path) -> None:
+    def __call__(self, output_dir: Path) -> None:
         import shutil
 
         from trl_select import read_history
 
-        if keep_scores:
-            shutil.rmtree(keep_scores, ignore_errors=True)
-            shutil.copytree(output_dir / "selection", keep_scores)
-
-        epochs = []
+        if self.keep_scores:
+            shutil.rmtree(self.keep_scores, ignore_errors=True)
+            shutil.copytree(output_dir / "selection", self.keep_scores)
+        self.epochs = []
         for record in read_history(output_dir):
             kept = record["selected_ids"]
             counts: dict[str, int] = {}
             for pair_id in kept:
-                counts[kind_by_id[pair_id]] = counts.get(kind_by_id[pair_id], 0) + 1
+                counts[self.kind_by_id[pair_id]] = counts.get(self.kind_by_id[pair_id], 0) + 1
             entry = {
                 "epoch": record["epoch"],
                 "event": record["event"],
                 "num_kept": len(kept),
                 "kind_shares": {k: v / max(len(kept), 1) for k, v in counts.items()},
             }
-            if "rule_evidence" in record:
-                entry["rule_evidence"] = record["rule_evidence"]
-            if "bands" in record:
-                entry["bands"] = record["bands"]
-            epochs.append(entry)
-        _KINDS["epochs"] = epochs
-
-    return hook
+            for key in ("percentiles", "band_evidence"):  # the bands `lossdiff_irm_auto` chose, and why
+                if key in record:
+                    entry[key] = record[key]
+            self.epochs.append(entry)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .event import PROGRESS_LOGGER
 from .pair_files import load_pairs, pair_ids_of
 from .suspects import DEFAULT_STATISTIC, SUSPECT_STATISTICS
 from .suspects_report import add_suspects_command
@@ -510,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    logging.getLogger("trl_select.progress").setLevel(logging.INFO)  # the scoring passes' progress bars
+    logging.getLogger(PROGRESS_LOGGER).setLevel(logging.INFO)  # the scoring passes' progress bars
     return args.handler(args)
 
 

@@ -25,10 +25,6 @@ SCORING_REUSE = ("none", "reference", "reference_and_policy")
 SELECTION_STRATEGIES = ("auto", "epoch", "steps")
 
 
-# `DPOConfig` fields that selection refuses away from their default, with the reason (docs/configuration.md's table).
-UNSUPPORTED_WITH_SELECTION: dict[str, tuple[object, str]] = {}
-
-
 @dataclass
 class SelectiveDPOConfig(DPOConfig):
     r"""
@@ -48,9 +44,9 @@ class SelectiveDPOConfig(DPOConfig):
             `"lossdiff_irm"`: keep a pair iff it lies in the LossDiff band and in the IRM band. `"irm_band"`: IRM band
             only. `"lossdiff_band"`: LossDiff band only. `"lossdiff_irm_auto"`: LossDiff-IRM with the bands chosen at
             each event from evidence: LossDiff `[lossdiff_lo_percentile, 100]`; each IRM tail cut at 10 percentiles
-            unless its LossDiff shows benefit, and further while it shows harm (docs/scores_and_rules.md). `"tif"`: the band of the exact influence
-            (expensive). `"reward_gap"` / `"davir"`: the `selection_fraction` of pairs with the smallest implicit reward gap / the
-            largest DavIR learnability. `"none"`: no selection; the trainer is exactly `DPOTrainer`.
+            unless its LossDiff shows benefit, and further while it shows harm (docs/scores_and_rules.md). `"tif"`:
+            the band of the exact influence (expensive). `"reward_gap"` / `"davir"`: the `selection_fraction` of pairs
+            with the smallest implicit reward gap / the largest DavIR learnability. `"none"`: no selection; the trainer is exactly `DPOTrainer`.
         lossdiff_lo_percentile / lossdiff_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
             Percentile band of LossDiff `L(z; θ_t) - L(z; θ_aux)` over the whole pool, closed on both ends.
         irm_lo_percentile / irm_hi_percentile (`float`, *optional*, defaults to `10.0` / `90.0`):
@@ -437,13 +433,6 @@ class SelectiveDPOConfig(DPOConfig):
         if not self.selection_enabled:
             return
         self.check_loss_is_scorable()
-        for name, (default, why) in UNSUPPORTED_WITH_SELECTION.items():
-            value = getattr(self, name)
-            if value != default:
-                raise ValueError(
-                    f"`{name}={value!r}` (`--{name}`) is not supported with `selection_rule={self.selection_rule!r}`: "
-                    f"{why}. Leave `{name}` at {default!r}, or set `selection_rule='none'`."
-                )
         if not self.num_train_epochs > 0:
             raise ValueError(f"`num_train_epochs` must be > 0 with selection, got {self.num_train_epochs}.")
         if self.data_seed is not None:

@@ -306,7 +306,7 @@ class ScoringEngine:
             recorded = self.training_log_probs.combined(kind, self.trainer.accelerator)
             if known is not None:
                 unrecorded = missing_rows(recorded)
-                recorded = fill_rows(recorded, unrecorded, _take(known, unrecorded))
+                recorded = fill_rows(recorded, unrecorded, known.take(unrecorded))
         else:
             recorded = known
         wanted_rows = list(range(self.pool_size)) if wanted is None else list(wanted)
@@ -346,7 +346,7 @@ class ScoringEngine:
             log_probs, num_scored = self._pool_pass(POLICY, False, "policy_scoring", run_pass, wanted=rows)
             if metrics is not None:
                 metrics["selection/policy_rescored_fraction"] = num_scored / self.pool_size
-            return _take(log_probs, rows)
+            return log_probs.take(rows)
         log_probs, num_scored = self._pool_pass(POLICY, reuse_training, "policy_scoring", run_pass)
         if metrics is not None:
             metrics["selection/policy_rescored_fraction"] = num_scored / self.pool_size
@@ -361,7 +361,7 @@ class ScoringEngine:
         if self._reference is None and trainer.reads_precomputed_reference(pool):
             self._set_reference(trainer.reference_log_probs(pool, None))  # TRL's columns: no forward
         wanted = list(range(self.pool_size)) if rows is None else rows
-        if self._reference is None or missing_rows(_take(self._reference, wanted)):
+        if self._reference is None or missing_rows(self._reference.take(wanted)):
             self._set_reference(
                 self._pool_pass(
                     REFERENCE, reuse_training, "reference", trainer.reference_log_probs, self._reference, wanted
@@ -369,7 +369,7 @@ class ScoringEngine:
             )
             if rows is None:
                 self.training_log_probs.clear(REFERENCE)
-        return self._reference if rows is None else _take(self._reference, rows)
+        return self._reference if rows is None else self._reference.take(rows)
 
     def _set_reference(self, log_probs: PairLogProbs | None) -> None:
         self._reference = log_probs
@@ -387,7 +387,7 @@ class ScoringEngine:
         batch: every rank skips the same reference forwards, which under ZeRO-3 (and DDP's forward) are collectives.
         """
         rows = list(rows)
-        self._plan_covered = self._reference is not None and not missing_rows(_take(self._reference, rows))
+        self._plan_covered = self._reference is not None and not missing_rows(self._reference.take(rows))
 
     def cached_reference(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """π_ref's cached log-probs `(chosen, rejected)` of the pool rows `rows` (a training micro-batch's, within
@@ -605,7 +605,7 @@ class ScoringEngine:
                 if not name.startswith(("reference.", f"training_{REFERENCE}."))
             }
         if "reference.chosen" in tensors:
-            self._set_reference(PairLogProbs(tensors["reference.chosen"], tensors["reference.rejected"]))
+            self._set_reference(_restored(tensors, "reference"))
         if "auxiliary.chosen" in tensors:
             self._auxiliary_log_probs = _restored(tensors, "auxiliary")
         for kind in (REFERENCE, POLICY):
@@ -633,11 +633,6 @@ def _nan_log_probs(size: int, weighted: bool = False) -> PairLogProbs:
 def _restored(tensors: dict[str, torch.Tensor], name: str) -> PairLogProbs:
     """The log-probs a checkpoint saved under `name` (`{name}.chosen`, `.rejected`, `.log_weight` if WPO)."""
     return PairLogProbs(tensors[f"{name}.chosen"], tensors[f"{name}.rejected"], tensors.get(f"{name}.log_weight"))
-
-
-def _take(log_probs: PairLogProbs, rows: list[int]) -> PairLogProbs:
-    """`log_probs` of `rows`, in `rows` order."""
-    return log_probs.take(rows)
 
 
 __all__ = ["REUSABLE_KINDS", "ScoringEngine", "alignment_settings", "timed"]

@@ -50,6 +50,8 @@ Reporter = Callable[[SelectionEvent, "TrainingArguments", "TrainerState"], None]
 
 # The logger of the one console line per selection event (`SelectionCallback`).
 EVENT_LOGGER = "trl_select.events"
+# The logger whose INFO level turns on the selection passes' progress bars (`scoring.progress_disabled`).
+PROGRESS_LOGGER = "trl_select.progress"
 _LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
                "critical": logging.CRITICAL}  # fmt: skip
 
@@ -93,4 +95,4 @@ def show_selection_events(log_level: str = "passive") -> None:
         events.propagate = False
 
 
-__all__ = ["EVENT_LOGGER", "Reporter", "SelectionEvent", "show_selection_events"]
+__all__ = ["EVENT_LOGGER", "PROGRESS_LOGGER", "Reporter", "SelectionEvent", "show_selection_events"]

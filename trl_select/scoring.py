@@ -25,6 +25,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .event import PROGRESS_LOGGER
 from .scores import PairLogProbs, completion_sums, wpo_log_weights
 
 
@@ -37,10 +38,10 @@ NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", R
 
 # A batch's `(chosen, rejected)` summed log-probs, or `(chosen, rejected, log_weight)` with WPO's per-pair weight
 BatchForward = Callable[[dict[str, Any]], tuple[torch.Tensor, ...]]
-# The progress bars of the selection's own passes (scoring, aux alignment, influence) show when this logger is enabled
-# for INFO: with the trainer's `log_level` at info or debug, or in the `trl-select` CLI. Inside a training run they are
-# off by default, so a script's console shows the Trainer's bar and one line per selection event, not a bar per pass.
-PROGRESS_LOGGER = "trl_select.progress"
+# The progress bars of the selection's own passes (scoring, aux alignment, influence) show when `PROGRESS_LOGGER` is
+# enabled for INFO: with the trainer's `log_level` at info or debug, or in the `trl-select` CLI. Inside a training run
+# they are off by default, so a script's console shows the Trainer's bar and one line per selection event, not a bar
+# per pass.
 
 
 def progress_disabled(accelerator: Accelerator) -> bool:
@@ -108,6 +109,12 @@ class _TokenizedRows(torch.utils.data.Dataset):
             return pc.list_value_length(self.table[name]).fill_null(0).to_numpy().astype(np.int64)
 
         return lengths("prompt_ids") + np.maximum(lengths("chosen_ids"), lengths("rejected_ids"))
+
+
+def pair_lengths(dataset: Dataset) -> np.ndarray:
+    """Each row's padded pair length of a tokenized preference dataset, `len(prompt) + max(len(chosen),
+    len(rejected))` tokens, int64 in row order, read from the Arrow offsets (`_TokenizedRows.total_lengths`)."""
+    return _TokenizedRows(dataset).total_lengths()
 
 
 def length_sorted_rows(rows: _TokenizedRows) -> list[int]:

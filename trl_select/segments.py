@@ -24,7 +24,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 
 # How many more candidates than the expected kept fraction needs an event scores: a shortfall ends the segment early
@@ -63,13 +62,6 @@ def chunk_size(needed: int, keep_estimate: float, available: int) -> int:
     """Candidates an event scores to keep about `needed` pairs at kept fraction `keep_estimate` (at most
     `available`)."""
     return min(available, math.ceil(CHUNK_MARGIN * needed / max(keep_estimate, MIN_KEEP_ESTIMATE)))
-
-
-def pass_order(pool_size: int, seed: int, pass_index: int) -> np.ndarray:
-    """The order of pass `pass_index`: a permutation of the pool rows, the same on every rank."""
-    # The sampler's generator, so a pass trains the epoch strategy's order of the full pool until its first event.
-    generator = torch.Generator().manual_seed(seed + pass_index)
-    return torch.randperm(pool_size, generator=generator).numpy()
 
 
 def split_kept(chunk: Sequence[int], keep: np.ndarray, needed: int) -> tuple[list[int], list[int], list[int]]:
@@ -111,7 +103,6 @@ __all__ = [
     "estimated_steps",
     "expected_keep_fraction",
     "next_event_step",
-    "pass_order",
     "resolve_steps",
     "split_kept",
     "whole_step_batch_sizes",

@@ -56,7 +56,7 @@ from .reporting import default_reporters
 from .sampler import SegmentedLoader, SelectionSampler
 from .schedule import RetimedLR, selective_horizon, update_steps_per_epoch
 from .scores import PairLogProbs
-from .scoring import ROW_KEY, activation_checkpointing_off, inference_mode, run_log_prob_pass
+from .scoring import ROW_KEY, activation_checkpointing_off, inference_mode, pair_lengths, run_log_prob_pass
 from .training_log_probs import POLICY, POOL_ROWS_KEY, REFERENCE, TrainingRowsCollator, active_dropout
 from .validation import (
     FRACTION_RULES,
@@ -334,10 +334,7 @@ class SelectiveDPOTrainer(DPOTrainer):
         if self.args.length_column_name in dataset.column_names:
             return np.asarray(dataset[self.args.length_column_name], dtype=np.int64)
         max_length = getattr(self.data_collator, "max_length", self.args.max_length)
-        prompt = np.array([len(ids) for ids in dataset["prompt_ids"]], dtype=np.int64)
-        chosen = prompt + np.array([len(ids) for ids in dataset["chosen_ids"]], dtype=np.int64)
-        rejected = prompt + np.array([len(ids) for ids in dataset["rejected_ids"]], dtype=np.int64)
-        longer = np.maximum(chosen, rejected)
+        longer = pair_lengths(dataset)  # from the Arrow offsets: no Python list of the pool's tokens
         return longer if max_length is None else np.minimum(longer, max_length)
 
     @property
